@@ -1,0 +1,75 @@
+"""Launch configuration shared by the log-prob kernels.
+
+Block sizes are the only tuning knobs; `tile_dot` is the one matmul every kernel uses.
+The GPU defaults are a first guess for Hopper-class cards with bf16 inputs, not yet tuned
+on a GPU (see bench/NOTES.md); the interpreter defaults keep the number of Python-level
+loop iterations small, which is what dominates interpreter time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int = 64  # token rows per program
+    block_v: int = 128  # vocabulary entries per tile
+    block_k: int = 64  # hidden-dimension slice per dot product
+    num_warps: int = 8
+    num_stages: int = 3
+    # Programs along the vocabulary (forward, grad-hidden) or token (grad-weight) axis.
+    # None picks enough to fill the GPU; 1 is required for bit-for-bit determinism of the
+    # backward (no atomics). The forward combines its splits in a fixed order either way.
+    splits: int | None = None
+
+    def with_overrides(self, **overrides: int | None) -> LaunchConfig:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+INTERPRETER_CONFIG = LaunchConfig(block_m=16, block_v=64, block_k=32, num_warps=1, num_stages=1)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_config(device: torch.device) -> LaunchConfig:
+    if device.type != "cuda" or interpreting():
+        return INTERPRETER_CONFIG
+    return LaunchConfig()
+
+
+def number_of_splits(config: LaunchConfig, device: torch.device, outer_programs: int, inner_tiles: int) -> int:
+    """Split the inner loop across programs until the grid covers about two waves of SMs."""
+    if config.splits is not None:
+        return max(1, min(config.splits, inner_tiles))
+    if device.type != "cuda" or interpreting():
+        return 1
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = -(-2 * sm_count // max(outer_programs, 1))
+    return max(1, min(wanted, inner_tiles))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products; TF32 would cost ~3 decimal digits of the log-prob.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast_dots() -> bool:
+    # Triton 3.9's interpreter returns garbage for bf16/fp16 tl.dot. Upcasting first gives
+    # the same numbers a tensor core gives (16-bit products are exact in fp32).
+    return interpreting()
+
+
+@triton.jit
+def tile_dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
