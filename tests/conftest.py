@@ -1,0 +1,72 @@
+"""Shared test set-up: run the Triton kernels under the interpreter, poison fresh buffers.
+
+Triton decides at decoration time whether a kernel is interpreted, so the switch is set
+here, before any test module imports selfee_fast.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make torch.empty return NaN (floats) or a huge sentinel (ints): unwritten outputs show."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(torch.iinfo(t.dtype).max)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    return poisoned
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    """Compare against a float64 reference with the input dtype's tolerance; NaN never passes.
+
+    `scale` is the magnitude the error is relative to (e.g. the largest logit: an fp32
+    logit of 1e4 is itself only known to ~1e-3).
+    """
+    tol = TOLERANCE[dtype]
+    assert not torch.isnan(actual).any(), "NaN in result"
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * max(scale, 1.0))
+
+
+def naive_logprobs(hidden, weight, targets, bias=None, ignore_index=-100):
+    """float64 log_softmax(hidden @ weight.T + bias)[targets]; 0 at ignored positions. Differentiable."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    active = targets != ignore_index
+    picked = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).long()[..., None]).squeeze(-1)
+    return torch.where(active, picked, torch.zeros_like(picked)), logits
+
+
+def naive_extrapolated(hidden, weight, ref_hidden, ref_weight, targets, lam, bias=None, ref_bias=None):
+    z = hidden.double() @ weight.double().T + (bias.double() if bias is not None else 0)
+    z_ref = ref_hidden.double() @ ref_weight.double().T + (ref_bias.double() if ref_bias is not None else 0)
+    active = targets != -100
+    picked = torch.log_softmax((1 + lam) * z - lam * z_ref, -1).gather(-1, targets.clamp(min=0).long()[..., None])
+    return torch.where(active, picked.squeeze(-1), torch.zeros(()).double())
+
+
+@pytest.fixture
+def reference():
+    """The float64 references, as a namespace for test modules."""
+
+    class Reference:
+        logprobs = staticmethod(naive_logprobs)
+        extrapolated = staticmethod(naive_extrapolated)
+        close = staticmethod(assert_close)
+
+    return Reference
