@@ -53,6 +53,12 @@ def _probs_times_weight(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return out
 
 
+def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise logsumexp that overwrites `x` instead of allocating a temporary of its size."""
+    row_max = x.amax(dim=1, keepdim=True)
+    return row_max.squeeze(1) + x.sub_(row_max).exp_().sum(dim=1).log()
+
+
 def chunk_rows(vocab: int, buffers: int, itemsize: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (vocab * buffers * itemsize))
 
@@ -82,10 +88,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             chunk = slice(start, min(num_rows, start + step))
             idx, tgt = rows[chunk], targets[chunk].long()[:, None]
             logits = chunk_logits(hidden[idx].to(dtype), weight, bias)
-            lse = torch.logsumexp(logits, dim=1)
             target_logit = logits.gather(1, tgt).squeeze(1)
-            policy[chunk] = target_logit - lse
-            lse_all[chunk] = lse
             if has_ref:
                 ref_logits = chunk_logits(ref_hidden[idx].to(dtype), ref_weight, ref_bias)
                 ref_target = ref_logits.gather(1, tgt).squeeze(1)
@@ -94,17 +97,25 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                     lam = float(extrapolate)
                     ext_logits = ref_logits.mul_(-lam).add_(logits, alpha=1 + lam)  # reuses the reference buffer
                     ext_target = (1 + lam) * target_logit - lam * ref_target
-                    extrapolated[chunk] = ext_target - torch.logsumexp(ext_logits, dim=1)
+                    extrapolated[chunk] = ext_target - _logsumexp_(ext_logits)
                 del ref_logits
-            # Probabilities in place of the logits; the target's own mass is kept apart so
+            # exp(z - max) in place of the logits; the target's own mass is kept apart so
             # that 1 - p[target] is a sum of small terms, exact even when p[target] -> 1.
-            probs = logits.sub_(lse[:, None]).exp_().scatter_(1, tgt, 0.0)
-            others_mass = probs.sum(dim=1)
-            others_all[chunk] = others_mass.log() + lse
+            # (Same operations as _logsumexp_, so lam = 0 reproduces the policy bit for bit.)
+            row_max = logits.amax(dim=1, keepdim=True)
+            unnormalised = logits.sub_(row_max).exp_()
+            total_mass = unnormalised.sum(dim=1)
+            lse = row_max.squeeze(1) + total_mass.log()
+            policy[chunk] = target_logit - lse
+            lse_all[chunk] = lse
+            others_mass = unnormalised.scatter_(1, tgt, 0.0).sum(dim=1)
+            others_all[chunk] = row_max.squeeze(1) + others_mass.log()
             if want_hidden_grad:
+                probs = unnormalised.div_(total_mass[:, None])
+                others_share = others_mass / total_mass
                 target_rows = weight[targets[chunk]].to(dtype)
-                direction[chunk] = others_mass[:, None] * target_rows - _probs_times_weight(probs, weight)
-            del logits, probs
+                direction[chunk] = others_share[:, None] * target_rows - _probs_times_weight(probs, weight)
+            del logits, unnormalised
 
         ctx.mark_non_differentiable(reference, extrapolated)
         ctx.save_for_backward(hidden, weight, bias, rows, targets, lse_all, others_all, direction)

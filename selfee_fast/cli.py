@@ -1,0 +1,129 @@
+"""Command line: `selfee-fast demo` (and `python -m selfee_fast demo`).
+
+Until the SPA engine lands, `demo` shows the fused head on this machine: one DPO step's
+LM-head work (policy and reference log-probs, the SPA loss and its gradient) computed
+twice — by plain PyTorch with materialised logits and by `linear_logprobs` + `spa_loss` —
+each in a fresh process so its peak memory can be measured, then compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import sys
+import time
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _make_batch(pairs: int, seq_len: int, hidden_size: int, vocab: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * pairs
+    hidden = torch.randn(rows, seq_len, hidden_size, generator=g)
+    ref_hidden = hidden + 0.1 * torch.randn(rows, seq_len, hidden_size, generator=g)
+    weight = torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5
+    targets = torch.randint(0, vocab, (rows, seq_len), generator=g)
+    targets[:, : seq_len // 4] = -100  # the prompt: masked
+    return hidden.requires_grad_(), ref_hidden, weight, targets
+
+
+def _demo_worker(impl: str, shape: tuple[int, int, int, int], seed: int, results) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    import selfee_fast as sf
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    hidden, ref_hidden, weight, targets = _make_batch(*shape, seed=seed)
+    mask = targets != -100
+    baseline = _peak_rss_bytes()
+    start = time.perf_counter()
+    if impl == "naive":
+        logits = hidden @ weight.T
+        policy = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
+        with torch.no_grad():
+            ref_logits = ref_hidden @ weight.T
+            reference = torch.log_softmax(ref_logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
+        sums, ref_sums = policy.sum(-1), reference.sum(-1)
+        pairs = shape[0]
+        z = (sums[:pairs] - sums[pairs:]) - (ref_sums[:pairs] - ref_sums[pairs:])
+        loss = -F.logsigmoid(0.1 * z).mean()
+        metrics = {}
+    else:
+        out = sf.linear_logprobs(hidden, weight, targets, ref_hidden=ref_hidden, extrapolate=0.5)
+        result = sf.spa_loss(out.policy, out.reference, mask=mask, extrapolated_logps=out.extrapolated, beta=0.1)
+        loss, metrics = result.loss, result.metrics()
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    results.put(
+        {
+            "impl": impl,
+            "seconds": elapsed,
+            "peak_extra_bytes": _peak_rss_bytes() - baseline,
+            "loss": float(loss.detach()),
+            "grad": hidden.grad.numpy().copy(),  # numpy pickles by value; tensors would share file descriptors
+            "metrics": metrics,
+        }
+    )
+
+
+def demo(args: argparse.Namespace) -> int:
+    shape = (args.pairs, args.seq_len, args.hidden_size, args.vocab)
+    tokens = 2 * args.pairs * args.seq_len
+    print(
+        f"selfee-fast demo: {args.pairs} preference pairs x {args.seq_len} tokens, H={args.hidden_size}, V={args.vocab}"
+    )
+    print(f"(plain PyTorch would hold {tokens * args.vocab * 4 / 2**20:.0f} MiB per fp32 logits tensor)\n")
+    ctx = mp.get_context("spawn")
+    runs = {}
+    for impl in ("naive", "fused"):
+        queue = ctx.Queue()
+        worker = ctx.Process(target=_demo_worker, args=(impl, shape, args.seed, queue))
+        worker.start()
+        runs[impl] = queue.get()
+        worker.join()
+        if worker.exitcode != 0:
+            print(f"the {impl} run failed (exit code {worker.exitcode})", file=sys.stderr)
+            return 1
+
+    print(f"{'implementation':<34}{'time (s)':>10}{'peak extra RSS (MiB)':>22}{'loss':>12}")
+    labels = {"naive": "PyTorch, materialised logits", "fused": "selfee_fast (linear_logprobs+spa)"}
+    for impl, run in runs.items():
+        mib = run["peak_extra_bytes"] / 2**20
+        print(f"{labels[impl]:<34}{run['seconds']:>10.2f}{mib:>22.0f}{run['loss']:>12.6f}")
+    grad_diff = float(abs(runs["naive"]["grad"] - runs["fused"]["grad"]).max())
+    grad_scale = float(abs(runs["naive"]["grad"]).max())
+    print(f"\nmax |grad difference| = {grad_diff:.2e} (largest gradient entry {grad_scale:.2e})")
+    print("SPA metrics of the fused step:")
+    for name, value in runs["fused"]["metrics"].items():
+        print(f"  {name:<24}{value: .6f}")
+    agree = abs(runs["naive"]["loss"] - runs["fused"]["loss"]) <= 1e-4 * max(1.0, abs(runs["naive"]["loss"]))
+    agree = agree and grad_diff <= 1e-4 * max(grad_scale, 1e-6)
+    print(
+        "\nresults agree" if agree else "\nRESULTS DISAGREE",
+        "(measured on this machine's CPU; GPU numbers: bench/NOTES.md)",
+    )
+    return 0 if agree else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="selfee-fast", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="fused LM-head log-probs + SPA loss vs plain PyTorch, on this machine")
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
