@@ -85,8 +85,8 @@ def _spa_pair_kernel(
 
     chosen = _segment_sum(policy_ptr, order_ptr, c0, c1, BLOCK)
     rejected = _segment_sum(policy_ptr, order_ptr, r0, r1, BLOCK)
-    ref_chosen = tl.zeros((), tl.float64)
-    ref_rejected = tl.zeros((), tl.float64)
+    ref_chosen = chosen * 0.0
+    ref_rejected = rejected * 0.0
     if HAS_REF:
         ref_chosen = _segment_sum(ref_ptr, order_ptr, c0, c1, BLOCK)
         ref_rejected = _segment_sum(ref_ptr, order_ptr, r0, r1, BLOCK)

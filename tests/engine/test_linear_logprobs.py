@@ -51,11 +51,23 @@ def test_policy_values_and_gradients(poison_empty, backend, dtype, trainable_hea
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_frozen_head_gets_no_gradient(backend):
-    hidden, _, weight, targets = make_batch(2, 5, 24, 50, torch.float32)
-    out = linear_logprobs(hidden, weight, targets, backend=backend)
+def test_frozen_head_allocates_no_vocabulary_sized_gradient(backend, monkeypatch):
+    hidden, ref_hidden, weight, targets = make_batch(2, 5, 24, 97, torch.float32)
+    largest = []
+    for name in ("zeros", "empty", "zeros_like", "empty_like"):
+        real = getattr(torch, name)
+
+        def recording(*args, _real=real, **kwargs):
+            t = _real(*args, **kwargs)
+            largest.append(t.numel())
+            return t
+
+        monkeypatch.setattr(torch, name, recording)
+    out = linear_logprobs(hidden, weight, targets, ref_hidden=ref_hidden, extrapolate=0.5, backend=backend)
     out.policy.sum().backward()
+    monkeypatch.undo()
     assert weight.grad is None and hidden.grad is not None
+    assert largest and max(largest) < weight.numel(), "a [V, H]-sized buffer was allocated for a frozen head"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
