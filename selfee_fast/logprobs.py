@@ -135,6 +135,13 @@ def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bia
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if hidden.dtype != weight.dtype or (
+        ref_hidden is not None and ref_hidden.dtype != (ref_weight if ref_weight is not None else weight).dtype
+    ):
+        raise TypeError(
+            f"hidden is {hidden.dtype} but weight is {weight.dtype} (and the reference likewise must match its head): "
+            "cast the hidden states to the head's dtype"
+        )
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     if hidden.dtype == torch.float64 and hidden.device.type == "cuda":

@@ -206,6 +206,10 @@ class TestBadInput:
         with pytest.raises(ValueError, match="weight must be a 2-D"):
             linear_logprobs(self.hidden, self.weight[None], self.targets)
 
+    def test_hidden_and_head_dtypes_must_match(self):
+        with pytest.raises(TypeError, match=r"hidden is torch\.bfloat16 but weight is torch\.float32"):
+            linear_logprobs(self.hidden.bfloat16(), self.weight, self.targets)
+
     def test_reference_shapes(self):
         with pytest.raises(ValueError, match="ref_hidden has shape"):
             linear_logprobs(self.hidden, self.weight, self.targets, ref_hidden=self.ref_hidden[:1])

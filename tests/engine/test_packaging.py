@@ -38,9 +38,9 @@ def test_installed_wheel_imports_outside_the_checkout(wheel, tmp_path):
     )
     code = (
         "import selfee_fast, selfee_fast.kernels.logprobs_forward as f; "
-        "assert selfee_fast.__file__.startswith(%r), selfee_fast.__file__; "
-        "assert f.__file__.startswith(%r), f.__file__; print('ok')"
-    ) % (str(target), str(target))
+        f"assert selfee_fast.__file__.startswith({str(target)!r}), selfee_fast.__file__; "
+        f"assert f.__file__.startswith({str(target)!r}), f.__file__; print('ok')"
+    )
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

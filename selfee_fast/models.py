@@ -1,0 +1,203 @@
+"""Models: load a local Hugging Face causal LM, and run its body + our fused head.
+
+selfee_fast never asks a model for logits. It runs the transformer body to the final
+hidden states and sends them, with the LM head's weight, through `linear_logprobs`.
+
+LoRA mode keeps ONE copy of the base weights and names the models SPA needs by adapter:
+- the policy being trained: adapter "policy" (trainable);
+- the DPO reference pi_{i-1}: adapter "reference", a frozen copy of the previous policy
+  adapter (at stage 0 there is none: the reference is the base model);
+- pi_init, the judge's reference: the base model, adapters disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .logprobs import LogProbs, linear_logprobs
+
+POLICY_ADAPTER = "policy"
+REFERENCE_ADAPTER = "reference"
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+UNSUPPORTED_HEAD_OPTIONS = ("final_logit_softcapping", "logit_scale")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = "all-linear"
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A clear error naming the missing file, before transformers gives a less clear one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist (models load from local folders only)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'} is missing: {path} is not a Hugging Face model folder")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer_config.json")
+    return path
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    lora: LoraSettings | None = None,
+    adapter_path: str | Path | None = None,
+    gradient_checkpointing: bool = True,
+):
+    """Load (model, tokenizer) from a local folder; with `lora`, add a trainable "policy" adapter.
+
+    `adapter_path` loads an existing peft adapter as the trainable policy instead of a fresh one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+    for option in UNSUPPORTED_HEAD_OPTIONS:
+        if getattr(model.config, option, None) not in (None, 1.0):
+            raise ValueError(f"{path}: config sets {option}; the fused head computes plain logits and would be wrong")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora is not None or adapter_path is not None:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if adapter_path is not None:
+            model = PeftModel.from_pretrained(model, adapter_path, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        else:
+            config = LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules) if not isinstance(lora.target_modules, str) else lora.target_modules,
+                task_type="CAUSAL_LM",
+            )  # fmt: skip
+            model = get_peft_model(model, config, adapter_name=POLICY_ADAPTER)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+    return model, tokenizer
+
+
+def freeze_reference_adapter(model) -> None:
+    """Copy the current policy adapter into a frozen "reference" adapter (pi_{i-1})."""
+    if REFERENCE_ADAPTER in model.peft_config:
+        model.delete_adapter(REFERENCE_ADAPTER)
+    model.add_adapter(REFERENCE_ADAPTER, model.peft_config[POLICY_ADAPTER])
+    policy_state = {
+        name.replace(f".{POLICY_ADAPTER}.", f".{REFERENCE_ADAPTER}."): p.detach().clone()
+        for name, p in model.named_parameters()
+        if f".{POLICY_ADAPTER}." in name
+    }
+    missing = model.load_state_dict(policy_state, strict=False)
+    if any(f".{REFERENCE_ADAPTER}." in k for k in missing.missing_keys):
+        raise RuntimeError("could not copy the policy adapter into the reference adapter")
+    for name, p in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            p.requires_grad_(False)
+    model.set_adapter(POLICY_ADAPTER)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def acting_as(model, role: str):
+    """Run the shared weights as one of SPA's models: "policy", "reference" or "init".
+
+    "reference" without a reference adapter (stage 0) is the base model, like "init".
+    Full fine-tuning has one model only: the caller keeps the reference elsewhere.
+    """
+    if role not in ("policy", "reference", "init"):
+        raise ValueError(f"role must be policy, reference or init, got {role!r}")
+    if not is_peft(model):
+        if role != "policy":
+            raise ValueError("a model without adapters can only act as the policy; load a separate reference model")
+        yield model
+        return
+    if role == "policy":
+        model.set_adapter(POLICY_ADAPTER)
+        yield model
+    elif role == "reference" and REFERENCE_ADAPTER in model.peft_config:
+        model.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield model
+        finally:
+            model.set_adapter(POLICY_ADAPTER)
+            # set_adapter marks the active adapter trainable; the reference must stay frozen
+            for name, p in model.named_parameters():
+                if f".{REFERENCE_ADAPTER}." in name:
+                    p.requires_grad_(False)
+    else:
+        with model.disable_adapter():
+            yield model
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The transformer body's last hidden states [B, T, H] (no LM head, no logits)."""
+    body = model.get_base_model().get_decoder() if is_peft(model) else model.get_decoder()
+    return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def sequence_token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    reference: str | None = None,
+    extrapolate: float | None = None,
+    policy_role: str = "policy",
+    reference_model=None,
+) -> LogProbs:
+    """Per-token log-probs of `labels` (-100: not scored) under the policy and a reference.
+
+    `reference` is a role ("reference" or "init") of the same shared model, or None; a full
+    fine-tuning run passes its separate `reference_model` instead. The reference runs
+    without gradient. Labels are shifted here: position t scores token t + 1.
+    """
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    with acting_as(model, policy_role):
+        hidden = final_hidden_states(model, input_ids, attention_mask)
+    ref_hidden = None
+    if reference_model is not None:
+        with torch.no_grad():
+            ref_hidden = final_hidden_states(reference_model, input_ids, attention_mask)
+    elif reference is not None:
+        with torch.no_grad(), acting_as(model, reference):
+            ref_hidden = final_hidden_states(model, input_ids, attention_mask)
+    weight, bias = lm_head(model)
+    ref_weight, ref_bias = lm_head(reference_model) if reference_model is not None else (None, None)
+    # Under autocast the body may hand back another dtype than the head's; the kernel needs one.
+    hidden = hidden.to(weight.dtype)
+    if ref_hidden is not None:
+        ref_hidden = ref_hidden.to(weight.dtype if ref_weight is None else ref_weight.dtype)
+    return linear_logprobs(
+        hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+        ref_bias=ref_bias if reference_model is not None else (bias if ref_hidden is not None else None),
+        extrapolate=extrapolate if ref_hidden is not None else None,
+    )  # fmt: skip
