@@ -1,0 +1,322 @@
+"""Data: read preference sets and prompt pools, tokenize with the chat template, collate.
+
+Records are read from JSONL, JSON, Parquet or a `datasets.save_to_disk` folder. Every
+record carries its location ("pairs.jsonl:17"), so a bad record is reported by file and
+line — or, with `skip_invalid=True`, counted and skipped. Nothing is dropped silently:
+`DataReport` counts what was skipped or truncated, and why.
+
+Layouts accepted (TRL's):
+- preferences: `prompt`/`chosen`/`rejected` strings; or conversational — `prompt` a message
+  list and `chosen`/`rejected` the assistant turn(s); or UltraFeedback-binarized's layout,
+  where `chosen`/`rejected` are whole conversations ending in the assistant's answer;
+- prompt pools: `prompt` (string or message list) or `messages` (trailing assistant turns
+  are dropped).
+
+Token ids, not text, travel between stages: a response is tokenized once (or comes from
+the generator as ids) and the prompt's ids are the chat template's own.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+Messages = list[dict]
+
+
+class DataError(ValueError):
+    """A record that cannot be used, with the file and line (or row) it came from."""
+
+
+@dataclass
+class DataReport:
+    """What happened to the records of one file: nothing lost without a count."""
+
+    read: int = 0
+    used: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.used}/{self.read} records used"]
+        if self.skipped:
+            parts.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())))
+        if self.truncated_prompts or self.truncated_responses:
+            parts.append(f"truncated: {self.truncated_prompts} prompts, {self.truncated_responses} responses")
+        return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """Yield (location, record) from a JSONL / JSON / Parquet file or a save_to_disk folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.is_dir():
+        yield from _read_dataset_folder(path)
+    elif path.suffix == ".jsonl":
+        yield from _read_jsonl(path)
+    elif path.suffix == ".json":
+        yield from _read_json(path)
+    elif path.suffix == ".parquet":
+        yield from _read_parquet(path)
+    else:
+        raise DataError(f"{path}: unknown data format (expected .jsonl, .json, .parquet or a datasets folder)")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+            yield f"{path}:{number}", record
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"train": [...]} or {"data": [...]}
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    for index, record in enumerate(data):
+        yield f"{path}[{index}]", record
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    for index, record in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path} row {index}", record
+
+
+def _read_dataset_folder(path: Path) -> Iterator[tuple[str, dict]]:
+    from datasets import DatasetDict, load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if isinstance(dataset, DatasetDict):
+        if len(dataset) != 1:
+            raise DataError(f"{path}: a DatasetDict with splits {list(dataset)}; point at one split's folder")
+        dataset = next(iter(dataset.values()))
+    for index, record in enumerate(dataset):
+        yield f"{path} row {index}", record
+
+
+# --------------------------------------------------------------------------- normalising
+
+
+@dataclass
+class PreferenceRecord:
+    location: str
+    prompt: Messages
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class PromptRecord:
+    location: str
+    prompt: Messages
+
+
+def _as_messages(value, location: str, name: str) -> Messages:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{location}: empty {name}")
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        for m in value:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{location}: every message of {name} needs string 'role' and 'content'")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"{location}: {name} must be a string or a non-empty list of messages, got {type(value).__name__}")
+
+
+def _answer(value, location: str, name: str) -> tuple[Messages, str]:
+    """(conversation before the answer, the answer's text) of a chosen/rejected field."""
+    if isinstance(value, str):
+        return [], value
+    messages = _as_messages(value, location, name)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{location}: {name} must end with an assistant message")
+    return messages[:-1], messages[-1]["content"]
+
+
+def preference_record(location: str, record) -> PreferenceRecord:
+    if not isinstance(record, dict):
+        raise DataError(f"{location}: a record must be an object, got {type(record).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise DataError(f"{location}: missing field '{key}'")
+    chosen_context, chosen = _answer(record["chosen"], location, "chosen")
+    rejected_context, rejected = _answer(record["rejected"], location, "rejected")
+    if chosen_context != rejected_context:
+        raise DataError(f"{location}: chosen and rejected continue different conversations")
+    if chosen_context:
+        # UltraFeedback-binarized: chosen/rejected are whole conversations; the prompt
+        # field, when present, must agree with the conversation they continue.
+        prompt = chosen_context
+        if record.get("prompt") is not None:
+            given = _as_messages(record["prompt"], location, "prompt")
+            if given != prompt and given[-1]["content"] != prompt[-1]["content"]:
+                raise DataError(f"{location}: the prompt does not match the conversation in chosen")
+    elif record.get("prompt") is not None:
+        prompt = _as_messages(record["prompt"], location, "prompt")
+    else:
+        raise DataError(f"{location}: missing field 'prompt'")
+    if not chosen.strip() or not rejected.strip():
+        raise DataError(f"{location}: empty {'chosen' if not chosen.strip() else 'rejected'} response")
+    return PreferenceRecord(location, prompt, chosen, rejected)
+
+
+def prompt_record(location: str, record) -> PromptRecord:
+    if not isinstance(record, dict):
+        raise DataError(f"{location}: a record must be an object, got {type(record).__name__}")
+    if "prompt" in record and record["prompt"] is not None:
+        messages = _as_messages(record["prompt"], location, "prompt")
+    elif "messages" in record:
+        messages = _as_messages(record["messages"], location, "messages")
+    else:
+        raise DataError(f"{location}: missing field 'prompt' (or 'messages')")
+    while messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages:
+        raise DataError(f"{location}: the conversation has no user turn to answer")
+    return PromptRecord(location, messages)
+
+
+def load_preferences(path: str | Path, *, skip_invalid: bool = False, report: DataReport | None = None):
+    return _load(path, preference_record, skip_invalid, report)
+
+
+def load_prompts(path: str | Path, *, skip_invalid: bool = False, report: DataReport | None = None):
+    return _load(path, prompt_record, skip_invalid, report)
+
+
+def _load(path, parse, skip_invalid, report):
+    report = report if report is not None else DataReport()
+    records = []
+    for location, raw in read_records(path):
+        report.read += 1
+        try:
+            records.append(parse(location, raw))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            reason = str(e).split(": ", 1)[1]
+            report.skipped[reason] += 1
+    report.used = len(records)
+    return records, report
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+_warned_no_template = False
+
+
+def prompt_ids(tokenizer, messages: Messages) -> list[int]:
+    """The chat template's token ids for `messages`, ending where the assistant's answer starts."""
+    global _warned_no_template
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return list(ids)
+    if not _warned_no_template:
+        warnings.warn(
+            "the tokenizer has no chat template: prompts are the message contents joined by blank lines",
+            stacklevel=2,
+        )
+        _warned_no_template = True
+    text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def response_ids(tokenizer, text: str) -> list[int]:
+    """The answer's ids with EOS appended exactly once."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
+
+
+@dataclass
+class TokenizedPair:
+    location: str
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def fit_lengths(
+    prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int, report: DataReport
+) -> tuple[list[int], list[list[int]]]:
+    """TRL's rule: keep the prompt's last max_prompt_length tokens, then cut responses to fit."""
+    if len(prompt) > max_prompt_length:
+        prompt = prompt[-max_prompt_length:]
+        report.truncated_prompts += 1
+    room = max_length - len(prompt)
+    fitted = []
+    for r in responses:
+        if len(r) > room:
+            r = r[:room]
+            report.truncated_responses += 1
+        fitted.append(r)
+    return prompt, fitted
+
+
+def tokenize_pairs(
+    tokenizer, records: list[PreferenceRecord], *, max_length: int = 2048, max_prompt_length: int = 1024,
+    report: DataReport | None = None,
+) -> tuple[list[TokenizedPair], DataReport]:  # fmt: skip
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+    report = report if report is not None else DataReport(read=len(records))
+    pairs = []
+    for r in records:
+        prompt, (chosen, rejected) = fit_lengths(
+            prompt_ids(tokenizer, r.prompt),
+            [response_ids(tokenizer, r.chosen), response_ids(tokenizer, r.rejected)],
+            max_length, max_prompt_length, report,
+        )  # fmt: skip
+        pairs.append(TokenizedPair(r.location, prompt, chosen, rejected))
+    report.used = len(pairs)
+    return pairs, report
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """[2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected; labels -100 on prompt and padding.
+
+    Padding is found from lengths, never from token ids, so a pad id equal to EOS cannot
+    mask a real EOS.
+    """
+    sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    prompt_lengths = [len(p.prompt) for p in pairs] * 2
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for row, (seq, start) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention_mask[row, : len(seq)] = 1
+        labels[row, start : len(seq)] = torch.tensor(seq[start:])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,153 @@
+"""Reading, normalising, tokenizing and collating preference data and prompt pools."""
+
+import json
+
+import pytest
+import torch
+
+from selfee_fast import data
+from selfee_fast.tiny import build_tokenizer
+
+CORPUS = ["the cat sat on the mat", "what is two plus two", "four", "five", "hello there"] * 10
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(CORPUS, tmp_path_factory.mktemp("tok"), vocab_size=150)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+PLAIN = {"prompt": "what is two plus two", "chosen": "four", "rejected": "five"}
+CONVERSATIONAL = {
+    "prompt": [{"role": "user", "content": "what is two plus two"}],
+    "chosen": [{"role": "assistant", "content": "four"}],
+    "rejected": [{"role": "assistant", "content": "five"}],
+}
+ULTRAFEEDBACK = {
+    "prompt": "what is two plus two",
+    "chosen": [{"role": "user", "content": "what is two plus two"}, {"role": "assistant", "content": "four"}],
+    "rejected": [{"role": "user", "content": "what is two plus two"}, {"role": "assistant", "content": "five"}],
+    "score_chosen": 9.0,
+    "score_rejected": 2.0,
+}
+
+
+@pytest.mark.parametrize("layout", [PLAIN, CONVERSATIONAL, ULTRAFEEDBACK])
+def test_layouts_normalise_alike(tmp_path, layout):
+    (record,), report = data.load_preferences(write_jsonl(tmp_path / "p.jsonl", [layout]))
+    assert record.prompt == [{"role": "user", "content": "what is two plus two"}]
+    assert (record.chosen, record.rejected) == ("four", "five")
+    assert record.location.endswith("p.jsonl:1") and report.used == 1
+
+
+def test_formats(tmp_path):
+    records = [PLAIN, CONVERSATIONAL]
+    (tmp_path / "p.json").write_text(json.dumps(records))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([PLAIN, PLAIN]), tmp_path / "p.parquet")
+    from datasets import Dataset
+
+    Dataset.from_list([PLAIN]).save_to_disk(str(tmp_path / "ds"))
+    for name, count in (("p.json", 2), ("p.parquet", 2), ("ds", 1)):
+        loaded, _ = data.load_preferences(tmp_path / name)
+        assert len(loaded) == count and loaded[0].chosen == "four"
+
+
+def test_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(PLAIN) + "\n" + '{"prompt": "x", "chosen": \n')
+    with pytest.raises(data.DataError, match=r"bad\.jsonl:2: malformed JSON"):
+        data.load_preferences(path)
+    cases = {
+        "missing field 'rejected'": {"prompt": "x", "chosen": "y"},
+        "empty prompt": {"prompt": " ", "chosen": "y", "rejected": "z"},
+        "empty rejected response": {"prompt": "x", "chosen": "y", "rejected": ""},
+        "prompt must be a string": {"prompt": 3, "chosen": "y", "rejected": "z"},
+        "a record must be an object": ["x"],
+    }
+    for message, record in cases.items():
+        write_jsonl(path, [PLAIN, record])
+        with pytest.raises(data.DataError, match=rf"bad\.jsonl:2: {message}"):
+            data.load_preferences(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_preferences(tmp_path / "missing.jsonl")
+
+
+def test_skip_invalid_counts_every_skip(tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [PLAIN, {"prompt": "x"}, {"prompt": "", "chosen": "a", "rejected": "b"}, PLAIN]
+    )
+    records, report = data.load_preferences(path, skip_invalid=True)
+    assert len(records) == 2 and report.read == 4 and report.used == 2
+    assert sum(report.skipped.values()) == 2
+    assert "2/4 records used" in report.summary()
+
+
+def test_prompt_pools(tmp_path):
+    path = write_jsonl(
+        tmp_path / "pool.jsonl",
+        [
+            {"prompt": "hello there"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old answer"}]},
+        ],
+    )
+    prompts, _ = data.load_prompts(path)
+    assert prompts[0].prompt == [{"role": "user", "content": "hello there"}]
+    assert prompts[1].prompt == [{"role": "user", "content": "hi"}]
+    write_jsonl(path, [{"text": "no prompt"}])
+    with pytest.raises(data.DataError, match=r"pool\.jsonl:1: missing field 'prompt'"):
+        data.load_prompts(path)
+
+
+def test_tokenization_masks_prompt_and_appends_eos_once(tokenizer):
+    record = data.preference_record("x:1", PLAIN)
+    (pair,), report = data.tokenize_pairs(tokenizer, [record])
+    assert pair.chosen[-1] == tokenizer.eos_token_id and pair.chosen.count(tokenizer.eos_token_id) == 1
+    prompt_text = tokenizer.decode(pair.prompt)
+    assert prompt_text.startswith("<|user|>") and prompt_text.endswith("<|assistant|>\n")
+    assert tokenizer.decode(pair.chosen, skip_special_tokens=True) == "four"
+    assert report.truncated_prompts == report.truncated_responses == 0
+    bos = tokenizer.bos_token_id
+    assert pair.prompt.count(bos) <= 1, "no doubled BOS"
+    again = data.response_ids(tokenizer, "four" + tokenizer.eos_token)
+    assert again.count(tokenizer.eos_token_id) == 1
+
+
+def test_collate_keeps_eos_when_pad_is_eos(tokenizer):
+    pairs = [
+        data.TokenizedPair("a", [5, 6], [7, 2], [8, 9, 10, 2]),
+        data.TokenizedPair("b", [5], [2], [11, 2]),
+    ]
+    batch = data.collate_pairs(pairs, pad_token_id=2)  # pad id == EOS id
+    labels, mask = batch["labels"], batch["attention_mask"]
+    assert labels.shape == (4, 6)
+    assert labels[0].tolist() == [-100, -100, 7, 2, -100, -100]
+    assert labels[2].tolist() == [-100, -100, 8, 9, 10, 2]
+    assert labels[1].tolist() == [-100, 2, -100, -100, -100, -100]
+    assert mask.sum(1).tolist() == [4, 2, 6, 3]
+    assert torch.equal(batch["input_ids"][3, :3], torch.tensor([5, 11, 2]))
+
+
+def test_truncation_is_counted(tokenizer):
+    long_prompt = " ".join(["the cat sat on the mat"] * 20)
+    record = data.preference_record("x:1", {"prompt": long_prompt, "chosen": "four " * 30, "rejected": "five"})
+    (pair,), report = data.tokenize_pairs(tokenizer, [record], max_length=32, max_prompt_length=16)
+    assert len(pair.prompt) == 16 and len(pair.prompt) + len(pair.chosen) <= 32
+    assert report.truncated_prompts == 1 and report.truncated_responses == 1
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        data.tokenize_pairs(tokenizer, [record], max_length=16, max_prompt_length=16)
+
+
+def test_no_chat_template_fallback(tokenizer, tmp_path):
+    plain = build_tokenizer(CORPUS, tmp_path, vocab_size=150)
+    plain.chat_template = None
+    with pytest.warns(UserWarning, match="no chat template"):
+        data._warned_no_template = False
+        ids = data.prompt_ids(plain, [{"role": "user", "content": "hello there"}])
+    assert ids[0] == plain.bos_token_id and ids.count(plain.bos_token_id) == 1
