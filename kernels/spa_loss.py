@@ -104,7 +104,8 @@ def _spa_pair_kernel(
     noise_margin = beta * ((ext_chosen - ext_rejected) - ref_margin)
     confident = noise_margin == noise_margin  # True, as a tensor
     if HAS_TAU:
-        confident = noise_margin > tau
+        # Compared as reported (fp32), so `confident` always agrees with the returned margin.
+        confident = noise_margin.to(tl.float32) > tau
     eps = label_smoothing + alpha * (1.0 - confident.to(tl.float64))
 
     x = beta * z
@@ -211,7 +212,7 @@ def spa_pair_loss_reference(
     ref_margin = ref_chosen - ref_rejected
     z = (chosen - rejected) - ref_margin
     noise_margin = beta * ((ext[:num_pairs] - ext[num_pairs:]) - ref_margin)
-    confident = noise_margin > tau if tau is not None else torch.ones_like(z, dtype=torch.bool)
+    confident = noise_margin.float() > tau if tau is not None else torch.ones_like(z, dtype=torch.bool)
     eps = label_smoothing + alpha * (~confident).double()
 
     z_leaf = z.detach().requires_grad_(True)

@@ -83,6 +83,8 @@ class FusedLinearDPOLoss(torch.nn.Module):
             raise ValueError(f"target must be [2B, T] with chosen rows above rejected rows, got {tuple(target.shape)}")
         if self.use_ref_model and ref_input is None:
             raise ValueError("use_ref_model=True needs ref_input (the reference model's hidden states)")
+        if extrapolate is not None and not self.use_ref_model:
+            raise ValueError("extrapolate needs the reference model (use_ref_model=True)")
         use_ref = self.use_ref_model
         logps = linear_logprobs(
             _input, lin_weight, target, bias=bias,
@@ -92,8 +94,6 @@ class FusedLinearDPOLoss(torch.nn.Module):
             extrapolate=extrapolate if use_ref else None,
             ignore_index=self.ignore_index, deterministic=self.deterministic, backend=self.backend,
         )  # fmt: skip
-        if extrapolate is not None and not use_ref:
-            raise ValueError("extrapolate needs the reference model (use_ref_model=True)")
         mask = target != self.ignore_index
         out: SPALossOutput = spa_loss(
             logps.policy, logps.reference, mask=mask, extrapolated_logps=logps.extrapolated,

@@ -51,8 +51,8 @@ def linear_logprobs(
         targets: [...] next-token ids; positions equal to `ignore_index` get 0 and cost no work.
         bias: optional [V] head bias.
         ref_hidden: [..., H] hidden states of the reference model, same shape as `hidden`.
-        ref_weight, ref_bias: the reference head; by default the policy's head is shared
-            (each weight tile is then loaded once for both).
+        ref_weight, ref_bias: the reference head; by default the policy's head, bias
+            included, is shared (each weight tile is then loaded once for both).
         extrapolate: lam of SPA's de-coupled noise detection: also return log-probs of the
             logits (1 + lam) * z_policy - lam * z_reference. Needs `ref_hidden`.
         deterministic: bit-for-bit identical results on repeat (no atomics in the backward).
@@ -64,6 +64,8 @@ def linear_logprobs(
         LogProbs(policy, reference, extrapolated), the last two None when not requested.
     """
     _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, extrapolate, chunk_bytes)
+    if ref_hidden is not None and ref_weight is None and ref_bias is None:
+        ref_bias = bias  # a shared head shares its bias too
     hidden_size, vocab = weight.shape[1], weight.shape[0]
     out_shape = targets.shape
     hidden2d = _rows_contiguous(hidden.reshape(-1, hidden_size))

@@ -8,6 +8,7 @@ and Liger). Tokens with a negative id (prompt, padding) belong to no sequence.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -92,6 +93,13 @@ def spa_loss(
     for name, t in tensors.items():
         if t is not None and t.shape != policy_logps.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but policy_logps is {tuple(policy_logps.shape)}")
+    if seq_ids is None:
+        if policy_logps.dim() != 2 or policy_logps.shape[0] % 2:
+            raise ValueError(
+                f"without seq_ids, policy_logps must be [2P, T] (one sequence per row), got {tuple(policy_logps.shape)}"
+            )
+        # Every row is a sequence, even one whose tokens are all masked.
+        num_pairs = policy_logps.shape[0] // 2 if num_pairs is None else num_pairs
     seq_ids = _sequence_ids(policy_logps, seq_ids, mask)
     order, offsets = _sequence_layout(seq_ids, num_pairs)
 
@@ -150,6 +158,8 @@ def _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing) -> None:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     if not 0.0 <= alpha < 0.5:
         raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
+    if tau is not None and math.isnan(tau):
+        raise ValueError("tau is NaN (a NaN margin in the window?): pass a number, +-inf, or None")
     if alpha > 0 and tau is None:
         raise ValueError("alpha > 0 smooths the pairs flagged as noisy, which needs a threshold: pass tau")
     if alpha > 0 and label_smoothing > 0:
@@ -169,10 +179,6 @@ def _sequence_ids(policy_logps: torch.Tensor, seq_ids: torch.Tensor | None, mask
         if seq_ids.dtype.is_floating_point or seq_ids.dtype == torch.bool:
             raise TypeError(f"seq_ids must be an integer tensor, got {seq_ids.dtype}")
         return seq_ids.reshape(-1).long()
-    if policy_logps.dim() != 2:
-        raise ValueError(
-            f"without seq_ids, policy_logps must be [2P, T] (one sequence per row), got {tuple(policy_logps.shape)}"
-        )
     rows = torch.arange(policy_logps.shape[0], device=policy_logps.device)[:, None].expand(policy_logps.shape)
     if mask is None:
         return rows.reshape(-1)
@@ -235,7 +241,8 @@ class NoiseThreshold:
         if len(self._margins) < self.window:
             return None
         ordered = sorted(self._margins)
-        lower = min(int(self.percentile * self.window), self.window - 2)
+        # The epsilon keeps 0.29 * 100 = 28.999... at position 29, as the rule means.
+        lower = min(math.floor(self.percentile * self.window + 1e-9), self.window - 2)
         return 0.5 * (ordered[lower] + ordered[lower + 1])
 
     def state_dict(self) -> dict:
