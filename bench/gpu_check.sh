@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# One GPU session, no network: install the peers' wheels from ./.whl/, install the project,
+# run bench/gpu_check.py then bench/kernels.py. Everything lands in OUTDIR; the whole script
+# ends within 8 minutes (each step has a timeout; what a cut-short step wrote is kept).
+#
+#   bash bench/gpu_check.sh OUTDIR
+set -u
+
+OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.." || exit 1 # the repository root
+REPO=$(pwd)
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+TOTAL=480 # seconds for the whole script
+SECONDS=0
+
+left() { echo $((TOTAL - SECONDS - ${1:-0})); }
+log() { echo "[gpu_check.sh ${SECONDS}s] $*" | tee -a "$OUT/gpu_check_sh.log"; }
+
+# 1. Peers (liger-kernel, cut-cross-entropy, bitsandbytes) from local wheels into a private
+#    target dir: --no-deps, so torch and triton of the machine stay as they are.
+PEERS=$(mktemp -d /tmp/selfee_peers.XXXXXX) # not under OUT: OUT is meant to be copied back
+SHIM=""
+trap 'rm -rf "$PEERS" ${SHIM:+"$SHIM"}' EXIT
+if compgen -G ".whl/*.whl" >/dev/null; then
+    log "installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into $PEERS"
+    timeout -k 5 90 "$PY" -m pip install --no-index --no-deps --disable-pip-version-check \
+        --target "$PEERS" .whl/*.whl >"$OUT/pip_peers.log" 2>&1 ||
+        log "peer wheel install failed (see pip_peers.log); benchmarks will say 'not installed'"
+    export PYTHONPATH="$PEERS${PYTHONPATH:+:$PYTHONPATH}"
+else
+    log "no .whl/ folder: peers will show as 'not installed'"
+fi
+
+# 2. The project. Editable install first; if pip refuses (no setuptools, externally managed
+#    Python), fall back to a shim package: kernels/ ships as selfee_fast.kernels, so putting
+#    the repository itself on PYTHONPATH would not find it.
+check_import() { (cd / && "$PY" -c "import selfee_fast.kernels.config, selfee_fast" >/dev/null 2>&1); }
+log "pip install --no-deps --no-build-isolation -e ."
+if ! timeout -k 5 120 "$PY" -m pip install --no-deps --no-build-isolation --disable-pip-version-check -e . \
+    >"$OUT/pip_project.log" 2>&1 || ! check_import; then
+    SHIM=$(mktemp -d /tmp/selfee_shim.XXXXXX)
+    log "editable install unusable (see pip_project.log); using a shim package in $SHIM"
+    mkdir -p "$SHIM/selfee_fast"
+    ln -s "$REPO"/selfee_fast/*.py "$SHIM/selfee_fast/"
+    ln -s "$REPO/kernels" "$SHIM/selfee_fast/kernels"
+    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+    check_import || log "selfee_fast still does not import: the runs below will fail"
+fi
+
+# 3. What machine is this.
+{
+    echo "## nvidia-smi"
+    timeout 20 nvidia-smi
+    echo "## versions"
+    timeout 60 "$PY" - <<'EOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for dist in ("triton", "liger-kernel", "cut-cross-entropy", "bitsandbytes", "selfee-fast"):
+    try:
+        print(dist, md.version(dist))
+    except md.PackageNotFoundError:
+        print(dist, "not installed")
+EOF
+    echo "## git"
+    git -C "$REPO" log -1 --oneline 2>/dev/null
+    git -C "$REPO" status --short 2>/dev/null | head -20
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# 4. Correctness + launch-config sweep: at most 220 s, and never eating into the 210 s kept
+#    for kernels.py. Inside, the log-prob cases start no new case after 100 s and the sweep no
+#    new config after 70 s (first calls are mostly Triton compilation on a fresh machine).
+BUDGET=$(($(left 210) < 220 ? $(left 210) : 220))
+if [ "$BUDGET" -gt 30 ]; then
+    log "gpu_check.py (timeout ${BUDGET}s)"
+    timeout -k 10 "$BUDGET" "$PY" bench/gpu_check.py --out "$OUT" --check-budget 100 --sweep-budget 70 2>&1 |
+        tee "$OUT/gpu_check.log"
+    log "gpu_check.py exit ${PIPESTATUS[0]} (124: timed out)"
+else
+    log "setup took too long: no time left for gpu_check.py"
+fi
+
+# 5. The benchmark, with whatever time is left (minus 10 s to finish cleanly).
+BUDGET=$(left 10)
+if [ "$BUDGET" -gt 30 ]; then
+    log "kernels.py (timeout ${BUDGET}s)"
+    timeout -k 10 "$BUDGET" "$PY" bench/kernels.py --device cuda --out "$OUT" --budget-s $((BUDGET - 20)) 2>&1 |
+        tee "$OUT/kernels.log"
+    log "kernels.py exit ${PIPESTATUS[0]} (124: timed out; kernels-cuda.json holds the shapes finished)"
+else
+    log "no time left for kernels.py"
+fi
+
+log "done; files in $OUT:"
+ls -la "$OUT" | tee -a "$OUT/gpu_check_sh.log"
