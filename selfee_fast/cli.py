@@ -111,9 +111,29 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
+def run(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .data import DataError
+    from .pipeline import run_pipeline
+
+    try:
+        config = load_config(args.config, args.overrides)
+        summary = run_pipeline(config, force=args.force)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"selfee-fast: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {len(summary['stages'])} stages in {config.run_dir} (summary.json)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfee-fast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run stage 0 and the SPA iterations into a run folder (resumes if rerun)")
+    p.add_argument("config", help="YAML config (see selfee_fast/config.py for every key and its default)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-6")
+    p.add_argument("--force", action="store_true", help="redo finished stages whose configuration changed")
+    p.set_defaults(func=run)
     p = sub.add_parser("demo", help="fused LM-head log-probs + SPA loss vs plain PyTorch, on this machine")
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)

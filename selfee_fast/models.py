@@ -4,7 +4,7 @@ selfee_fast never asks a model for logits. It runs the transformer body to the f
 hidden states and sends them, with the LM head's weight, through `linear_logprobs`.
 
 LoRA mode keeps ONE copy of the base weights and names the models SPA needs by adapter:
-- the policy being trained: adapter "policy" (trainable);
+- the policy being trained: peft's "default" adapter (trainable);
 - the DPO reference pi_{i-1}: adapter "reference", a frozen copy of the previous policy
   adapter (at stage 0 there is none: the reference is the base model);
 - pi_init, the judge's reference: the base model, adapters disabled.
@@ -20,7 +20,7 @@ import torch
 
 from .logprobs import LogProbs, linear_logprobs
 
-POLICY_ADAPTER = "policy"
+POLICY_ADAPTER = "default"  # peft's own name: saved adapters load with no subfolder
 REFERENCE_ADAPTER = "reference"
 WEIGHT_FILES = (
     "model.safetensors",
@@ -62,7 +62,7 @@ def load_model(
     adapter_path: str | Path | None = None,
     gradient_checkpointing: bool = True,
 ):
-    """Load (model, tokenizer) from a local folder; with `lora`, add a trainable "policy" adapter.
+    """Load (model, tokenizer) from a local folder; with `lora`, add a trainable policy adapter.
 
     `adapter_path` loads an existing peft adapter as the trainable policy instead of a fresh one.
     """

@@ -1,0 +1,162 @@
+"""Generation: sample responses to a prompt pool, resumably, as token ids.
+
+Prompts are sorted by length into batches (less padding); each batch is sampled with its
+own seed, so the output does not depend on where a run was interrupted. Each batch's
+records are appended to a JSONL file and flushed to disk together; on restart, complete
+batches are kept, a torn trailing batch is dropped and regenerated.
+
+A record: {"index", "location", "prompt", "prompt_ids", "responses": [ids...],
+"texts": [...], "finished": [bool...], "batch"}. `finished` is False when a response hit
+max_new_tokens before EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import PromptRecord, prompt_ids
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 300
+    responses_per_prompt: int = 2
+    batch_size: int = 16
+    seed: int = 0
+
+
+def plan_batches(prompt_id_lists: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped into batches of similar length (stable, so identical on every run)."""
+    order = sorted(range(len(prompt_id_lists)), key=lambda i: (len(prompt_id_lists[i]), i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def completed_batches(path: Path, plan: list[list[int]]) -> set[int]:
+    """Batches whose every record is on disk; truncates the file to drop a torn tail."""
+    if not path.exists():
+        return set()
+    records, good_bytes = [], 0
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            if not line.endswith(b"\n"):
+                records.pop()
+                break
+            good_bytes += len(line)
+    per_batch: dict[int, int] = {}
+    for r in records:
+        per_batch[r["batch"]] = per_batch.get(r["batch"], 0) + 1
+    done = {b for b, n in per_batch.items() if b < len(plan) and n == len(plan[b])}
+    # Keep only the complete batches' lines (a partial batch may precede a kill).
+    kept = [r for r in records if r["batch"] in done]
+    if len(kept) != len(records) or good_bytes != path.stat().st_size:
+        _atomic_write_lines(path, [json.dumps(r) for r in kept])
+    return done
+
+
+def _atomic_write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: list[PromptRecord],
+    settings: GenerationSettings,
+    out_path: str | Path,
+    *,
+    log=print,
+) -> list[dict]:
+    """Sample `responses_per_prompt` responses per prompt into `out_path`; resume if it exists."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    all_prompt_ids = [prompt_ids(tokenizer, p.prompt) for p in prompts]
+    plan = plan_batches(all_prompt_ids, settings.batch_size)
+    done = completed_batches(out_path, plan)
+    if done:
+        log(f"generation: resuming, {len(done)}/{len(plan)} batches already on disk")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    new_tokens, start = 0, time.perf_counter()
+    with out_path.open("a", encoding="utf-8") as out:
+        for batch_index, indices in enumerate(plan):
+            if batch_index in done:
+                continue
+            batch_ids = [all_prompt_ids[i] for i in indices]
+            width = max(len(ids) for ids in batch_ids)
+            # Left padding: every prompt ends where generation starts.
+            input_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+            for row, ids in enumerate(batch_ids):
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            torch.manual_seed(settings.seed * 1_000_003 + batch_index)
+            sequences = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=True,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k,
+                max_new_tokens=settings.max_new_tokens,
+                num_return_sequences=settings.responses_per_prompt,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=pad_id,
+                use_cache=True,
+            ).cpu()
+            lines = []
+            for row, index in enumerate(indices):
+                responses, finished = [], []
+                for k in range(settings.responses_per_prompt):
+                    generated = sequences[row * settings.responses_per_prompt + k, width:].tolist()
+                    if tokenizer.eos_token_id in generated:
+                        generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+                        finished.append(True)
+                    else:
+                        finished.append(False)
+                    responses.append(generated)
+                    new_tokens += len(generated)
+                record = {
+                    "index": index,
+                    "location": prompts[index].location,
+                    "prompt": prompts[index].prompt,
+                    "prompt_ids": batch_ids[row],
+                    "responses": responses,
+                    "texts": [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
+                    "finished": finished,
+                    "batch": batch_index,
+                }
+                lines.append(json.dumps(record))
+            out.write("".join(line + "\n" for line in lines))
+            out.flush()
+            os.fsync(out.fileno())
+            elapsed = time.perf_counter() - start
+            log(f"generation: batch {batch_index + 1}/{len(plan)}, {new_tokens / max(elapsed, 1e-9):.0f} new tokens/s")
+    model.train(was_training)
+    return load_generations(out_path)
+
+
+def load_generations(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return sorted(records, key=lambda r: r["index"])

@@ -1,0 +1,239 @@
+"""The SPA loop end to end: stage 0 (seed DPO), then per iteration generate -> judge -> train.
+
+Everything lands in one run folder:
+
+    run_dir/config.yaml            the effective configuration
+    run_dir/stage0/model/          pi_0 (peft adapter, loads with plain peft)
+    run_dir/stage0/train/          checkpoints and metrics.jsonl
+    run_dir/iter1/generations.jsonl
+    run_dir/iter1/pairs.jsonl      TRL-format prompt/chosen/rejected + scores and token ids
+    run_dir/iter1/train/, iter1/model/
+    run_dir/summary.json
+
+Running the same command again resumes: finished stages (a `done.json` whose fingerprint
+matches the config) are skipped, a partial generation continues from its last complete
+batch, a written pairs file is reused, training continues from its latest checkpoint.
+A finished stage whose configuration changed is refused unless `force=True`, which redoes
+it and every stage after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import models
+from .config import ConfigError, RunConfig, save_config
+from .data import DataReport, load_preferences, load_prompts, tokenize_pairs
+from .generate import GenerationSettings, generate_responses
+from .judge import judge_generations
+from .train import TrainPair, TrainSettings, train_stage
+
+
+def resolve_device(config: RunConfig) -> tuple[torch.device, torch.dtype]:
+    device = config.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    names = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "float32": torch.float32}  # fmt: skip
+    if config.model.dtype not in names:
+        raise ConfigError(f"model.dtype must be one of {sorted(names)}, got {config.model.dtype!r}")
+    return device, names[config.model.dtype]
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_fingerprints(config: RunConfig) -> dict[str, str]:
+    base = fingerprint(asdict(config.model), config.seed, config.data.max_length, config.data.max_prompt_length)
+    prints = {}
+    previous = base
+    if config.data.seed_pairs:
+        previous = prints["stage0"] = fingerprint(base, config.data.seed_pairs, asdict(config.train))
+    for i in range(1, config.spa.iterations + 1):
+        pool = config.data.prompt_pools[i - 1] if i <= len(config.data.prompt_pools) else None
+        previous = prints[f"iter{i}"] = fingerprint(
+            previous, pool, asdict(config.generation), asdict(config.train), asdict(config.spa), i
+        )
+    return prints
+
+
+def write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def check_config(config: RunConfig) -> None:
+    if not config.model.path:
+        raise ConfigError("model.path is required: the local folder of the SFT model (pi_init)")
+    if config.model.lora_r <= 0:
+        raise ConfigError("model.lora_r must be > 0: full fine-tuning is not implemented in the pipeline yet")
+    if len(config.data.prompt_pools) < config.spa.iterations:
+        raise ConfigError(
+            f"spa.iterations is {config.spa.iterations} but data.prompt_pools lists {len(config.data.prompt_pools)} "
+            "files: one disjoint prompt pool per iteration"
+        )
+    if not config.data.seed_pairs and not config.model.judge_base and config.spa.judge_reference == "init":
+        raise ConfigError(
+            "no-seed mode (data.seed_pairs is null) judges against a base model: set model.judge_base to its folder"
+        )
+    if config.generation.backend != "hf":
+        raise ConfigError(f"generation.backend {config.generation.backend!r} is not available; use 'hf'")
+    if config.generation.responses_per_prompt < 2:
+        raise ConfigError("generation.responses_per_prompt must be >= 2 to form a pair")
+
+
+def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
+    check_config(config)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    device, dtype = resolve_device(config)
+    prints = stage_fingerprints(config)
+    stages = list(prints)
+    lora = models.LoraSettings(
+        r=config.model.lora_r, alpha=config.model.lora_alpha, dropout=config.model.lora_dropout,
+        target_modules=config.model.lora_target_modules,
+    )  # fmt: skip
+
+    summary = {"stages": {}}
+    previous_model: Path | None = None
+    redo_rest = False
+    for stage in stages:
+        stage_dir = run_dir / stage
+        done_path = stage_dir / "done.json"
+        if done_path.exists() and not redo_rest:
+            done = json.loads(done_path.read_text())
+            if done["fingerprint"] == prints[stage]:
+                log(f"{stage}: finished earlier, skipped")
+                summary["stages"][stage] = done
+                previous_model = stage_dir / "model"
+                continue
+            if not force:
+                raise ConfigError(
+                    f"{stage} finished with another configuration ({done_path}); rerun with --force to redo it "
+                    "and every stage after it, or use a new run_dir"
+                )
+        if done_path.exists() or redo_rest:
+            if force:
+                shutil.rmtree(stage_dir)
+                redo_rest = True
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        # Each stage starts from a known RNG state (LoRA's initialisation draws from it), so a
+        # stage gives the same result whatever ran before it in this process.
+        torch.manual_seed(config.seed * 1000 + stages.index(stage))
+        model, tokenizer = models.load_model(
+            config.model.path, dtype=dtype, device=device, lora=lora, adapter_path=previous_model,
+            gradient_checkpointing=config.model.gradient_checkpointing,
+        )  # fmt: skip
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if stage == "stage0":
+            result = run_seed_stage(config, model, tokenizer, stage_dir, pad_id, log)
+        else:
+            result = run_iteration(config, int(stage[4:]), model, tokenizer, stage_dir, pad_id, log)
+        model.save_pretrained(stage_dir / "model", selected_adapters=[models.POLICY_ADAPTER])
+        tokenizer.save_pretrained(stage_dir / "model")
+        done = {"fingerprint": prints[stage], "seconds": time.time() - started, **result}
+        write_json_atomic(done_path, done)
+        summary["stages"][stage] = done
+        previous_model = stage_dir / "model"
+        del model
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def run_seed_stage(config: RunConfig, model, tokenizer, stage_dir: Path, pad_id: int, log) -> dict:
+    report = DataReport()
+    records, report = load_preferences(config.data.seed_pairs, skip_invalid=config.data.skip_invalid, report=report)
+    tokenized, report = tokenize_pairs(
+        tokenizer, records, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
+        report=report,
+    )  # fmt: skip
+    log(f"stage0: seed pairs from {config.data.seed_pairs}: {report.summary()}")
+    pairs = [TrainPair(p.location, p.prompt, p.chosen, p.rejected) for p in tokenized]
+    settings = train_settings(config, epochs=config.train.seed_epochs, refine=False, extrapolate=None)
+    train_stage(model, pairs, settings, stage_dir / "train", pad_id=pad_id, reference="init", log=log)
+    return {"pairs": len(pairs), "data": report.summary(), "last_metrics": last_metrics(stage_dir / "train")}
+
+
+def run_iteration(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, pad_id: int, log) -> dict:
+    pool = config.data.prompt_pools[i - 1]
+    report = DataReport()
+    prompts, report = load_prompts(pool, skip_invalid=config.data.skip_invalid, report=report)
+    log(f"iter{i}: prompts from {pool}: {report.summary()}")
+    gen = config.generation
+    settings = GenerationSettings(
+        temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, max_new_tokens=gen.max_new_tokens,
+        responses_per_prompt=gen.responses_per_prompt, batch_size=gen.batch_size, seed=config.seed * 1000 + i,
+    )  # fmt: skip
+    generations = generate_responses(model, tokenizer, prompts, settings, stage_dir / "generations.jsonl", log=log)
+
+    pairs_path = stage_dir / "pairs.jsonl"
+    if pairs_path.exists():
+        judged = [json.loads(line) for line in pairs_path.read_text().splitlines() if line.strip()]
+        log(f"iter{i}: {len(judged)} judged pairs found, judgment skipped")
+    else:
+        base_model = None
+        if config.model.judge_base:
+            device, dtype = resolve_device(config)
+            base_model, _ = models.load_model(
+                config.model.judge_base, dtype=dtype, device=device, gradient_checkpointing=False
+            )
+            base_model.requires_grad_(False)
+        judged = judge_generations(
+            model, tokenizer, generations, pairs_path, beta=config.train.beta,
+            judge_reference=config.spa.judge_reference, base_model=base_model, log=log,
+        )  # fmt: skip
+        del base_model
+
+    lam = config.spa.extrapolate[i - 1] if config.spa.refine and i <= len(config.spa.extrapolate) else None
+    lam = lam if lam else None
+    pairs = []
+    for p in judged:
+        prompt, (chosen, rejected) = p["prompt_ids"], (p["chosen_ids"], p["rejected_ids"])
+        pairs.append(
+            TrainPair(p["location"], prompt, chosen, rejected, p["chosen_logp_policy"], p["rejected_logp_policy"])
+        )
+    if lam is not None:
+        models.freeze_reference_adapter(model)  # DND needs pi_{i-1}'s per-token logits
+    settings = train_settings(config, epochs=config.train.iteration_epochs, refine=config.spa.refine, extrapolate=lam)
+    # Without DND the judge's log pi_{i-1} values are the reference: no reference forward at all.
+    reference = "reference" if lam is not None else None
+    train_stage(model, pairs, settings, stage_dir / "train", pad_id=pad_id, reference=reference, log=log)
+    if models.REFERENCE_ADAPTER in model.peft_config:
+        model.delete_adapter(models.REFERENCE_ADAPTER)
+    return {
+        "prompts": len(prompts),
+        "pairs": len(pairs),
+        "lambda": lam,
+        "data": report.summary(),
+        "last_metrics": last_metrics(stage_dir / "train"),
+    }
+
+
+def train_settings(config: RunConfig, *, epochs: int, refine: bool, extrapolate: float | None) -> TrainSettings:
+    t, spa = config.train, config.spa
+    return TrainSettings(
+        beta=t.beta, lr=t.lr, warmup_ratio=t.warmup_ratio, batch_size=t.batch_size,
+        micro_batch_size=t.micro_batch_size, epochs=epochs, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
+        weight_decay=t.weight_decay, save_every=t.save_every, seed=config.seed, loss_type=t.loss_type,
+        refine=refine, alpha=spa.alpha, alpha_warmup=spa.alpha_warmup, noise_percentile=spa.noise_percentile,
+        tau_window=spa.tau_window, extrapolate=extrapolate,
+    )  # fmt: skip
+
+
+def last_metrics(train_dir: Path) -> dict:
+    path = train_dir / "metrics.jsonl"
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}

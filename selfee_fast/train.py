@@ -1,0 +1,303 @@
+"""Training: the lean SPA / DPO loop, top to bottom, no trainer classes.
+
+One optimizer step = `batch_size` pairs, as micro-batches of `micro_batch_size` pairs whose
+gradients accumulate. Each micro-batch runs the body once as the policy (with gradient)
+and, when needed, once as the reference (without); the LM head runs through the fused
+kernel for both together. Stage 0 is plain DPO; iterations add SPA's self-refinement:
+the smoothing weight alpha_t (0 for the first `alpha_warmup` of the steps), the noise
+threshold tau over the most recent margins, and DND's extrapolation lam.
+
+Checkpoints (every `save_every` steps and at the end) hold the trainable weights, the
+optimizer, the scheduler, the RNG states, the noise-threshold window and the step; the
+step fixes the data position, since each epoch's order is a function of (seed, epoch).
+A killed run restarts from its latest checkpoint and continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import TokenizedPair, collate_pairs
+from .loss import NoiseThreshold, spa_loss
+from .models import sequence_token_logprobs
+
+OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw")
+
+
+@dataclass
+class TrainSettings:
+    beta: float = 0.1
+    lr: float = 5e-7
+    warmup_ratio: float = 0.1
+    batch_size: int = 32  # pairs per optimizer step
+    micro_batch_size: int = 4  # pairs per forward / backward
+    epochs: int = 1
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw8bit"
+    weight_decay: float = 0.0
+    save_every: int = 100
+    seed: int = 0
+    loss_type: str = "sigmoid"
+    # SPA self-refinement; refine=False is plain DPO
+    refine: bool = False
+    alpha: float = 0.1
+    alpha_warmup: float = 0.2
+    noise_percentile: float = 0.10
+    tau_window: int = 50
+    extrapolate: float | None = None
+
+
+@dataclass
+class TrainPair(TokenizedPair):
+    """A tokenized pair, optionally with the reference's sequence log-probs already known."""
+
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    import bitsandbytes as bnb
+
+    if settings.optimizer == "adamw8bit":
+        return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "paged_adamw8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {settings.optimizer!r}")
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return torch.randperm(num_pairs, generator=generator).tolist()
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Which per-token log-probs are scored: position t scores labels[t + 1]."""
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    return shifted != -100
+
+
+def precomputed_reference(mask: torch.Tensor, values: list[float]) -> torch.Tensor:
+    """Per-token tensor whose sequence sums are `values`: each value on its first scored token."""
+    tokens = torch.zeros(mask.shape, dtype=torch.float32)
+    first = mask.float().argmax(dim=1)
+    tokens[torch.arange(mask.shape[0]), first] = torch.tensor(values, dtype=torch.float32)
+    return tokens
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train_stage(
+    model,
+    pairs: list[TrainPair],
+    settings: TrainSettings,
+    out_dir: str | Path,
+    *,
+    pad_id: int,
+    reference: str | None,
+    log=print,
+) -> dict:
+    """Train the model's trainable parameters on `pairs`; resume from `out_dir` if it holds a checkpoint.
+
+    `reference`: the role the DPO reference plays on the shared model ("reference" = the
+    frozen previous adapter, "init" = adapters disabled), or None to use the pairs'
+    precomputed reference log-probs (only without extrapolation).
+    """
+    if settings.batch_size % settings.micro_batch_size:
+        raise ValueError(
+            f"batch_size {settings.batch_size} is not a multiple of micro_batch_size {settings.micro_batch_size}"
+        )
+    if not pairs:
+        raise ValueError("no pairs to train on")
+    extrapolate = settings.extrapolate if settings.refine else None
+    if reference is None and (extrapolate is not None or any(p.ref_chosen is None for p in pairs)):
+        raise ValueError(
+            "without a reference model, every pair needs precomputed reference log-probs and no extrapolation"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+
+    # ---- setup
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, settings)
+    steps_per_epoch = math.ceil(len(pairs) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, settings.warmup_ratio))
+    threshold = NoiseThreshold(window=settings.tau_window, percentile=settings.noise_percentile)
+    first_step = restore_checkpoint(out_dir, model, names, optimizer, scheduler, threshold, settings)
+    if first_step:
+        log(f"train: resuming at step {first_step}/{total_steps}")
+    metrics_path = out_dir / "metrics.jsonl"
+    truncate_metrics(metrics_path, first_step)
+
+    # ---- loop
+    model.train()
+    for step in range(first_step, total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        order = epoch_order(len(pairs), settings.seed, epoch)
+        step_pairs = [
+            pairs[i] for i in order[step_in_epoch * settings.batch_size : (step_in_epoch + 1) * settings.batch_size]
+        ]
+        alpha_t = settings.alpha if settings.refine and step >= settings.alpha_warmup * total_steps else 0.0
+        started, tokens, totals = time.perf_counter(), 0, {}
+        tau = None
+        for start in range(0, len(step_pairs), settings.micro_batch_size):
+            micro = step_pairs[start : start + settings.micro_batch_size]
+            batch = {k: v.to(device) for k, v in collate_pairs(micro, pad_id).items()}
+            tokens += int(batch["attention_mask"].sum())
+            use_ref_model = reference is not None
+            logps = sequence_token_logprobs(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                reference=reference if use_ref_model else None, extrapolate=extrapolate,
+            )  # fmt: skip
+            mask = response_mask(batch["labels"])
+            ref_tokens = logps.reference
+            if not use_ref_model:
+                values = [p.ref_chosen for p in micro] + [p.ref_rejected for p in micro]
+                ref_tokens = precomputed_reference(mask.cpu(), values).to(device)
+            if settings.refine:
+                # tau covers the most recent margins, this micro-batch's included.
+                probe = spa_loss(
+                    logps.policy.detach(),
+                    ref_tokens,
+                    mask=mask,
+                    extrapolated_logps=logps.extrapolated,
+                    beta=settings.beta,
+                )
+                threshold.update(probe.noise_margin)
+                tau = threshold.tau
+            result = spa_loss(
+                logps.policy, ref_tokens, mask=mask, extrapolated_logps=logps.extrapolated, beta=settings.beta,
+                alpha=alpha_t if tau is not None else 0.0, tau=tau, loss_type=settings.loss_type,
+            )  # fmt: skip
+            (result.loss * (len(micro) / len(step_pairs))).backward()
+            for name, value in result.metrics().items():
+                totals[name] = totals.get(name, 0.0) + value * len(micro) / len(step_pairs)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm),
+            **totals, "spa/alpha": alpha_t, "spa/tau": tau, "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "peak_memory_mib": peak_memory_bytes(device) / 2**20,
+        }  # fmt: skip
+        with metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        log(
+            f"train: step {step + 1}/{total_steps} loss {record['loss']:.4f} "
+            f"acc {record['rewards/accuracies']:.2f} margin {record['rewards/margins']:.4f} {record['tokens_per_s']:.0f} tok/s"
+        )
+        if (step + 1) % settings.save_every == 0 or step + 1 == total_steps:
+            save_checkpoint(out_dir, step + 1, model, names, optimizer, scheduler, threshold, settings)
+    return {"steps": total_steps, "pairs": len(pairs), "metrics": str(metrics_path)}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(out_dir: Path, step: int, model, names, optimizer, scheduler, threshold, settings) -> Path:
+    """Write checkpoint-<step>/ under a temporary name, rename it, then repoint `latest` (atomic)."""
+    final = out_dir / f"checkpoint-{step:07d}"
+    tmp = out_dir / f".checkpoint-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = dict(model.named_parameters())
+    save_file({n: state[n].detach().contiguous().cpu() for n in names}, tmp / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    torch.save(
+        {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        tmp / "rng.pt",
+    )
+    meta = {"step": step, "threshold": threshold.state_dict(), "settings": asdict(settings)}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    for f in tmp.iterdir():
+        with f.open("rb") as handle:
+            os.fsync(handle.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = out_dir / "latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, out_dir / "latest")
+    for old in out_dir.glob("checkpoint-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, threshold, settings) -> int:
+    """Load the latest checkpoint if there is one; return the step to continue from (0 if none)."""
+    pointer = out_dir / "latest"
+    if not pointer.exists():
+        return 0
+    path = out_dir / pointer.read_text().strip()
+    meta = json.loads((path / "state.json").read_text())
+    saved = meta["settings"]
+    if saved != asdict(settings):
+        changed = sorted(k for k in saved if saved[k] != asdict(settings).get(k))
+        raise ValueError(f"{path}: the checkpoint was written with other training settings ({', '.join(changed)})")
+    weights = load_file(path / "trainable.safetensors")
+    missing = set(names) - set(weights)
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {sorted(missing)[:3]}")
+    state = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            state[name].copy_(weights[name])
+    saved_state = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(saved_state["optimizer"])
+    scheduler.load_state_dict(saved_state["scheduler"])
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    threshold.load_state_dict(meta["threshold"])
+    return int(meta["step"])
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)

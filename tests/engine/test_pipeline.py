@@ -1,0 +1,181 @@
+"""The whole SPA loop on a tiny local Llama: stage 0 + 2 iterations, reload, resume, kill."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from selfee_fast.config import ConfigError, load_config
+from selfee_fast.pipeline import run_pipeline
+from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+
+WORDS = "the cat dog sat ran on a mat log big small red blue one two three".split()
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spa")
+    rng = random.Random(0)
+    prompts = [sentence(rng, 5) for _ in range(40)]
+    tokenizer = build_tokenizer(prompts + [sentence(rng, 8) for _ in range(100)], root / "model", vocab_size=200)
+    build_tiny_llama(root / "model", tokenizer, hidden_size=32, layers=2)
+    with (root / "seed.jsonl").open("w") as f:
+        for p in prompts[:8]:
+            # A learnable preference: short answers about cats beat long ones about logs.
+            f.write(json.dumps({"prompt": p, "chosen": "the cat sat", "rejected": "a big red log ran on a mat"}) + "\n")
+    for k in (1, 2):
+        with (root / f"pool{k}.jsonl").open("w") as f:
+            for p in prompts[8 * k : 8 * k + 8]:
+                f.write(json.dumps({"prompt": p}) + "\n")
+    return root
+
+
+def write_config(root: Path, run_dir: str, **changes) -> Path:
+    config = {
+        "run_dir": str(root / run_dir),
+        "model": {"path": str(root / "model"), "lora_r": 4, "lora_alpha": 8},
+        "data": {
+            "seed_pairs": str(root / "seed.jsonl"),
+            "prompt_pools": [str(root / "pool1.jsonl"), str(root / "pool2.jsonl")],
+            "max_length": 64,
+            "max_prompt_length": 32,
+        },
+        "generation": {"max_new_tokens": 8, "batch_size": 4},
+        "train": {"lr": 0.01, "batch_size": 4, "micro_batch_size": 2, "seed_epochs": 3, "save_every": 1},
+        "spa": {"iterations": 2, "tau_window": 4, "alpha_warmup": 0.0},
+    }
+    for key, value in changes.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    path = root / f"{run_dir}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(workspace):
+    config = load_config(write_config(workspace, "run"))
+    summary = run_pipeline(config, log=lambda *_: None)
+    return workspace / "run", summary
+
+
+def test_every_stage_writes_its_outputs(finished_run):
+    run_dir, summary = finished_run
+    assert list(summary["stages"]) == ["stage0", "iter1", "iter2"]
+    for i in (1, 2):
+        pairs = read_jsonl(run_dir / f"iter{i}" / "pairs.jsonl")
+        assert len(pairs) == 8, "a pair for every prompt"
+        for p in pairs:
+            assert p["chosen_score"] >= p["rejected_score"]
+            assert 0.5 <= p["confidence"] <= 1.0
+            assert set(p) >= {"prompt", "chosen", "rejected"}  # TRL's columns
+    assert json.loads((run_dir / "summary.json").read_text())["stages"]["iter2"]["lambda"] == 0.25
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["beta"] == 0.1
+
+
+def test_seed_loss_is_finite_and_decreases(finished_run):
+    run_dir, _ = finished_run
+    losses = [r["loss"] for r in read_jsonl(run_dir / "stage0" / "train" / "metrics.jsonl")]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
+    assert losses[-1] < losses[0] - 0.05
+    iteration = read_jsonl(run_dir / "iter1" / "train" / "metrics.jsonl")
+    assert all(r["spa/alpha"] == 0.1 for r in iteration)
+    assert any(r["spa/tau"] is not None for r in iteration)
+
+
+def test_outputs_reload_with_plain_transformers_and_peft(finished_run, workspace):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = finished_run
+    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "iter2" / "model")
+    ids = tokenizer("the cat sat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, run_dir / "iter2" / "model")
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after), "training changed the model"
+
+
+def test_rerun_skips_finished_stages_and_refuses_changed_config(finished_run, workspace):
+    run_dir, _ = finished_run
+    stamp = (run_dir / "iter2" / "done.json").stat().st_mtime_ns
+    messages = []
+    run_pipeline(load_config(write_config(workspace, "run")), log=messages.append)
+    assert messages == [
+        "stage0: finished earlier, skipped",
+        "iter1: finished earlier, skipped",
+        "iter2: finished earlier, skipped",
+    ]
+    assert (run_dir / "iter2" / "done.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="finished with another configuration"):
+        run_pipeline(load_config(write_config(workspace, "run", train__lr=0.02)), log=lambda *_: None)
+
+
+def test_unknown_config_key_suggests_the_nearest(workspace):
+    with pytest.raises(ConfigError, match=r"unknown config key train\.learning_rat; did you mean train\.lr"):
+        load_config(write_config(workspace, "bad"), ["train.learning_rat=1"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size must be int"):
+        load_config(write_config(workspace, "bad"), ["train.batch_size=big"])
+    with pytest.raises(ConfigError, match="one disjoint prompt pool per iteration"):
+        run_pipeline(load_config(write_config(workspace, "bad"), ["spa.iterations=3"]))
+
+
+def run_cli_until(config: Path, condition, timeout: float = 300.0) -> int:
+    """Start `selfee-fast run`, SIGKILL it once `condition()` holds; return its exit code."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "selfee_fast", "run", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if condition():
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    return process.wait(timeout=timeout)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(finished_run, workspace):
+    run_dir = workspace / "killed"
+    config = write_config(workspace, "killed")
+    generations = run_dir / "iter1" / "generations.jsonl"
+    code = run_cli_until(config, lambda: generations.exists() and generations.stat().st_size > 0)
+    assert code == -signal.SIGKILL, "the run ended before it could be killed during generation"
+    latest = run_dir / "iter2" / "train" / "latest"
+    code = run_cli_until(config, latest.exists)
+    assert code == -signal.SIGKILL, "the run ended before it could be killed during training"
+    assert (
+        subprocess.run([sys.executable, "-m", "selfee_fast", "run", str(config)], capture_output=True).returncode == 0
+    )
+
+    reference_dir, _ = finished_run
+    for stage in ("iter1", "iter2"):
+        resumed = read_jsonl(run_dir / stage / "pairs.jsonl")
+        uninterrupted = read_jsonl(reference_dir / stage / "pairs.jsonl")
+        assert [p["index"] for p in resumed] == [p["index"] for p in uninterrupted], "no record lost or duplicated"
+        for a, b in zip(resumed, uninterrupted, strict=True):
+            assert (a["chosen_ids"], a["rejected_ids"]) == (b["chosen_ids"], b["rejected_ids"])
+            assert a["chosen_score"] == pytest.approx(b["chosen_score"], abs=1e-6)
