@@ -13,6 +13,7 @@ import multiprocessing as mp
 import resource
 import sys
 import time
+from pathlib import Path
 
 
 def _peak_rss_bytes() -> int:
@@ -126,6 +127,57 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_step(args: argparse.Namespace) -> int:
+    """One step of one stage, as `run` would do it, for running or redoing a step alone."""
+    from . import pipeline
+    from .config import ConfigError, load_config
+    from .data import DataError
+
+    try:
+        config = load_config(args.config, args.overrides)
+        stage = args.stage
+        if args.command != "train" and not stage.startswith("iter"):
+            raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage!r}")
+        model, tokenizer = pipeline.load_stage_model(config, stage)
+        stage_dir = Path(config.run_dir) / stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if stage == "stage0":
+            pipeline.run_seed_stage(config, model, tokenizer, stage_dir, pad_id, print)
+            return _save_stage_model(model, tokenizer, stage_dir)
+        i = int(stage[4:])
+        generations, _ = pipeline.step_generate(config, i, model, tokenizer, stage_dir, print)
+        if args.command == "generate":
+            return 0
+        judged = pipeline.step_judge(config, i, model, tokenizer, generations, stage_dir, print)
+        if args.command == "judge":
+            return 0
+        pipeline.step_train_iteration(config, i, model, judged, stage_dir, pad_id, print)
+        return _save_stage_model(model, tokenizer, stage_dir)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"selfee-fast: {e}", file=sys.stderr)
+        return 2
+
+
+def _save_stage_model(model, tokenizer, stage_dir: Path) -> int:
+    from .models import POLICY_ADAPTER
+
+    model.save_pretrained(stage_dir / "model", selected_adapters=[POLICY_ADAPTER])
+    tokenizer.save_pretrained(stage_dir / "model")
+    print(f"saved {stage_dir / 'model'} (done.json is written by `selfee-fast run` only)")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    if not script.exists():
+        print("selfee-fast bench: bench/ lives in the source checkout; run it from a clone", file=sys.stderr)
+        return 2
+    import subprocess
+
+    return subprocess.call([sys.executable, str(script), *args.bench_args])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfee-fast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-6")
     p.add_argument("--force", action="store_true", help="redo finished stages whose configuration changed")
     p.set_defaults(func=run)
+    for name, what in (
+        ("generate", "sample responses for one iteration (resumes a partial file)"),
+        ("judge", "generate if needed, then label the responses with the implicit reward"),
+        ("train", "train one stage (stage0 on the seed pairs, iterN on its judged pairs)"),
+    ):
+        p = sub.add_parser(name, help=what, description=what)
+        p.add_argument("config", help="the run's YAML config")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        p.add_argument("--stage", required=True, help="stage0, iter1, iter2, ...")
+        p.set_defaults(func=stage_step)
+    p = sub.add_parser("bench", help="kernel microbenchmarks (bench/kernels.py; its --help lists the options)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=bench)
     p = sub.add_parser("demo", help="fused LM-head log-probs + SPA loss vs plain PyTorch, on this machine")
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)

@@ -171,6 +171,12 @@ def _check_type(value, hint, name: str):
         return [_check_type(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 5e-7 (no dot) as a string; it is the usual way to write a learning rate.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be float, got {value!r}") from None
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

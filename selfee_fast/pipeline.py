@@ -168,9 +168,22 @@ def run_seed_stage(config: RunConfig, model, tokenizer, stage_dir: Path, pad_id:
 
 
 def run_iteration(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, pad_id: int, log) -> dict:
+    generations, report = step_generate(config, i, model, tokenizer, stage_dir, log)
+    judged = step_judge(config, i, model, tokenizer, generations, stage_dir, log)
+    lam = step_train_iteration(config, i, model, judged, stage_dir, pad_id, log)
+    return {
+        "prompts": len(generations),
+        "pairs": len(judged),
+        "lambda": lam,
+        "data": report.summary(),
+        "last_metrics": last_metrics(stage_dir / "train"),
+    }
+
+
+def step_generate(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, log) -> tuple[list[dict], DataReport]:
+    """Sample responses from pi_{i-1} (the loaded policy) for iteration i's prompt pool."""
     pool = config.data.prompt_pools[i - 1]
-    report = DataReport()
-    prompts, report = load_prompts(pool, skip_invalid=config.data.skip_invalid, report=report)
+    prompts, report = load_prompts(pool, skip_invalid=config.data.skip_invalid, report=DataReport())
     log(f"iter{i}: prompts from {pool}: {report.summary()}")
     gen = config.generation
     settings = GenerationSettings(
@@ -178,33 +191,40 @@ def run_iteration(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, 
         responses_per_prompt=gen.responses_per_prompt, batch_size=gen.batch_size, seed=config.seed * 1000 + i,
     )  # fmt: skip
     generations = generate_responses(model, tokenizer, prompts, settings, stage_dir / "generations.jsonl", log=log)
+    return generations, report
 
+
+def step_judge(
+    config: RunConfig, i: int, model, tokenizer, generations: list[dict], stage_dir: Path, log
+) -> list[dict]:
+    """Label the generations with the implicit reward; reuse a pairs file already written."""
     pairs_path = stage_dir / "pairs.jsonl"
     if pairs_path.exists():
         judged = [json.loads(line) for line in pairs_path.read_text().splitlines() if line.strip()]
         log(f"iter{i}: {len(judged)} judged pairs found, judgment skipped")
-    else:
-        base_model = None
-        if config.model.judge_base:
-            device, dtype = resolve_device(config)
-            base_model, _ = models.load_model(
-                config.model.judge_base, dtype=dtype, device=device, gradient_checkpointing=False
-            )
-            base_model.requires_grad_(False)
-        judged = judge_generations(
-            model, tokenizer, generations, pairs_path, beta=config.train.beta,
-            judge_reference=config.spa.judge_reference, base_model=base_model, log=log,
-        )  # fmt: skip
-        del base_model
+        return judged
+    base_model = None
+    if config.model.judge_base:
+        device, dtype = resolve_device(config)
+        base_model, _ = models.load_model(
+            config.model.judge_base, dtype=dtype, device=device, gradient_checkpointing=False
+        )
+        base_model.requires_grad_(False)
+    return judge_generations(
+        model, tokenizer, generations, pairs_path, beta=config.train.beta,
+        judge_reference=config.spa.judge_reference, base_model=base_model, log=log,
+    )  # fmt: skip
 
+
+def step_train_iteration(config: RunConfig, i: int, model, judged: list[dict], stage_dir: Path, pad_id: int, log):
+    """Train pi_i from pi_{i-1} on the judged pairs with self-refinement; return the lam used."""
     lam = config.spa.extrapolate[i - 1] if config.spa.refine and i <= len(config.spa.extrapolate) else None
     lam = lam if lam else None
     pairs = []
     for p in judged:
-        prompt, (chosen, rejected) = p["prompt_ids"], (p["chosen_ids"], p["rejected_ids"])
-        pairs.append(
-            TrainPair(p["location"], prompt, chosen, rejected, p["chosen_logp_policy"], p["rejected_logp_policy"])
-        )
+        pair = TrainPair(p["location"], p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
+        pair.ref_chosen, pair.ref_rejected = p["chosen_logp_policy"], p["rejected_logp_policy"]
+        pairs.append(pair)
     if lam is not None:
         models.freeze_reference_adapter(model)  # DND needs pi_{i-1}'s per-token logits
     settings = train_settings(config, epochs=config.train.iteration_epochs, refine=config.spa.refine, extrapolate=lam)
@@ -213,13 +233,29 @@ def run_iteration(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, 
     train_stage(model, pairs, settings, stage_dir / "train", pad_id=pad_id, reference=reference, log=log)
     if models.REFERENCE_ADAPTER in model.peft_config:
         model.delete_adapter(models.REFERENCE_ADAPTER)
-    return {
-        "prompts": len(prompts),
-        "pairs": len(pairs),
-        "lambda": lam,
-        "data": report.summary(),
-        "last_metrics": last_metrics(stage_dir / "train"),
-    }
+    return lam
+
+
+def load_stage_model(config: RunConfig, stage: str):
+    """(model, tokenizer) as stage `stage` starts: pi_init plus the previous stage's adapter."""
+    check_config(config)
+    stages = list(stage_fingerprints(config))
+    if stage not in stages:
+        raise ConfigError(f"unknown stage {stage!r}; this config has {', '.join(stages)}")
+    index = stages.index(stage)
+    previous = Path(config.run_dir) / stages[index - 1] / "model" if index > 0 else None
+    if previous is not None and not (previous / "adapter_config.json").exists():
+        raise ConfigError(f"{stage} starts from {previous}, which does not exist yet: run {stages[index - 1]} first")
+    device, dtype = resolve_device(config)
+    lora = models.LoraSettings(
+        r=config.model.lora_r, alpha=config.model.lora_alpha, dropout=config.model.lora_dropout,
+        target_modules=config.model.lora_target_modules,
+    )  # fmt: skip
+    torch.manual_seed(config.seed * 1000 + index)
+    return models.load_model(
+        config.model.path, dtype=dtype, device=device, lora=lora, adapter_path=previous,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+    )  # fmt: skip
 
 
 def train_settings(config: RunConfig, *, epochs: int, refine: bool, extrapolate: float | None) -> TrainSettings:
