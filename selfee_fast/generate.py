@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import PromptRecord, prompt_ids
 
@@ -99,6 +100,7 @@ def generate_responses(
     model.eval()
     new_tokens, start = 0, time.perf_counter()
     with out_path.open("a", encoding="utf-8") as out:
+        progress = tqdm(total=len(plan), initial=len(done), desc="generate", unit="batch", disable=None)
         for batch_index, indices in enumerate(plan):
             if batch_index in done:
                 continue
@@ -151,7 +153,12 @@ def generate_responses(
             out.flush()
             os.fsync(out.fileno())
             elapsed = time.perf_counter() - start
-            log(f"generation: batch {batch_index + 1}/{len(plan)}, {new_tokens / max(elapsed, 1e-9):.0f} new tokens/s")
+            progress.update(1)
+            progress.set_postfix_str(f"{new_tokens / max(elapsed, 1e-9):.0f} new tok/s")
+        progress.close()
+    log(
+        f"generation: {len(plan)} batches in {out_path}, {new_tokens} new tokens in {time.perf_counter() - start:.1f} s"
+    )
     model.train(was_training)
     return load_generations(out_path)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .data import TokenizedPair, collate_pairs
 from .loss import NoiseThreshold, spa_loss
@@ -159,6 +160,11 @@ def train_stage(
     metrics_path = out_dir / "metrics.jsonl"
     truncate_metrics(metrics_path, first_step)
 
+    writer = tensorboard_writer(out_dir)
+    progress = tqdm(
+        total=total_steps, initial=first_step, desc=f"train {out_dir.parent.name}", unit="step", disable=None
+    )
+
     # ---- loop
     model.train()
     for step in range(first_step, total_steps):
@@ -216,13 +222,33 @@ def train_stage(
         }  # fmt: skip
         with metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        log(
-            f"train: step {step + 1}/{total_steps} loss {record['loss']:.4f} "
-            f"acc {record['rewards/accuracies']:.2f} margin {record['rewards/margins']:.4f} {record['tokens_per_s']:.0f} tok/s"
+        if writer is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name not in ("step", "epoch"):
+                    writer.add_scalar(name, value, step + 1)
+        progress.update(1)
+        progress.set_postfix(
+            loss=f"{record['loss']:.4f}",
+            acc=f"{record['rewards/accuracies']:.2f}",
+            tok_s=f"{record['tokens_per_s']:.0f}",
         )
         if (step + 1) % settings.save_every == 0 or step + 1 == total_steps:
             save_checkpoint(out_dir, step + 1, model, names, optimizer, scheduler, threshold, settings)
+    progress.close()
+    if writer is not None:
+        writer.close()
+    if total_steps > first_step:
+        log(f"train: {total_steps} steps done, last loss {record['loss']:.4f}; metrics in {metrics_path}")
     return {"steps": total_steps, "pairs": len(pairs), "metrics": str(metrics_path)}
+
+
+def tensorboard_writer(out_dir: Path):
+    """A SummaryWriter when TensorBoard is installed (optional extra), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
 
 # --------------------------------------------------------------------------- checkpoints
