@@ -61,12 +61,12 @@ def test_lora_roles_share_one_base(model_dir):
     # Move the policy away from the base: the roles must now differ.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B.policy" in name:
+            if "lora_B.default" in name:
                 p.normal_(0, 0.5)
     models.freeze_reference_adapter(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B.policy" in name:
+            if "lora_B.default" in name:
                 p.mul_(-1)
     out = models.sequence_token_logprobs(model, input_ids, attention_mask, labels, reference="reference")
     init = models.sequence_token_logprobs(model, input_ids, attention_mask, labels, reference="init").reference
@@ -78,7 +78,7 @@ def test_lora_roles_share_one_base(model_dir):
     # Only the policy adapter trains; the gradient reaches it through checkpointed blocks.
     out.policy.sum().backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(".policy." in n for n in trainable)
+    assert trainable and all(".default." in n for n in trainable)
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
     assert all(p.grad is None for n, p in model.named_parameters() if ".reference." in n)
 
