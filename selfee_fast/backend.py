@@ -3,7 +3,7 @@
 CUDA tensors run the Triton kernels. CPU tensors run the chunked PyTorch path, unless the
 Triton interpreter is on (`SELFEE_FAST_TRITON_INTERPRET=1` or Triton's own
 `TRITON_INTERPRET=1`), which runs the very same Triton kernels on the CPU — that is how CI
-checks kernel numerics without a GPU. The interpreter switch must be set before the kernel
+checks kernel numerics without a GPU. `SELFEE_FAST_BACKEND=torch|triton` overrides "auto". The interpreter switch must be set before the kernel
 modules are imported; `selfee_fast/__init__.py` forwards ours to Triton's at import time.
 """
 
@@ -30,6 +30,12 @@ def triton_available() -> bool:
 def use_triton(device: torch.device, backend: Backend) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        # SELFEE_FAST_BACKEND pins what "auto" means for a whole process (e.g. "torch" to
+        # debug the chunked path on a GPU, or to keep engine tests off the slow interpreter).
+        backend = os.environ.get("SELFEE_FAST_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"SELFEE_FAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
     runnable = triton_available() and (device.type == "cuda" or triton_interpreting())

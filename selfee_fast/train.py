@@ -157,8 +157,9 @@ def train_stage(
     first_step = restore_checkpoint(out_dir, model, names, optimizer, scheduler, threshold, settings)
     if first_step:
         log(f"train: resuming at step {first_step}/{total_steps}")
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path, flags_path = out_dir / "metrics.jsonl", out_dir / "flags.jsonl"
     truncate_metrics(metrics_path, first_step)
+    truncate_metrics(flags_path, first_step)
 
     writer = tensorboard_writer(out_dir)
     progress = tqdm(
@@ -174,7 +175,7 @@ def train_stage(
             pairs[i] for i in order[step_in_epoch * settings.batch_size : (step_in_epoch + 1) * settings.batch_size]
         ]
         alpha_t = settings.alpha if settings.refine and step >= settings.alpha_warmup * total_steps else 0.0
-        started, tokens, totals = time.perf_counter(), 0, {}
+        started, tokens, totals, flag_records = time.perf_counter(), 0, {}, []
         tau = None
         for start in range(0, len(step_pairs), settings.micro_batch_size):
             micro = step_pairs[start : start + settings.micro_batch_size]
@@ -206,6 +207,11 @@ def train_stage(
                 alpha=alpha_t if tau is not None else 0.0, tau=tau, loss_type=settings.loss_type,
             )  # fmt: skip
             (result.loss * (len(micro) / len(step_pairs))).backward()
+            if settings.refine:
+                flag_records.extend(
+                    {"step": step + 1, "pair": p.location, "noise_margin": m, "tau": tau, "confident": c}
+                    for p, m, c in zip(micro, result.noise_margin.tolist(), result.confident.tolist(), strict=True)
+                )
             for name, value in result.metrics().items():
                 totals[name] = totals.get(name, 0.0) + value * len(micro) / len(step_pairs)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -222,6 +228,9 @@ def train_stage(
         }  # fmt: skip
         with metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if flag_records:  # per pair: SPA's noise margin and flag, for analysis against gold labels
+            with flags_path.open("a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in flag_records))
         if writer is not None:
             for name, value in record.items():
                 if isinstance(value, (int, float)) and name not in ("step", "epoch"):
@@ -314,7 +323,7 @@ def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, thresh
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+    """Drop metric (or flag) lines written after the checkpoint we resume from (they will be redone)."""
     if not path.exists():
         return
     kept = []

@@ -70,3 +70,18 @@ def reference():
         close = staticmethod(assert_close)
 
     return Reference
+
+
+@pytest.fixture(scope="module")
+def chunked_backend():
+    """Engine tests exercise the engine, not kernel numerics: keep "auto" off the slow interpreter.
+
+    Set in os.environ (not monkeypatch) so subprocesses started by a test inherit it.
+    """
+    previous = os.environ.get("SELFEE_FAST_BACKEND")
+    os.environ["SELFEE_FAST_BACKEND"] = "torch"
+    yield
+    if previous is None:
+        os.environ.pop("SELFEE_FAST_BACKEND")
+    else:
+        os.environ["SELFEE_FAST_BACKEND"] = previous

@@ -230,6 +230,9 @@ class TestBadInput:
         with pytest.raises(ValueError, match="extrapolate must be a finite number"):
             linear_logprobs(self.hidden, self.weight, self.targets, ref_hidden=self.ref_hidden, extrapolate=-1.0)
 
-    def test_unknown_backend(self):
+    def test_unknown_backend(self, monkeypatch):
         with pytest.raises(ValueError, match="backend must be one of"):
             linear_logprobs(self.hidden, self.weight, self.targets, backend="cuda")
+        monkeypatch.setenv("SELFEE_FAST_BACKEND", "gpu")
+        with pytest.raises(ValueError, match="SELFEE_FAST_BACKEND must be one of"):
+            linear_logprobs(self.hidden, self.weight, self.targets)

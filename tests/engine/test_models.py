@@ -9,6 +9,8 @@ from selfee_fast.tiny import build_tiny_llama, build_tokenizer
 CORPUS = ["the cat sat on the mat", "add 2 and 3 to get 5", "hello world", "a list: 1, 2, 3"] * 10
 
 
+pytestmark = pytest.mark.usefixtures("chunked_backend")
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")

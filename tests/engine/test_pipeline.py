@@ -25,6 +25,8 @@ def sentence(rng, n):
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
+pytestmark = pytest.mark.usefixtures("chunked_backend")
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("spa")
@@ -86,6 +88,8 @@ def test_every_stage_writes_its_outputs(finished_run):
             assert p["chosen_score"] >= p["rejected_score"]
             assert 0.5 <= p["confidence"] <= 1.0
             assert set(p) >= {"prompt", "chosen", "rejected"}  # TRL's columns
+        flags = read_jsonl(run_dir / f"iter{i}" / "train" / "flags.jsonl")
+        assert sorted(f["pair"] for f in flags) == sorted(p["location"] for p in pairs), "one flag per pair and epoch"
     assert json.loads((run_dir / "summary.json").read_text())["stages"]["iter2"]["lambda"] == 0.25
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["beta"] == 0.1
 
