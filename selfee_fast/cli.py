@@ -1,9 +1,10 @@
-"""Command line: `selfee-fast demo` (and `python -m selfee_fast demo`).
+"""Command line: `selfee-fast {run,generate,judge,train,demo,kernel-demo,bench}` (or `python -m selfee_fast`).
 
-Until the SPA engine lands, `demo` shows the fused head on this machine: one DPO step's
-LM-head work (policy and reference log-probs, the SPA loss and its gradient) computed
-twice — by plain PyTorch with materialised logits and by `linear_logprobs` + `spa_loss` —
-each in a fresh process so its peak memory can be measured, then compared.
+`demo` runs SPA end to end on a task with a known gold reward (selfee_fast/demo.py).
+`kernel-demo` shows the fused head on this machine: one DPO step's LM-head work (policy and
+reference log-probs, the SPA loss and its gradient) computed twice — by plain PyTorch with
+materialised logits and by `linear_logprobs` + `spa_loss` — each in a fresh process so its
+peak memory can be measured, then compared.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _demo_worker(impl: str, shape: tuple[int, int, int, int], seed: int, results
     )
 
 
-def demo(args: argparse.Namespace) -> int:
+def kernel_demo(args: argparse.Namespace) -> int:
     shape = (args.pairs, args.seq_len, args.hidden_size, args.vocab)
     tokens = 2 * args.pairs * args.seq_len
     print(
@@ -110,6 +111,23 @@ def demo(args: argparse.Namespace) -> int:
         "(measured on this machine's CPU; GPU numbers: bench/NOTES.md)",
     )
     return 0 if agree else 1
+
+
+def spa_demo(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT, QUICK, run_demo
+    from .tasks import TaskError
+
+    try:
+        result = run_demo(args.out, task_spec=args.task, scale=QUICK if args.quick else DEFAULT, seed=args.seed)
+    except TaskError as e:
+        print(f"selfee-fast: {e}", file=sys.stderr)
+        return 2
+    print(f"\nSPA on {result['task']} (gold reward hidden from the algorithm; held-out prompts):\n")
+    print(result["table"])
+    print(f"\n{result['seconds']:.0f} s; results in {Path(args.out) / 'results.json'}")
+    if result["plot"]:
+        print(f"plot: {result['plot']}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,13 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="kernel microbenchmarks (bench/kernels.py; its --help lists the options)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=bench)
-    p = sub.add_parser("demo", help="fused LM-head log-probs + SPA loss vs plain PyTorch, on this machine")
+    p = sub.add_parser("demo", help="SPA on a task with a known gold reward, end to end on this machine")
+    p.add_argument("--out", default="selfee_fast_demo", help="output folder (rerunning resumes)")
+    p.add_argument("--task", default="listops", help="'listops' or module:object of your own Task")
+    p.add_argument("--quick", action="store_true", help="a smaller run (CI-sized, under a minute)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=spa_demo)
+    p = sub.add_parser("kernel-demo", help="fused LM-head log-probs + SPA loss vs plain PyTorch, on this machine")
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--hidden-size", type=int, default=512)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=demo)
+    p.set_defaults(func=kernel_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -33,6 +33,7 @@ class GenerationSettings:
     responses_per_prompt: int = 2
     batch_size: int = 16
     seed: int = 0
+    max_prompt_length: int | None = None  # longer prompts keep their last tokens (counted)
 
 
 def plan_batches(prompt_id_lists: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -90,6 +91,12 @@ def generate_responses(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     all_prompt_ids = [prompt_ids(tokenizer, p.prompt) for p in prompts]
+    limit = settings.max_prompt_length
+    truncated = sum(limit is not None and len(ids) > limit for ids in all_prompt_ids)
+    if truncated:
+        all_prompt_ids = [ids[-limit:] for ids in all_prompt_ids]
+        log(f"generation: {truncated} prompts longer than {limit} tokens keep their last {limit}")
+    stop_ids = stop_token_ids(model, tokenizer)
     plan = plan_batches(all_prompt_ids, settings.batch_size)
     done = completed_batches(out_path, plan)
     if done:
@@ -122,7 +129,7 @@ def generate_responses(
                 top_k=settings.top_k,
                 max_new_tokens=settings.max_new_tokens,
                 num_return_sequences=settings.responses_per_prompt,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=sorted(stop_ids),
                 pad_token_id=pad_id,
                 use_cache=True,
             ).cpu()
@@ -131,11 +138,10 @@ def generate_responses(
                 responses, finished = [], []
                 for k in range(settings.responses_per_prompt):
                     generated = sequences[row * settings.responses_per_prompt + k, width:].tolist()
-                    if tokenizer.eos_token_id in generated:
-                        generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
-                        finished.append(True)
-                    else:
-                        finished.append(False)
+                    end = next((t for t, token in enumerate(generated) if token in stop_ids), None)
+                    finished.append(end is not None)
+                    if end is not None:
+                        generated = generated[: end + 1]
                     responses.append(generated)
                     new_tokens += len(generated)
                 record = {
@@ -161,6 +167,19 @@ def generate_responses(
     )
     model.train(was_training)
     return load_generations(out_path)
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokenizer's EOS and every end-of-turn id of the model's generation config (e.g. Phi-3's <|end|>)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the generation config names an end-of-sequence token")
+    return ids
 
 
 def load_generations(path: str | Path) -> list[dict]:

@@ -28,25 +28,27 @@ JUDGE_REFERENCES = ("init", "previous", "none")
 
 @torch.no_grad()
 def score_responses(
-    model, prompt_ids: list[int], responses: list[list[int]], pad_id: int, *, judge_reference: str = "init",
+    model, items: list[tuple[list[int], list[list[int]]]], pad_id: int, *, judge_reference: str = "init",
     base_model=None,
-) -> tuple[list[float], list[float]]:  # fmt: skip
-    """(log pi_{i-1}(y|x), log pi_ref(y|x)) for each response (ref = 0 for judge_reference="none").
+) -> list[tuple[list[float], list[float]]]:  # fmt: skip
+    """Per (prompt ids, responses) item: (log pi_{i-1}(y|x), log pi_ref(y|x)) of each response.
 
-    `base_model`: a separate model standing in for pi_init (no-seed mode: the instruct
-    model's base); otherwise pi_init is the shared model with its adapters disabled.
+    All responses of all items go through one batched forward. The reference is 0 for
+    judge_reference="none". `base_model`: a separate model standing in for pi_init (no-seed
+    mode: the instruct model's base); otherwise pi_init is the shared model with its
+    adapters disabled.
     """
     if judge_reference not in JUDGE_REFERENCES:
         raise ValueError(f"judge_reference must be one of {JUDGE_REFERENCES}, got {judge_reference!r}")
-    sequences = [prompt_ids + r for r in responses]
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    rows = [(prompt, prompt + r) for prompt, responses in items for r in responses]
+    width = max(len(seq) for _, seq in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, -100)
-    for row, seq in enumerate(sequences):
+    for row, (prompt, seq) in enumerate(rows):
         input_ids[row, : len(seq)] = torch.tensor(seq)
         attention_mask[row, : len(seq)] = 1
-        labels[row, len(prompt_ids) : len(seq)] = torch.tensor(seq[len(prompt_ids) :])
+        labels[row, len(prompt) : len(seq)] = torch.tensor(seq[len(prompt) :])
     device = next(model.parameters()).device
     use_init = judge_reference == "init"
     out = sequence_token_logprobs(
@@ -61,7 +63,12 @@ def score_responses(
         ref = policy
     else:
         ref = [0.0] * len(policy)
-    return policy, ref
+    scores, start = [], 0
+    for _, responses in items:
+        stop = start + len(responses)
+        scores.append((policy[start:stop], ref[start:stop]))
+        start = stop
+    return scores
 
 
 def judge_generations(
@@ -73,42 +80,24 @@ def judge_generations(
     beta: float = 0.1,
     judge_reference: str = "init",
     base_model=None,
+    batch_prompts: int = 16,
     log=print,
 ) -> list[dict]:
     """Turn generations into preference pairs; write them (TRL format plus scores) atomically."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    pairs, dropped = [], 0
-    for record in generations:
-        responses = record["responses"]
-        if len(responses) < 2:
-            dropped += 1
-            continue
-        policy, ref = score_responses(
-            model, record["prompt_ids"], responses, pad_id, judge_reference=judge_reference, base_model=base_model
-        )
-        rewards = [beta * (p - r) for p, r in zip(policy, ref, strict=True)]
-        best = max(range(len(rewards)), key=lambda k: (rewards[k], -k))  # ties: the first response
-        worst = min((k for k in range(len(rewards)) if k != best), key=lambda k: (rewards[k], k))
-        margin = rewards[best] - rewards[worst]
-        pairs.append(
-            {
-                "prompt": record["prompt"],
-                "chosen": [{"role": "assistant", "content": record["texts"][best]}],
-                "rejected": [{"role": "assistant", "content": record["texts"][worst]}],
-                "prompt_ids": record["prompt_ids"],
-                "chosen_ids": responses[best],
-                "rejected_ids": responses[worst],
-                "chosen_score": rewards[best],
-                "rejected_score": rewards[worst],
-                "confidence": 1.0 / (1.0 + math.exp(-margin)),
-                "chosen_logp_policy": policy[best],
-                "rejected_logp_policy": policy[worst],
-                "index": record["index"],
-                "location": record["location"],
-            }
-        )
+    pairs = []
+    usable = [r for r in generations if len(r["responses"]) >= 2]
+    dropped = len(generations) - len(usable)
+    for start in range(0, len(usable), batch_prompts):
+        batch = usable[start : start + batch_prompts]
+        scores = score_responses(
+            model, [(r["prompt_ids"], r["responses"]) for r in batch], pad_id,
+            judge_reference=judge_reference, base_model=base_model,
+        )  # fmt: skip
+        for record, (policy, ref) in zip(batch, scores, strict=True):
+            pairs.append(_pair_of(record, policy, ref, beta))
     model.train(was_training)
     write_jsonl_atomic(out_path, pairs)
     log(
@@ -116,6 +105,28 @@ def judge_generations(
         + (f", {dropped} prompts with < 2 responses dropped" if dropped else "")
     )
     return pairs
+
+
+def _pair_of(record: dict, policy: list[float], ref: list[float], beta: float) -> dict:
+    rewards = [beta * (p - r) for p, r in zip(policy, ref, strict=True)]
+    best = max(range(len(rewards)), key=lambda k: (rewards[k], -k))  # ties: the first response
+    worst = min((k for k in range(len(rewards)) if k != best), key=lambda k: (rewards[k], k))
+    margin = rewards[best] - rewards[worst]
+    return {
+        "prompt": record["prompt"],
+        "chosen": [{"role": "assistant", "content": record["texts"][best]}],
+        "rejected": [{"role": "assistant", "content": record["texts"][worst]}],
+        "prompt_ids": record["prompt_ids"],
+        "chosen_ids": record["responses"][best],
+        "rejected_ids": record["responses"][worst],
+        "chosen_score": rewards[best],
+        "rejected_score": rewards[worst],
+        "confidence": 1.0 / (1.0 + math.exp(-margin)),
+        "chosen_logp_policy": policy[best],
+        "rejected_logp_policy": policy[worst],
+        "index": record["index"],
+        "location": record["location"],
+    }
 
 
 def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:

@@ -137,19 +137,26 @@ def acting_as(model, role: str):
     if role == "policy":
         model.set_adapter(POLICY_ADAPTER)
         yield model
-    elif role == "reference" and REFERENCE_ADAPTER in model.peft_config:
-        model.set_adapter(REFERENCE_ADAPTER)
-        try:
-            yield model
-        finally:
-            model.set_adapter(POLICY_ADAPTER)
-            # set_adapter marks the active adapter trainable; the reference must stay frozen
-            for name, p in model.named_parameters():
-                if f".{REFERENCE_ADAPTER}." in name:
-                    p.requires_grad_(False)
-    else:
-        with model.disable_adapter():
-            yield model
+        return
+    # The reference models are fixed functions: no dropout, whatever mode training left on.
+    was_training = model.training
+    model.eval()
+    try:
+        if role == "reference" and REFERENCE_ADAPTER in model.peft_config:
+            model.set_adapter(REFERENCE_ADAPTER)
+            try:
+                yield model
+            finally:
+                model.set_adapter(POLICY_ADAPTER)
+                # set_adapter marks the active adapter trainable; the reference must stay frozen
+                for name, p in model.named_parameters():
+                    if f".{REFERENCE_ADAPTER}." in name:
+                        p.requires_grad_(False)
+        else:
+            with model.disable_adapter():
+                yield model
+    finally:
+        model.train(was_training)
 
 
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ it and every stage after it.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -69,7 +70,10 @@ def stage_fingerprints(config: RunConfig) -> dict[str, str]:
 
 def write_json_atomic(path: Path, value) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(json.dumps(value, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -86,6 +90,33 @@ def check_config(config: RunConfig) -> None:
     if not config.data.seed_pairs and not config.model.judge_base and config.spa.judge_reference == "init":
         raise ConfigError(
             "no-seed mode (data.seed_pairs is null) judges against a base model: set model.judge_base to its folder"
+        )
+    from .judge import JUDGE_REFERENCES
+    from .loss import LOSS_TYPES
+    from .train import OPTIMIZERS
+
+    t = config.train
+    if config.spa.judge_reference not in JUDGE_REFERENCES:
+        raise ConfigError(f"spa.judge_reference must be one of {JUDGE_REFERENCES}, got {config.spa.judge_reference!r}")
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
+    if t.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"train.optimizer={t.optimizer!r} needs bitsandbytes: pip install bitsandbytes, or use adamw")
+    if t.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"train.loss_type must be one of {LOSS_TYPES}, got {t.loss_type!r}")
+    if config.spa.refine and t.loss_type in ("ipo", "hinge"):
+        raise ConfigError(
+            f"self-refinement smooths labels, which train.loss_type={t.loss_type!r} has not: use sigmoid or robust, or spa.refine=false"
+        )
+    if t.micro_batch_size < 1 or t.batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be a positive multiple of train.micro_batch_size ({t.micro_batch_size})"
+        )
+    d = config.data
+    if d.max_prompt_length + config.generation.max_new_tokens > d.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length ({d.max_prompt_length}) + generation.max_new_tokens "
+            f"({config.generation.max_new_tokens}) exceeds data.max_length ({d.max_length})"
         )
     if config.generation.backend != "hf":
         raise ConfigError(f"generation.backend {config.generation.backend!r} is not available; use 'hf'")
@@ -111,7 +142,7 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
     redo_rest = False
     for stage in stages:
         stage_dir = run_dir / stage
-        done_path = stage_dir / "done.json"
+        done_path, started_path = stage_dir / "done.json", stage_dir / "started.json"
         if done_path.exists() and not redo_rest:
             done = json.loads(done_path.read_text())
             if done["fingerprint"] == prints[stage]:
@@ -119,16 +150,18 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
                 summary["stages"][stage] = done
                 previous_model = stage_dir / "model"
                 continue
-            if not force:
+        # A started (or finished) stage may only be continued with the configuration it began with.
+        recorded = json.loads(started_path.read_text())["fingerprint"] if started_path.exists() else None
+        if redo_rest or (recorded is not None and recorded != prints[stage]):
+            if not force and not redo_rest:
                 raise ConfigError(
-                    f"{stage} finished with another configuration ({done_path}); rerun with --force to redo it "
-                    "and every stage after it, or use a new run_dir"
+                    f"{stage} was started with another configuration ({started_path}); rerun with --force to redo "
+                    "it and every stage after it, or use a new run_dir"
                 )
-        if done_path.exists() or redo_rest:
-            if force:
-                shutil.rmtree(stage_dir)
-                redo_rest = True
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            redo_rest = True
         stage_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(started_path, {"fingerprint": prints[stage]})
         started = time.time()
         # Each stage starts from a known RNG state (LoRA's initialisation draws from it), so a
         # stage gives the same result whatever ran before it in this process.
@@ -189,6 +222,7 @@ def step_generate(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, 
     settings = GenerationSettings(
         temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, max_new_tokens=gen.max_new_tokens,
         responses_per_prompt=gen.responses_per_prompt, batch_size=gen.batch_size, seed=config.seed * 1000 + i,
+        max_prompt_length=config.data.max_prompt_length,
     )  # fmt: skip
     generations = generate_responses(model, tokenizer, prompts, settings, stage_dir / "generations.jsonl", log=log)
     return generations, report

@@ -154,6 +154,9 @@ def train_stage(
     total_steps = steps_per_epoch * settings.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, settings.warmup_ratio))
     threshold = NoiseThreshold(window=settings.tau_window, percentile=settings.noise_percentile)
+    torch.manual_seed(settings.seed * 7919 + 1)  # a fresh start does not depend on what ran before
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     first_step = restore_checkpoint(out_dir, model, names, optimizer, scheduler, threshold, settings)
     if first_step:
         log(f"train: resuming at step {first_step}/{total_steps}")
@@ -200,12 +203,24 @@ def train_stage(
                     extrapolated_logps=logps.extrapolated,
                     beta=settings.beta,
                 )
+                if not torch.isfinite(probe.noise_margin).all():
+                    bad = [
+                        p.location
+                        for p, m in zip(micro, probe.noise_margin.tolist(), strict=True)
+                        if not math.isfinite(m)
+                    ]
+                    raise FloatingPointError(f"step {step + 1}: non-finite noise margin for pairs {bad}")
                 threshold.update(probe.noise_margin)
                 tau = threshold.tau
             result = spa_loss(
                 logps.policy, ref_tokens, mask=mask, extrapolated_logps=logps.extrapolated, beta=settings.beta,
                 alpha=alpha_t if tau is not None else 0.0, tau=tau, loss_type=settings.loss_type,
             )  # fmt: skip
+            if not torch.isfinite(result.loss):
+                raise FloatingPointError(
+                    f"step {step + 1}: the loss is {result.loss.item()} for pairs {[p.location for p in micro]}; "
+                    f"policy log-probs finite: {bool(torch.isfinite(logps.policy).all())}"
+                )
             (result.loss * (len(micro) / len(step_pairs))).backward()
             if settings.refine:
                 flag_records.extend(
@@ -286,7 +301,7 @@ def save_checkpoint(out_dir: Path, step: int, model, names, optimizer, scheduler
     pointer = out_dir / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, out_dir / "latest")
-    for old in out_dir.glob("checkpoint-*"):
+    for old in [*out_dir.glob("checkpoint-*"), *out_dir.glob(".checkpoint-*.tmp")]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final

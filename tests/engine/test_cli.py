@@ -8,7 +8,7 @@ import pytest
 from selfee_fast.cli import main
 
 
-@pytest.mark.parametrize("command", ["run", "generate", "judge", "train", "bench", "demo"])
+@pytest.mark.parametrize("command", ["run", "generate", "judge", "train", "bench", "demo", "kernel-demo"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -131,8 +131,18 @@ def test_rerun_skips_finished_stages_and_refuses_changed_config(finished_run, wo
         "iter2: finished earlier, skipped",
     ]
     assert (run_dir / "iter2" / "done.json").stat().st_mtime_ns == stamp
-    with pytest.raises(ConfigError, match="finished with another configuration"):
+    with pytest.raises(ConfigError, match="started with another configuration"):
         run_pipeline(load_config(write_config(workspace, "run", train__lr=0.02)), log=lambda *_: None)
+    # An unfinished stage is held to the configuration it started with, too.
+    done = run_dir / "iter1" / "done.json"
+    saved = done.read_text()
+    done.unlink()
+    try:
+        with pytest.raises(ConfigError, match=r"iter1 was started with another configuration"):
+            changed = write_config(workspace, "run", generation__temperature=1.5)
+            run_pipeline(load_config(changed), log=lambda *_: None)
+    finally:
+        done.write_text(saved)
 
 
 def test_unknown_config_key_suggests_the_nearest(workspace):

@@ -1,0 +1,59 @@
+"""Direct preference judgment: batched implicit rewards, tie-breaking, the reference choice."""
+
+import math
+
+import pytest
+import torch
+
+from selfee_fast import models
+from selfee_fast.judge import _pair_of, score_responses
+from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+
+pytestmark = pytest.mark.usefixtures("chunked_backend")
+
+
+@pytest.fixture(scope="module")
+def lora_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("judge-model")
+    tokenizer = build_tokenizer(["the cat sat on the mat", "a dog ran"] * 20, path, vocab_size=120)
+    build_tiny_llama(path, tokenizer, hidden_size=32, layers=2)
+    model, tokenizer = models.load_model(path, lora=models.LoraSettings(r=4, alpha=8), gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # pi_{i-1} != pi_init
+    model.eval()
+    return model, tokenizer
+
+
+def test_batched_scores_equal_one_prompt_at_a_time(lora_model):
+    model, tokenizer = lora_model
+    items = [([5, 6, 7], [[8, 9, 2], [10, 2]]), ([5, 11], [[12, 13, 14, 2], [2], [9, 9, 2]])]
+    together = score_responses(model, items, tokenizer.pad_token_id)
+    for item, (policy, ref) in zip(items, together, strict=True):
+        alone_policy, alone_ref = score_responses(model, [item], tokenizer.pad_token_id)[0]
+        assert len(policy) == len(item[1])
+        torch.testing.assert_close(torch.tensor(policy), torch.tensor(alone_policy), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(ref), torch.tensor(alone_ref), rtol=1e-5, atol=1e-5)
+        assert all(p != r for p, r in zip(policy, ref, strict=True)), "pi_{i-1} and pi_init must differ here"
+
+
+def test_reference_choices(lora_model):
+    model, tokenizer = lora_model
+    items = [([5, 6], [[8, 2], [9, 10, 2]])]
+    ((policy, ref_previous),) = score_responses(model, items, tokenizer.pad_token_id, judge_reference="previous")
+    assert ref_previous == policy
+    ((_, ref_none),) = score_responses(model, items, tokenizer.pad_token_id, judge_reference="none")
+    assert ref_none == [0.0, 0.0]
+    with pytest.raises(ValueError, match="judge_reference must be one of"):
+        score_responses(model, items, tokenizer.pad_token_id, judge_reference="base")
+
+
+def test_pair_choice_and_ties():
+    record = {"prompt": [], "prompt_ids": [1], "responses": [[2], [3], [4]], "texts": ["a", "b", "c"],
+              "index": 0, "location": "x:1"}  # fmt: skip
+    pair = _pair_of(record, policy=[-1.0, -3.0, -2.0], ref=[0.0, 0.0, 0.0], beta=0.1)
+    assert (pair["chosen_ids"], pair["rejected_ids"]) == ([2], [3])
+    assert pair["confidence"] == pytest.approx(1 / (1 + math.exp(-0.2)))
+    tie = _pair_of(record, policy=[-1.0, -1.0, -1.0], ref=[0.0, 0.0, 0.0], beta=0.1)
+    assert (tie["chosen_ids"], tie["rejected_ids"]) == ([2], [3]) and tie["confidence"] == 0.5
