@@ -11,6 +11,7 @@ CORPUS = ["the cat sat on the mat", "add 2 and 3 to get 5", "hello world", "a li
 
 pytestmark = pytest.mark.usefixtures("chunked_backend")
 
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")

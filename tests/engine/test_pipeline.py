@@ -27,6 +27,7 @@ def sentence(rng, n):
 
 pytestmark = pytest.mark.usefixtures("chunked_backend")
 
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("spa")
