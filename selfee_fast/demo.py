@@ -43,14 +43,15 @@ class DemoScale:
     hidden_size: int = 64
     layers: int = 2
     sft_steps: int = 500
-    sft_batch: int = 32
+    sft_batch: int = 64
     sft_lr: float = 3e-3
-    pool: int = 960  # gold-labelled prompt pool; the seed is seed_fraction of it
+    pool: int = 3000  # gold-labelled prompt pool; the seed is seed_fraction of it
     seed_fraction: float = 0.033
-    iteration_prompts: tuple[int, ...] = (256, 256)
+    iteration_prompts: tuple[int, ...] = (512, 512)
     eval_prompts: int = 200
     max_new_tokens: int = 12
-    lr: float = 2e-3
+    lr: float = 5e-4
+    beta: float = 0.1
     batch_size: int = 16
     micro_batch_size: int = 16
     seed_epochs: int = 3
@@ -146,6 +147,7 @@ def demo_config(out: Path, pi_init: Path, seed_path: Path, pools: list[str], sca
         generation=GenerationConfig(max_new_tokens=scale.max_new_tokens, batch_size=64),
         train=TrainConfig(
             lr=scale.lr,
+            beta=scale.beta,
             batch_size=scale.batch_size,
             micro_batch_size=scale.micro_batch_size,
             seed_epochs=scale.seed_epochs,
