@@ -91,3 +91,33 @@ def test_role_without_adapters_is_refused(model_dir):
     input_ids, attention_mask, labels = batch(tokenizer)
     with pytest.raises(ValueError, match="can only act as the policy"):
         models.sequence_token_logprobs(model, input_ids, attention_mask, labels, reference="init")
+
+
+FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),  # its LM head has a bias
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_families_match_transformers(family, tmp_path):
+    import transformers
+
+    config_name, model_name, extra = FAMILIES[family]
+    tokenizer = build_tokenizer(CORPUS, tmp_path, vocab_size=160)
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    getattr(transformers, model_name)(config).save_pretrained(tmp_path)
+    model, tokenizer = models.load_model(tmp_path, lora=models.LoraSettings(r=4, alpha=8), gradient_checkpointing=False)
+    input_ids, attention_mask, labels = batch(tokenizer)
+    out = models.sequence_token_logprobs(model, input_ids, attention_mask, labels, reference="init")
+    with torch.no_grad(), model.disable_adapter():
+        want = hf_logprobs(model, input_ids, attention_mask, labels)
+    torch.testing.assert_close(out.reference[:, :-1].double(), want, rtol=1e-5, atol=1e-5)
+    out.policy.sum().backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
