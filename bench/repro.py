@@ -38,8 +38,8 @@ task.prompts(eval_prompts, seed=s+2), scored by demo.evaluate.
 
 Usage
 -----
-    python bench/repro.py --quick --arms sft,dpo_seed,spa_dnd   # logic check, 1 seed, minutes
-    python bench/repro.py                                       # everything, 3 seeds (hours on 2 CPU cores)
+    python bench/repro.py --quick --arms sft,dpo_seed,spa_dnd   # logic check, 1 seed, ~30 s
+    python bench/repro.py                                       # everything, 3 seeds: ~8-10 min on 2 shared cores
     python bench/repro.py --arms main --seeds 5
     python bench/repro.py --arms sweep,judge
 
@@ -90,9 +90,10 @@ SWEEP_FRACTIONS = (0.008, 0.017, 0.033, 0.10)
 MIN_SEED_PAIRS = 4
 CACHE_VERSION = 1  # bump when what arm.json holds changes
 
-# Rough minutes per seed on a shared 2-core CPU with --threads 1, measured with this script with some
-# margin (default scale, seed 0: data 41 s — π_init SFT 500 steps plus gold seeds —, sft 0.4 s, dpo_seed
-# 4 s, dpo_all_gold 5 s, spa_dnd 7 s; quick: data 14 s, arms 1-3 s). Two busy OpenMP threads: ~10-50x more.
+# Rough minutes per seed on a shared 2-core CPU with --threads 1, measured with this script, with some
+# margin (default scale of pool 3000, iterations 512+512, seed 0, all 14 arms in 2.6 min: data 39 s — π_init
+# SFT plus gold seeds —, sft 0.4 s, DPO arms 1-10 s, SPA arms 10-13 s; quick: data 14 s, arms 1-3 s).
+# With two OpenMP threads on the busy machine the tiny model's matmuls ran ~50x slower.
 MINUTES = {
     "quick": {"pi_init": 0.3, "sft": 0.02, "dpo": 0.05, "spa": 0.07},
     "default": {"pi_init": 0.8, "sft": 0.02, "dpo": 0.12, "spa": 0.2},
@@ -617,7 +618,12 @@ def markdown(report: dict, arms: dict[str, Arm]) -> str:
         any_run = next(iter(runs.values()), {})
         gold_prompts = any_run.get("gold_prompts")
         budget = any_run.get("prompt_budget")
-        gold_cell = "–" if gold_prompts is None else f"{gold_prompts} ({100 * gold_prompts / budget:.0f}% of budget)"
+        pool = info["scale"]["pool"]
+        gold_cell = (
+            "–"
+            if gold_prompts is None
+            else f"{gold_prompts} ({pct(gold_prompts / pool)}% of pool, {100 * gold_prompts / budget:.0f}% of prompts used)"
+        )
         return (
             "| "
             + " | ".join(
