@@ -118,8 +118,14 @@ def make_seed_pairs(task, pi_init: Path, prompts: list[str], out: Path, scale: D
         {"prompt": g["prompt"][-1]["content"], "response_a": g["texts"][0], "response_b": g["texts"][1]}
         for g in generations
     ]
-    pairs, report = gold_label_pairs(task, records)
-    log(f"demo: gold seed from {len(prompts)} prompts: {report.summary()}")
+    # An empty answer is not a usable preference (the data loader refuses it): count, then drop.
+    usable = [r for r in records if r["response_a"].strip() and r["response_b"].strip()]
+    pairs, report = gold_label_pairs(task, usable)
+    empty = len(records) - len(usable)
+    log(
+        f"demo: gold seed from {len(prompts)} prompts: {report.summary()}"
+        + (f", {empty} with an empty answer dropped" if empty else "")
+    )
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     tmp.replace(path)
@@ -293,6 +299,22 @@ def run_demo(
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # Everything under `out` is reused on a rerun, so it must have been made with these settings.
+    settings = {"task": task_spec, "seed": seed, "scale": asdict(scale)}
+    settings_path = out / "demo_settings.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        raise ValueError(f"{out} holds a demo made with other settings ({settings_path}); use another --out")
+    write_json_atomic(settings_path, settings)
+    # Tiny matrices: thread hand-offs cost more than they save (and one thread sums in one order).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(out, task_spec, scale, seed, log, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, task_spec: str, scale: DemoScale, seed: int, log, started: float) -> dict:
     task = load_task(task_spec)
     pi_init = build_pi_init(task, out, scale, seed, log)
 

@@ -65,3 +65,9 @@ def test_rerun_resumes_without_redoing_work(demo):
     again = run_demo(out, scale=TINY, log=lambda *_: None)
     assert (out / "pi_init" / "sft.json").stat().st_mtime_ns == stamp
     assert again["rows"] == result["rows"]
+
+
+def test_other_settings_in_the_same_folder_are_refused(demo):
+    out, _ = demo
+    with pytest.raises(ValueError, match="holds a demo made with other settings"):
+        run_demo(out, scale=TINY.__class__(**{**TINY.__dict__, "lr": 1e-5}), log=lambda *_: None)
