@@ -178,10 +178,9 @@ def stage_step(args: argparse.Namespace) -> int:
 
 
 def _save_stage_model(model, tokenizer, stage_dir: Path) -> int:
-    from .models import POLICY_ADAPTER
+    from .pipeline import save_policy
 
-    model.save_pretrained(stage_dir / "model", selected_adapters=[POLICY_ADAPTER])
-    tokenizer.save_pretrained(stage_dir / "model")
+    save_policy(model, tokenizer, stage_dir / "model")
     print(f"saved {stage_dir / 'model'} (done.json is written by `selfee-fast run` only)")
     return 0
 

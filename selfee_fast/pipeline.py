@@ -80,8 +80,8 @@ def write_json_atomic(path: Path, value) -> None:
 def check_config(config: RunConfig) -> None:
     if not config.model.path:
         raise ConfigError("model.path is required: the local folder of the SFT model (pi_init)")
-    if config.model.lora_r <= 0:
-        raise ConfigError("model.lora_r must be > 0: full fine-tuning is not implemented in the pipeline yet")
+    if config.model.lora_r < 0:
+        raise ConfigError(f"model.lora_r must be >= 0 (0: full fine-tuning), got {config.model.lora_r}")
     if len(config.data.prompt_pools) < config.spa.iterations:
         raise ConfigError(
             f"spa.iterations is {config.spa.iterations} but data.prompt_pools lists {len(config.data.prompt_pools)} "
@@ -129,14 +129,8 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    device, dtype = resolve_device(config)
     prints = stage_fingerprints(config)
     stages = list(prints)
-    lora = models.LoraSettings(
-        r=config.model.lora_r, alpha=config.model.lora_alpha, dropout=config.model.lora_dropout,
-        target_modules=config.model.lora_target_modules,
-    )  # fmt: skip
-
     summary = {"stages": {}}
     previous_model: Path | None = None
     redo_rest = False
@@ -166,17 +160,13 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
         # Each stage starts from a known RNG state (LoRA's initialisation draws from it), so a
         # stage gives the same result whatever ran before it in this process.
         torch.manual_seed(config.seed * 1000 + stages.index(stage))
-        model, tokenizer = models.load_model(
-            config.model.path, dtype=dtype, device=device, lora=lora, adapter_path=previous_model,
-            gradient_checkpointing=config.model.gradient_checkpointing,
-        )  # fmt: skip
+        model, tokenizer = load_policy(config, previous_model, log)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if stage == "stage0":
             result = run_seed_stage(config, model, tokenizer, stage_dir, pad_id, log)
         else:
             result = run_iteration(config, int(stage[4:]), model, tokenizer, stage_dir, pad_id, log)
-        model.save_pretrained(stage_dir / "model", selected_adapters=[models.POLICY_ADAPTER])
-        tokenizer.save_pretrained(stage_dir / "model")
+        save_policy(model, tokenizer, stage_dir / "model")
         done = {"fingerprint": prints[stage], "seconds": time.time() - started, **result}
         write_json_atomic(done_path, done)
         summary["stages"][stage] = done
@@ -184,6 +174,71 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
         del model
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def full_finetuning(config: RunConfig) -> bool:
+    return config.model.lora_r == 0
+
+
+def load_policy(config: RunConfig, previous_model: Path | None, log=print):
+    """pi_{i-1} as the trainable policy: base + previous adapter (LoRA), or the previous full model."""
+    device, dtype = resolve_device(config)
+    if full_finetuning(config):
+        model, tokenizer = models.load_model(
+            previous_model or config.model.path, dtype=dtype, device=device,
+            gradient_checkpointing=config.model.gradient_checkpointing,
+        )  # fmt: skip
+        log(full_finetuning_memory(model, config))
+        return model, tokenizer
+    lora = models.LoraSettings(
+        r=config.model.lora_r, alpha=config.model.lora_alpha, dropout=config.model.lora_dropout,
+        target_modules=config.model.lora_target_modules,
+    )  # fmt: skip
+    return models.load_model(
+        config.model.path, dtype=dtype, device=device, lora=lora, adapter_path=previous_model,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+    )  # fmt: skip
+
+
+def full_finetuning_memory(model, config: RunConfig) -> str:
+    """What full fine-tuning holds, said up front: it is several times a LoRA run."""
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = next(model.parameters()).element_size()
+    optimizer_bytes = 8 if config.train.optimizer == "adamw" else 2  # fp32 Adam moments vs 8-bit
+    gib = 2**30
+    policy = params * (2 * weight_bytes + optimizer_bytes) / gib  # weights + gradients + optimizer state
+    frozen = params * weight_bytes / gib  # one frozen copy: pi_init, or pi_{i-1} for DND
+    return (
+        f"full fine-tuning of {params / 1e6:.1f}M parameters: policy {policy:.2f} GiB (weights, gradients, "
+        f"{config.train.optimizer} state) + {frozen:.2f} GiB per frozen copy (pi_init; pi_{{i-1}} too with DND), "
+        "before activations; LoRA (model.lora_r > 0) keeps one copy of the weights instead"
+    )
+
+
+def frozen_copy(model):
+    import copy
+
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def load_init_model(config: RunConfig):
+    """pi_init as its own frozen model (full fine-tuning, or no-seed mode's judge_base)."""
+    device, dtype = resolve_device(config)
+    model, _ = models.load_model(
+        config.model.judge_base or config.model.path, dtype=dtype, device=device, gradient_checkpointing=False
+    )
+    return model.requires_grad_(False).eval()
+
+
+def save_policy(model, tokenizer, path: Path) -> None:
+    """The stage's model in standard form: a peft adapter, or the full model in safetensors."""
+    if models.is_peft(model):
+        model.save_pretrained(path, selected_adapters=[models.POLICY_ADAPTER])
+    else:
+        model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
 
 
 def run_seed_stage(config: RunConfig, model, tokenizer, stage_dir: Path, pad_id: int, log) -> dict:
@@ -196,7 +251,13 @@ def run_seed_stage(config: RunConfig, model, tokenizer, stage_dir: Path, pad_id:
     log(f"stage0: seed pairs from {config.data.seed_pairs}: {report.summary()}")
     pairs = [TrainPair(p.location, p.prompt, p.chosen, p.rejected) for p in tokenized]
     settings = train_settings(config, epochs=config.train.seed_epochs, refine=False, extrapolate=None)
-    train_stage(model, pairs, settings, stage_dir / "train", pad_id=pad_id, reference="init", log=log)
+    if full_finetuning(config):
+        reference_model = load_init_model(config)
+        train_stage(model, pairs, settings, stage_dir / "train", pad_id=pad_id, reference=None,
+                    reference_model=reference_model, log=log)  # fmt: skip
+        del reference_model
+    else:
+        train_stage(model, pairs, settings, stage_dir / "train", pad_id=pad_id, reference="init", log=log)
     return {"pairs": len(pairs), "data": report.summary(), "last_metrics": last_metrics(stage_dir / "train")}
 
 
@@ -237,13 +298,9 @@ def step_judge(
         judged = [json.loads(line) for line in pairs_path.read_text().splitlines() if line.strip()]
         log(f"iter{i}: {len(judged)} judged pairs found, judgment skipped")
         return judged
-    base_model = None
-    if config.model.judge_base:
-        device, dtype = resolve_device(config)
-        base_model, _ = models.load_model(
-            config.model.judge_base, dtype=dtype, device=device, gradient_checkpointing=False
-        )
-        base_model.requires_grad_(False)
+    # pi_init is the shared model with adapters off, unless it must be a model of its own.
+    needs_own = config.model.judge_base or (full_finetuning(config) and config.spa.judge_reference == "init")
+    base_model = load_init_model(config) if needs_own else None
     return judge_generations(
         model, tokenizer, generations, pairs_path, beta=config.train.beta,
         judge_reference=config.spa.judge_reference, base_model=base_model, log=log,
@@ -259,37 +316,38 @@ def step_train_iteration(config: RunConfig, i: int, model, judged: list[dict], s
         pair = TrainPair(p["location"], p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
         pair.ref_chosen, pair.ref_rejected = p["chosen_logp_policy"], p["rejected_logp_policy"]
         pairs.append(pair)
-    if lam is not None:
-        models.freeze_reference_adapter(model)  # DND needs pi_{i-1}'s per-token logits
     settings = train_settings(config, epochs=config.train.iteration_epochs, refine=config.spa.refine, extrapolate=lam)
     # Without DND the judge's log pi_{i-1} values are the reference: no reference forward at all.
-    reference = "reference" if lam is not None else None
-    train_stage(model, pairs, settings, stage_dir / "train", pad_id=pad_id, reference=reference, log=log)
-    if models.REFERENCE_ADAPTER in model.peft_config:
+    # DND needs pi_{i-1}'s per-token logits: a frozen adapter copy, or a frozen model copy.
+    reference, reference_model = None, None
+    if lam is not None and full_finetuning(config):
+        reference_model = frozen_copy(model)  # taken before a checkpoint restore: still pi_{i-1}
+    elif lam is not None:
+        models.freeze_reference_adapter(model)
+        reference = "reference"
+    train_stage(model, pairs, settings, stage_dir / "train", pad_id=pad_id, reference=reference,
+                reference_model=reference_model, log=log)  # fmt: skip
+    if models.is_peft(model) and models.REFERENCE_ADAPTER in model.peft_config:
         model.delete_adapter(models.REFERENCE_ADAPTER)
     return lam
 
 
 def load_stage_model(config: RunConfig, stage: str):
-    """(model, tokenizer) as stage `stage` starts: pi_init plus the previous stage's adapter."""
+    """(model, tokenizer) as stage `stage` starts: pi_init plus the previous stage's adapter (or model)."""
     check_config(config)
     stages = list(stage_fingerprints(config))
     if stage not in stages:
         raise ConfigError(f"unknown stage {stage!r}; this config has {', '.join(stages)}")
     index = stages.index(stage)
     previous = Path(config.run_dir) / stages[index - 1] / "model" if index > 0 else None
-    if previous is not None and not (previous / "adapter_config.json").exists():
+    if (
+        previous is not None
+        and not (previous / "config.json").exists()
+        and not (previous / "adapter_config.json").exists()
+    ):
         raise ConfigError(f"{stage} starts from {previous}, which does not exist yet: run {stages[index - 1]} first")
-    device, dtype = resolve_device(config)
-    lora = models.LoraSettings(
-        r=config.model.lora_r, alpha=config.model.lora_alpha, dropout=config.model.lora_dropout,
-        target_modules=config.model.lora_target_modules,
-    )  # fmt: skip
     torch.manual_seed(config.seed * 1000 + index)
-    return models.load_model(
-        config.model.path, dtype=dtype, device=device, lora=lora, adapter_path=previous,
-        gradient_checkpointing=config.model.gradient_checkpointing,
-    )  # fmt: skip
+    return load_policy(config, previous)
 
 
 def train_settings(config: RunConfig, *, epochs: int, refine: bool, extrapolate: float | None) -> TrainSettings:

@@ -123,13 +123,15 @@ def train_stage(
     *,
     pad_id: int,
     reference: str | None,
+    reference_model=None,
     log=print,
 ) -> dict:
     """Train the model's trainable parameters on `pairs`; resume from `out_dir` if it holds a checkpoint.
 
     `reference`: the role the DPO reference plays on the shared model ("reference" = the
-    frozen previous adapter, "init" = adapters disabled), or None to use the pairs'
-    precomputed reference log-probs (only without extrapolation).
+    frozen previous adapter, "init" = adapters disabled); or a separate frozen
+    `reference_model` (full fine-tuning); or neither, to use the pairs' precomputed
+    reference log-probs (only without extrapolation).
     """
     if settings.batch_size % settings.micro_batch_size:
         raise ValueError(
@@ -138,7 +140,11 @@ def train_stage(
     if not pairs:
         raise ValueError("no pairs to train on")
     extrapolate = settings.extrapolate if settings.refine else None
-    if reference is None and (extrapolate is not None or any(p.ref_chosen is None for p in pairs)):
+    if (
+        reference is None
+        and reference_model is None
+        and (extrapolate is not None or any(p.ref_chosen is None for p in pairs))
+    ):
         raise ValueError(
             "without a reference model, every pair needs precomputed reference log-probs and no extrapolation"
         )
@@ -184,10 +190,10 @@ def train_stage(
             micro = step_pairs[start : start + settings.micro_batch_size]
             batch = {k: v.to(device) for k, v in collate_pairs(micro, pad_id).items()}
             tokens += int(batch["attention_mask"].sum())
-            use_ref_model = reference is not None
+            use_ref_model = reference is not None or reference_model is not None
             logps = sequence_token_logprobs(
                 model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                reference=reference if use_ref_model else None, extrapolate=extrapolate,
+                reference=reference, reference_model=reference_model, extrapolate=extrapolate,
             )  # fmt: skip
             mask = response_mask(batch["labels"])
             ref_tokens = logps.reference

@@ -194,3 +194,21 @@ def test_killed_run_resumes_to_the_same_result(finished_run, workspace):
         for a, b in zip(resumed, uninterrupted, strict=True):
             assert (a["chosen_ids"], a["rejected_ids"]) == (b["chosen_ids"], b["rejected_ids"])
             assert a["chosen_score"] == pytest.approx(b["chosen_score"], abs=1e-6)
+
+
+def test_full_finetuning_mode(workspace):
+    """lora_r = 0: the policy trains every weight; pi_init and pi_{i-1} are frozen copies."""
+    from transformers import AutoModelForCausalLM
+
+    messages = []
+    config = load_config(write_config(workspace, "full", model__lora_r=0, train__seed_epochs=1), ["spa.iterations=1"])
+    run_pipeline(config, log=messages.append)
+    assert any(m.startswith("full fine-tuning of") and "GiB" in m for m in messages), "memory is stated up front"
+    run_dir = workspace / "full"
+    assert len(read_jsonl(run_dir / "iter1" / "pairs.jsonl")) == 8
+    assert all(math.isfinite(r["loss"]) for r in read_jsonl(run_dir / "iter1" / "train" / "metrics.jsonl"))
+    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    tuned = AutoModelForCausalLM.from_pretrained(run_dir / "iter1" / "model")  # a whole model, no adapter
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, tuned(ids).logits)
