@@ -83,28 +83,68 @@ def judge_generations(
     batch_prompts: int = 16,
     log=print,
 ) -> list[dict]:
-    """Turn generations into preference pairs; write them (TRL format plus scores) atomically."""
+    """Turn generations into preference pairs; write them (TRL format plus scores) atomically.
+
+    Judged batches are appended to `<out_path>.partial` as they finish, so a killed judge
+    resumes at its first unfinished batch; the batches are fixed by the input order, so a
+    resumed judgment scores every pair exactly as an uninterrupted one would.
+    """
+    out_path = Path(out_path)
+    partial_path = out_path.with_name(out_path.name + ".partial")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    pairs = []
     usable = [r for r in generations if len(r["responses"]) >= 2]
     dropped = len(generations) - len(usable)
-    for start in range(0, len(usable), batch_prompts):
-        batch = usable[start : start + batch_prompts]
-        scores = score_responses(
-            model, [(r["prompt_ids"], r["responses"]) for r in batch], pad_id,
-            judge_reference=judge_reference, base_model=base_model,
-        )  # fmt: skip
-        for record, (policy, ref) in zip(batch, scores, strict=True):
-            pairs.append(_pair_of(record, policy, ref, beta))
+    batches = [usable[i : i + batch_prompts] for i in range(0, len(usable), batch_prompts)]
+    finished = _finished_batches(partial_path, [len(b) for b in batches])
+    if finished:
+        log(f"judge: resuming, {len(finished)}/{len(batches)} batches already judged")
+    was_training = model.training
+    model.eval()
+    with partial_path.open("a", encoding="utf-8") as out:
+        for number, batch in enumerate(batches):
+            if number in finished:
+                continue
+            scores = score_responses(
+                model, [(r["prompt_ids"], r["responses"]) for r in batch], pad_id,
+                judge_reference=judge_reference, base_model=base_model,
+            )  # fmt: skip
+            lines = [
+                json.dumps({**_pair_of(record, policy, ref, beta), "batch": number})
+                for record, (policy, ref) in zip(batch, scores, strict=True)
+            ]
+            out.write("".join(line + "\n" for line in lines))
+            out.flush()
+            os.fsync(out.fileno())
     model.train(was_training)
+    judged = [json.loads(line) for line in partial_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    pairs = sorted(({k: v for k, v in p.items() if k != "batch"} for p in judged), key=lambda p: p["index"])
     write_jsonl_atomic(out_path, pairs)
+    partial_path.unlink()
     log(
         f"judge: {len(pairs)} pairs written to {out_path}"
         + (f", {dropped} prompts with < 2 responses dropped" if dropped else "")
     )
     return pairs
+
+
+def _finished_batches(path: Path, sizes: list[int]) -> set[int]:
+    """Batches whose every pair is in the partial file; rewrites the file without a torn or partial tail."""
+    if not path.exists():
+        return set()
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    counts: dict[int, int] = {}
+    for r in records:
+        counts[r["batch"]] = counts.get(r["batch"], 0) + 1
+    done = {b for b, n in counts.items() if b < len(sizes) and n == sizes[b]}
+    write_jsonl_atomic(path, [r for r in records if r["batch"] in done])
+    return done
 
 
 def _pair_of(record: dict, policy: list[float], ref: list[float], beta: float) -> dict:

@@ -1,5 +1,6 @@
 """Direct preference judgment: batched implicit rewards, tie-breaking, the reference choice."""
 
+import json
 import math
 
 import pytest
@@ -57,3 +58,25 @@ def test_pair_choice_and_ties():
     assert pair["confidence"] == pytest.approx(1 / (1 + math.exp(-0.2)))
     tie = _pair_of(record, policy=[-1.0, -1.0, -1.0], ref=[0.0, 0.0, 0.0], beta=0.1)
     assert (tie["chosen_ids"], tie["rejected_ids"]) == ([2], [3]) and tie["confidence"] == 0.5
+
+
+def test_judge_resumes_from_a_partial_file(lora_model, tmp_path):
+    from selfee_fast.judge import judge_generations
+
+    model, tokenizer = lora_model
+    generations = [
+        {"index": i, "location": f"p:{i}", "prompt": [{"role": "user", "content": "x"}], "prompt_ids": [5, 6 + i],
+         "responses": [[8, 9, 2], [10 + i, 2]], "texts": ["a", "b"]}
+        for i in range(7)
+    ]  # fmt: skip
+    whole = judge_generations(model, tokenizer, generations, tmp_path / "whole.jsonl", batch_prompts=3, log=print)
+    assert not (tmp_path / "whole.jsonl.partial").exists()
+    # A kill after the first batch, mid-way through writing the second: one complete batch and a torn line.
+    partial = tmp_path / "resumed.jsonl.partial"
+    lines = [json.dumps({**p, "batch": 0}) for p in whole[:3]] + [json.dumps({**whole[3], "batch": 1})[:25]]
+    partial.write_text("\n".join(lines))
+    messages = []
+    resumed = judge_generations(model, tokenizer, generations, tmp_path / "resumed.jsonl", batch_prompts=3,
+                                log=messages.append)  # fmt: skip
+    assert messages[0] == "judge: resuming, 1/3 batches already judged"
+    assert resumed == whole
