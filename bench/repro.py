@@ -17,8 +17,8 @@ main table (the paper's Table 1 and its ablation)
   spa_expansion   SPA, spa.refine=false (self-labelled data only)
   spa_refine      SPA, self-refinement without DND (spa.extrapolate=[])
   spa_dnd         SPA, self-refinement + DND, λ = [0.5, 0.25] (the default)
-  (iterative DPO with an external reward model trained on the seed: not implemented — the
-  project has no reward-model trainer; listed in the report as such)
+  dpo_iter_rm     iterative DPO judged by a small reward model fit to the seed (the paper's
+                  external-judge baseline; spa.judge=reward_model, no refinement, no DND)
 seed-fraction sweep: spa_dnd and dpo_seed with seeds of 0.8%, 1.7%, 3.3%, 10% of the pool
   (arm names spa_dnd_seed0.8pct, dpo_seed_seed0.8pct, ...; the fraction equal to the scale's
   own seed is the main arm itself). A seed with fewer than 4 gold pairs is not run: the
@@ -110,6 +110,7 @@ class Arm:
     refine: bool = True
     dnd: bool = True
     judge_reference: str = "init"
+    judge: str = "implicit"  # implicit (SPA) | reward_model (the external-judge baseline)
     description: str = ""
 
 
@@ -130,6 +131,15 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
         Arm("spa_expansion", "spa", "main", refine=False, dnd=False, description="SPA, self-labelled data only"),
         Arm("spa_refine", "spa", "main", dnd=False, description="SPA + self-refinement, no DND"),
         Arm("spa_dnd", "spa", "main", description="SPA + self-refinement + DND (default)"),
+        Arm(
+            "dpo_iter_rm",
+            "spa",
+            "main",
+            refine=False,
+            dnd=False,
+            judge="reward_model",
+            description="iterative DPO, judged by a reward model fit to the seed",
+        ),
     ]
     aliases = {"spa_dnd_judge_init": "spa_dnd"}
     own = seed_count(scale.seed_fraction, scale)
@@ -320,6 +330,7 @@ def arm_config(arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, seed_n: 
             refine=arm.refine,
             extrapolate=list(base.spa.extrapolate) if arm.dnd else [],
             judge_reference=arm.judge_reference,
+            judge=arm.judge,
         ),
     )
 
@@ -514,6 +525,8 @@ COMPARISONS = [
     ("spa_dnd", "dpo_seed"),
     ("spa_dnd", "sft"),
     ("spa_dnd", "dpo_all_gold"),
+    ("spa_dnd", "dpo_iter_rm"),
+    ("dpo_iter_rm", "dpo_seed"),
     ("dpo_seed", "sft"),
     ("dpo_all_gold", "dpo_seed"),
     ("spa_expansion", "dpo_seed"),
@@ -645,11 +658,10 @@ def markdown(report: dict, arms: dict[str, Arm]) -> str:
             + " |"
         )
 
-    main = [n for n in ("sft", "dpo_seed", "dpo_all_gold", "spa_expansion", "spa_refine", "spa_dnd") if n in results]
+    main_arms = ("sft", "dpo_seed", "dpo_all_gold", "dpo_iter_rm", "spa_expansion", "spa_refine", "spa_dnd")
+    main = [n for n in main_arms if n in results]
     lines += [row(n) for n in main]
     lines += [
-        "| iterative DPO, external reward model trained on the seed | – | not implemented | | | | | | | | | "
-        "needs a reward-model trainer the project does not have |",
         "",
         "Label acc / flagged / flag precision / wrong-label rate: mean over the SPA iterations of each seed, then "
         "mean ± std over seeds; flags exist only with spa.refine=true (a flag needs τ, i.e. a full window of margins).",
@@ -903,6 +915,11 @@ def main(argv: list[str] | None = None) -> int:
             ),
             ordering_check(
                 results,
+                ["spa_dnd", "dpo_iter_rm", "dpo_seed"],
+                "SPA > iterative DPO with a reward-model judge > DPO on seed",
+            ),
+            ordering_check(
+                results,
                 ["spa_dnd", "spa_refine", "spa_expansion", "dpo_seed"],
                 "+DND > +refinement > expansion only > DPO on seed",
             ),
@@ -924,10 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds,
         "arms": {n: asdict(arms[n]) for n in reported},
         "arms_run_now": selected,
-        "not_implemented": {
-            "iterdpo_external_rm": "iterative DPO judged by a small reward model trained on the seed: "
-            "needs a reward-model trainer the project does not have"
-        },
+        "not_implemented": {},
         "started": started_at,
         "results": results,
         "sweep": sweep_entries,

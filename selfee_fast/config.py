@@ -92,6 +92,9 @@ class SPAConfig:
     tau_window: int = 50
     extrapolate: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # lam per iteration; [] = no DND
     judge_reference: str = "init"  # init | previous | none
+    judge: str = "implicit"  # implicit (SPA) | reward_model (the paper's baseline: a reward model fit to the seed)
+    reward_model_epochs: int = 3
+    reward_model_lr: float = 1e-3
 
 
 @dataclass

@@ -80,6 +80,7 @@ def judge_generations(
     beta: float = 0.1,
     judge_reference: str = "init",
     base_model=None,
+    reward_model=None,
     batch_prompts: int = 16,
     log=print,
 ) -> list[dict]:
@@ -104,14 +105,17 @@ def judge_generations(
         for number, batch in enumerate(batches):
             if number in finished:
                 continue
-            scores = score_responses(
-                model, [(r["prompt_ids"], r["responses"]) for r in batch], pad_id,
-                judge_reference=judge_reference, base_model=base_model,
-            )  # fmt: skip
-            lines = [
-                json.dumps({**_pair_of(record, policy, ref, beta), "batch": number})
-                for record, (policy, ref) in zip(batch, scores, strict=True)
-            ]
+            items = [(r["prompt_ids"], r["responses"]) for r in batch]
+            if reward_model is not None:
+                # An external judge: its scores are the rewards; the policy's log-probs stay unknown.
+                judged = [
+                    _pair_of(r, s, [0.0] * len(s), 1.0, policy_known=False)
+                    for r, s in zip(batch, reward_model.score(items), strict=True)
+                ]
+            else:
+                scores = score_responses(model, items, pad_id, judge_reference=judge_reference, base_model=base_model)
+                judged = [_pair_of(r, policy, ref, beta) for r, (policy, ref) in zip(batch, scores, strict=True)]
+            lines = [json.dumps({**pair, "batch": number}) for pair in judged]
             out.write("".join(line + "\n" for line in lines))
             out.flush()
             os.fsync(out.fileno())
@@ -147,7 +151,7 @@ def _finished_batches(path: Path, sizes: list[int]) -> set[int]:
     return done
 
 
-def _pair_of(record: dict, policy: list[float], ref: list[float], beta: float) -> dict:
+def _pair_of(record: dict, policy: list[float], ref: list[float], beta: float, *, policy_known: bool = True) -> dict:
     rewards = [beta * (p - r) for p, r in zip(policy, ref, strict=True)]
     best = max(range(len(rewards)), key=lambda k: (rewards[k], -k))  # ties: the first response
     worst = min((k for k in range(len(rewards)) if k != best), key=lambda k: (rewards[k], k))
@@ -162,8 +166,8 @@ def _pair_of(record: dict, policy: list[float], ref: list[float], beta: float) -
         "chosen_score": rewards[best],
         "rejected_score": rewards[worst],
         "confidence": 1.0 / (1.0 + math.exp(-margin)),
-        "chosen_logp_policy": policy[best],
-        "rejected_logp_policy": policy[worst],
+        "chosen_logp_policy": policy[best] if policy_known else None,
+        "rejected_logp_policy": policy[worst] if policy_known else None,
         "index": record["index"],
         "location": record["location"],
     }

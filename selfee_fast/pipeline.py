@@ -35,6 +35,7 @@ from .config import ConfigError, RunConfig, save_config
 from .data import DataReport, load_preferences, load_prompts, tokenize_pairs
 from .generate import GenerationSettings, generate_responses
 from .judge import judge_generations
+from .reward_model import RewardModel, RewardModelSettings, train_reward_model
 from .train import TrainPair, TrainSettings, train_stage
 
 
@@ -98,6 +99,10 @@ def check_config(config: RunConfig) -> None:
     t = config.train
     if config.spa.judge_reference not in JUDGE_REFERENCES:
         raise ConfigError(f"spa.judge_reference must be one of {JUDGE_REFERENCES}, got {config.spa.judge_reference!r}")
+    if config.spa.judge not in ("implicit", "reward_model"):
+        raise ConfigError(f"spa.judge must be 'implicit' or 'reward_model', got {config.spa.judge!r}")
+    if config.spa.judge == "reward_model" and not config.data.seed_pairs:
+        raise ConfigError("spa.judge=reward_model fits the reward model to data.seed_pairs: set them")
     if t.optimizer not in OPTIMIZERS:
         raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
     if t.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
@@ -298,6 +303,9 @@ def step_judge(
         judged = [json.loads(line) for line in pairs_path.read_text().splitlines() if line.strip()]
         log(f"iter{i}: {len(judged)} judged pairs found, judgment skipped")
         return judged
+    if config.spa.judge == "reward_model":
+        reward_model = RewardModel(ensure_reward_model(config, tokenizer, log), device=next(model.parameters()).device)
+        return judge_generations(model, tokenizer, generations, pairs_path, reward_model=reward_model, log=log)
     # pi_init is the shared model with adapters off, unless it must be a model of its own.
     needs_own = config.model.judge_base or (full_finetuning(config) and config.spa.judge_reference == "init")
     base_model = load_init_model(config) if needs_own else None
@@ -305,6 +313,19 @@ def step_judge(
         model, tokenizer, generations, pairs_path, beta=config.train.beta,
         judge_reference=config.spa.judge_reference, base_model=base_model, log=log,
     )  # fmt: skip
+
+
+def ensure_reward_model(config: RunConfig, tokenizer, log) -> Path:
+    """The baseline's judge: a reward model fit to the seed pairs, trained once per run."""
+    records, report = load_preferences(config.data.seed_pairs, skip_invalid=config.data.skip_invalid)
+    pairs, report = tokenize_pairs(
+        tokenizer, records, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
+        report=report,
+    )  # fmt: skip
+    settings = RewardModelSettings(
+        epochs=config.spa.reward_model_epochs, lr=config.spa.reward_model_lr, seed=config.seed
+    )
+    return train_reward_model(config.model.path, pairs, Path(config.run_dir) / "reward_model", settings, log=log)
 
 
 def step_train_iteration(config: RunConfig, i: int, model, judged: list[dict], stage_dir: Path, pad_id: int, log):
@@ -320,9 +341,10 @@ def step_train_iteration(config: RunConfig, i: int, model, judged: list[dict], s
     # Without DND the judge's log pi_{i-1} values are the reference: no reference forward at all.
     # DND needs pi_{i-1}'s per-token logits: a frozen adapter copy, or a frozen model copy.
     reference, reference_model = None, None
-    if lam is not None and full_finetuning(config):
+    needs_reference_forward = lam is not None or any(p.ref_chosen is None for p in pairs)  # e.g. a reward-model judge
+    if needs_reference_forward and full_finetuning(config):
         reference_model = frozen_copy(model)  # taken before a checkpoint restore: still pi_{i-1}
-    elif lam is not None:
+    elif needs_reference_forward:
         models.freeze_reference_adapter(model)
         reference = "reference"
     train_stage(model, pairs, settings, stage_dir / "train", pad_id=pad_id, reference=reference,

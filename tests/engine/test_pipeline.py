@@ -212,3 +212,22 @@ def test_full_finetuning_mode(workspace):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert not torch.allclose(base(ids).logits, tuned(ids).logits)
+
+
+def test_reward_model_judge_baseline(workspace):
+    """spa.judge=reward_model: iterative DPO labelled by a reward model fit to the seed (the paper's baseline)."""
+    config = load_config(
+        write_config(workspace, "rm", train__seed_epochs=1),
+        ["spa.iterations=1", "spa.judge=reward_model", "spa.refine=false", "spa.reward_model_epochs=2"],
+    )
+    run_pipeline(config, log=lambda *_: None)
+    run_dir = workspace / "rm"
+    meta = json.loads((run_dir / "reward_model" / "reward_model.json").read_text())
+    assert meta["pairs"] == 8 and 0.0 <= meta["last_epoch_accuracy"] <= 1.0
+    pairs = read_jsonl(run_dir / "iter1" / "pairs.jsonl")
+    assert len(pairs) == 8
+    assert all(p["chosen_score"] >= p["rejected_score"] and p["chosen_logp_policy"] is None for p in pairs)
+    losses = [r["loss"] for r in read_jsonl(run_dir / "iter1" / "train" / "metrics.jsonl")]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # the reference forward is pi_{i-1} itself
+    with pytest.raises(ConfigError, match=r"spa\.judge must be"):
+        run_pipeline(load_config(write_config(workspace, "rm2"), ["spa.judge=oracle"]))
