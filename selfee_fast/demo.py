@@ -300,7 +300,7 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # Everything under `out` is reused on a rerun, so it must have been made with these settings.
-    settings = {"task": task_spec, "seed": seed, "scale": asdict(scale)}
+    settings = json.loads(json.dumps({"task": task_spec, "seed": seed, "scale": asdict(scale)}))  # as stored
     settings_path = out / "demo_settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise ValueError(f"{out} holds a demo made with other settings ({settings_path}); use another --out")
