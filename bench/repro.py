@@ -83,7 +83,8 @@ from selfee_fast.demo import (
     sample,
     write_pools,
 )
-from selfee_fast.pipeline import run_pipeline, write_json_atomic
+from selfee_fast.files import write_json_atomic
+from selfee_fast.pipeline import run_pipeline
 from selfee_fast.tasks import gold_label_pairs, load_task
 
 SWEEP_FRACTIONS = (0.008, 0.017, 0.033, 0.10)

@@ -149,7 +149,7 @@ def stage_step(args: argparse.Namespace) -> int:
     """One step of one stage, as `run` would do it, for running or redoing a step alone."""
     from . import pipeline
     from .config import ConfigError, load_config
-    from .data import DataError
+    from .data import DataError, padding_id
 
     try:
         config = load_config(args.config, args.overrides)
@@ -159,7 +159,7 @@ def stage_step(args: argparse.Namespace) -> int:
         model, tokenizer = pipeline.load_stage_model(config, stage)
         stage_dir = Path(config.run_dir) / stage
         stage_dir.mkdir(parents=True, exist_ok=True)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = padding_id(tokenizer)
         if stage == "stage0":
             pipeline.run_seed_stage(config, model, tokenizer, stage_dir, pad_id, print)
             return _save_stage_model(model, tokenizer, stage_dir)

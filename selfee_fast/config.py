@@ -192,9 +192,6 @@ def to_dict(config) -> dict:
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    import os
+    from .files import write_text_atomic
 
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))

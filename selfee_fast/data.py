@@ -303,14 +303,17 @@ def tokenize_pairs(
     return pairs, report
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """[2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected; labels -100 on prompt and padding.
+def padding_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS (masks keep them apart)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def right_pad(sequences: list[list[int]], prompt_lengths: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels; labels are -100 on prompts and padding.
 
     Padding is found from lengths, never from token ids, so a pad id equal to EOS cannot
     mask a real EOS.
     """
-    sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-    prompt_lengths = [len(p.prompt) for p in pairs] * 2
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -320,3 +323,9 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, to
         attention_mask[row, : len(seq)] = 1
         labels[row, start : len(seq)] = torch.tensor(seq[start:])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """[2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected (see `right_pad`)."""
+    sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    return right_pad(sequences, [len(p.prompt) for p in pairs] * 2, pad_token_id)

@@ -27,8 +27,9 @@ import torch
 from . import models
 from .config import DataConfig, GenerationConfig, ModelConfig, RunConfig, SPAConfig, TrainConfig, save_config
 from .data import PromptRecord
+from .files import write_json_atomic, write_jsonl_atomic
 from .generate import GenerationSettings, generate_responses
-from .pipeline import run_pipeline, write_json_atomic
+from .pipeline import run_pipeline
 from .sft import SFTSettings, save_model, sft
 from .tasks import gold_label_pairs, load_task
 from .tiny import build_tiny_llama, build_tokenizer
@@ -126,9 +127,7 @@ def make_seed_pairs(task, pi_init: Path, prompts: list[str], out: Path, scale: D
         f"demo: gold seed from {len(prompts)} prompts: {report.summary()}"
         + (f", {empty} with an empty answer dropped" if empty else "")
     )
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    tmp.replace(path)
+    write_jsonl_atomic(path, pairs)
     return path
 
 
@@ -137,7 +136,7 @@ def write_pools(prompt_lists: list[list[str]], out: Path) -> list[str]:
     for i, prompts in enumerate(prompt_lists, start=1):
         path = out / f"pool{i}.jsonl"
         if not path.exists():
-            path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+            write_jsonl_atomic(path, [{"prompt": p} for p in prompts])
         paths.append(str(path))
     return paths
 
@@ -220,20 +219,22 @@ def label_quality(task, stage_dir: Path) -> dict:
             flags[record["pair"]] = record["tau"] is not None and not record["confident"]  # last visit wins
     flagged = [loc for loc, is_flagged in flags.items() if is_flagged]
     flagged_decided = [loc for loc in flagged if loc in wrong]
-    nan = None  # "not measurable" (no decided pair, nothing flagged): null in results.json
+    unmeasurable = None  # no decided pair, or nothing flagged: null in results.json
     return {
         "pairs": len(pairs),
-        "label_accuracy": (1 - sum(wrong.values()) / len(wrong)) if wrong else nan,
+        "label_accuracy": (1 - sum(wrong.values()) / len(wrong)) if wrong else unmeasurable,
         "tied_pairs": len(pairs) - len(wrong),
-        "flagged_fraction": len(flagged) / len(flags) if flags else nan,
-        "flag_precision": sum(wrong[loc] for loc in flagged_decided) / len(flagged_decided) if flagged_decided else nan,
-        "wrong_label_rate": sum(wrong.values()) / len(wrong) if wrong else nan,
+        "flagged_fraction": len(flagged) / len(flags) if flags else unmeasurable,
+        "flag_precision": sum(wrong[loc] for loc in flagged_decided) / len(flagged_decided)
+        if flagged_decided
+        else unmeasurable,
+        "wrong_label_rate": sum(wrong.values()) / len(wrong) if wrong else unmeasurable,
     }
 
 
 def format_table(rows: list[dict]) -> str:
     def cell(value, fmt):
-        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+        return "-" if value is None else format(value, fmt)
 
     header = ("model", "gold", "win vs init", "tokens", "label acc", "flagged", "flag precision", "wrong-label rate")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]

@@ -13,7 +13,6 @@ max_new_tokens before EOS.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import PromptRecord, prompt_ids
+from .data import PromptRecord, padding_id, prompt_ids
+from .files import append_batch, complete_batches
 
 
 @dataclass
@@ -40,41 +40,6 @@ def plan_batches(prompt_id_lists: list[list[int]], batch_size: int) -> list[list
     """Prompt indices grouped into batches of similar length (stable, so identical on every run)."""
     order = sorted(range(len(prompt_id_lists)), key=lambda i: (len(prompt_id_lists[i]), i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def completed_batches(path: Path, plan: list[list[int]]) -> set[int]:
-    """Batches whose every record is on disk; truncates the file to drop a torn tail."""
-    if not path.exists():
-        return set()
-    records, good_bytes = [], 0
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            if not line.endswith(b"\n"):
-                records.pop()
-                break
-            good_bytes += len(line)
-    per_batch: dict[int, int] = {}
-    for r in records:
-        per_batch[r["batch"]] = per_batch.get(r["batch"], 0) + 1
-    done = {b for b, n in per_batch.items() if b < len(plan) and n == len(plan[b])}
-    # Keep only the complete batches' lines (a partial batch may precede a kill).
-    kept = [r for r in records if r["batch"] in done]
-    if len(kept) != len(records) or good_bytes != path.stat().st_size:
-        _atomic_write_lines(path, [json.dumps(r) for r in kept])
-    return done
-
-
-def _atomic_write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -98,10 +63,10 @@ def generate_responses(
         log(f"generation: {truncated} prompts longer than {limit} tokens keep their last {limit}")
     stop_ids = stop_token_ids(model, tokenizer)
     plan = plan_batches(all_prompt_ids, settings.batch_size)
-    done = completed_batches(out_path, plan)
+    done = complete_batches(out_path, [len(b) for b in plan])
     if done:
         log(f"generation: resuming, {len(done)}/{len(plan)} batches already on disk")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -133,7 +98,7 @@ def generate_responses(
                 pad_token_id=pad_id,
                 use_cache=True,
             ).cpu()
-            lines = []
+            records = []
             for row, index in enumerate(indices):
                 responses, finished = [], []
                 for k in range(settings.responses_per_prompt):
@@ -154,10 +119,8 @@ def generate_responses(
                     "finished": finished,
                     "batch": batch_index,
                 }
-                lines.append(json.dumps(record))
-            out.write("".join(line + "\n" for line in lines))
-            out.flush()
-            os.fsync(out.fileno())
+                records.append(record)
+            append_batch(out, records)
             elapsed = time.perf_counter() - start
             progress.update(1)
             progress.set_postfix_str(f"{new_tokens / max(elapsed, 1e-9):.0f} new tok/s")

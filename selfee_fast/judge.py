@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from .data import padding_id, right_pad
+from .files import append_batch, complete_batches, write_jsonl_atomic
 from .models import sequence_token_logprobs
 
 JUDGE_REFERENCES = ("init", "previous", "none")
@@ -40,19 +41,16 @@ def score_responses(
     """
     if judge_reference not in JUDGE_REFERENCES:
         raise ValueError(f"judge_reference must be one of {JUDGE_REFERENCES}, got {judge_reference!r}")
-    rows = [(prompt, prompt + r) for prompt, responses in items for r in responses]
-    width = max(len(seq) for _, seq in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for row, (prompt, seq) in enumerate(rows):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        attention_mask[row, : len(seq)] = 1
-        labels[row, len(prompt) : len(seq)] = torch.tensor(seq[len(prompt) :])
+    batch = right_pad(
+        [prompt + r for prompt, responses in items for r in responses],
+        [len(prompt) for prompt, responses in items for _ in responses],
+        pad_id,
+    )
     device = next(model.parameters()).device
+    input_ids, attention_mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     use_init = judge_reference == "init"
     out = sequence_token_logprobs(
-        model, input_ids.to(device), attention_mask.to(device), labels.to(device),
+        model, input_ids, attention_mask, labels,
         reference="init" if use_init and base_model is None else None,
         reference_model=base_model if use_init else None,
     )  # fmt: skip
@@ -92,11 +90,11 @@ def judge_generations(
     """
     out_path = Path(out_path)
     partial_path = out_path.with_name(out_path.name + ".partial")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    padding = padding_id(tokenizer)
     usable = [r for r in generations if len(r["responses"]) >= 2]
     dropped = len(generations) - len(usable)
     batches = [usable[i : i + batch_prompts] for i in range(0, len(usable), batch_prompts)]
-    finished = _finished_batches(partial_path, [len(b) for b in batches])
+    finished = complete_batches(partial_path, [len(b) for b in batches])
     if finished:
         log(f"judge: resuming, {len(finished)}/{len(batches)} batches already judged")
     was_training = model.training
@@ -113,12 +111,9 @@ def judge_generations(
                     for r, s in zip(batch, reward_model.score(items), strict=True)
                 ]
             else:
-                scores = score_responses(model, items, pad_id, judge_reference=judge_reference, base_model=base_model)
+                scores = score_responses(model, items, padding, judge_reference=judge_reference, base_model=base_model)
                 judged = [_pair_of(r, policy, ref, beta) for r, (policy, ref) in zip(batch, scores, strict=True)]
-            lines = [json.dumps({**pair, "batch": number}) for pair in judged]
-            out.write("".join(line + "\n" for line in lines))
-            out.flush()
-            os.fsync(out.fileno())
+            append_batch(out, [{**pair, "batch": number} for pair in judged])
     model.train(was_training)
     judged = [json.loads(line) for line in partial_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     pairs = sorted(({k: v for k, v in p.items() if k != "batch"} for p in judged), key=lambda p: p["index"])
@@ -129,26 +124,6 @@ def judge_generations(
         + (f", {dropped} prompts with < 2 responses dropped" if dropped else "")
     )
     return pairs
-
-
-def _finished_batches(path: Path, sizes: list[int]) -> set[int]:
-    """Batches whose every pair is in the partial file; rewrites the file without a torn or partial tail."""
-    if not path.exists():
-        return set()
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    counts: dict[int, int] = {}
-    for r in records:
-        counts[r["batch"]] = counts.get(r["batch"], 0) + 1
-    done = {b for b, n in counts.items() if b < len(sizes) and n == sizes[b]}
-    write_jsonl_atomic(path, [r for r in records if r["batch"] in done])
-    return done
 
 
 def _pair_of(record: dict, policy: list[float], ref: list[float], beta: float, *, policy_known: bool = True) -> dict:
@@ -171,15 +146,3 @@ def _pair_of(record: dict, policy: list[float], ref: list[float], beta: float, *
         "index": record["index"],
         "location": record["location"],
     }
-
-
-def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -35,21 +35,25 @@ class SPALossOutput:
     noise_margin: torch.Tensor  # [P] SPA's m~ (beta * z without extrapolation)
     confident: torch.Tensor  # [P] bool: m~ > tau (all True when tau is None)
 
-    def metrics(self) -> dict[str, float]:
-        """The statistics TRL and Liger log, plus SPA's flagged fraction (one device sync)."""
+    METRIC_NAMES = (
+        "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+        "logps/chosen", "logps/rejected", "spa/flagged_fraction", "spa/noise_margin",
+    )  # fmt: skip
+
+    def metric_values(self) -> torch.Tensor:
+        """`METRIC_NAMES`' values as one tensor on the loss's device: no host sync."""
         margins = self.chosen_rewards - self.rejected_rewards
-        values = torch.stack([
+        return torch.stack([
             self.loss.detach().float(),
             self.chosen_rewards.mean(), self.rejected_rewards.mean(), margins.mean(),
             (margins > 0).float().mean(),
             self.chosen_logps.mean(), self.rejected_logps.mean(),
             (~self.confident).float().mean(), self.noise_margin.mean(),
-        ]).tolist()  # fmt: skip
-        names = (
-            "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected", "spa/flagged_fraction", "spa/noise_margin",
-        )  # fmt: skip
-        return dict(zip(names, values, strict=True))
+        ])  # fmt: skip
+
+    def metrics(self) -> dict[str, float]:
+        """The statistics TRL and Liger log, plus SPA's flagged fraction (one device sync)."""
+        return dict(zip(self.METRIC_NAMES, self.metric_values().tolist(), strict=True))
 
 
 def spa_loss(
@@ -232,8 +236,10 @@ class NoiseThreshold:
         self.window, self.percentile = window, percentile
         self._margins: deque[float] = deque(maxlen=window)
 
-    def update(self, margins: torch.Tensor) -> None:
-        self._margins.extend(margins.detach().float().reshape(-1).tolist())
+    def update(self, margins: torch.Tensor | list[float]) -> None:
+        if isinstance(margins, torch.Tensor):
+            margins = margins.detach().float().reshape(-1).tolist()
+        self._margins.extend(margins)
 
     @property
     def tau(self) -> float | None:

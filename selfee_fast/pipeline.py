@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -32,7 +31,8 @@ import torch
 
 from . import models
 from .config import ConfigError, RunConfig, save_config
-from .data import DataReport, load_preferences, load_prompts, tokenize_pairs
+from .data import DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs
+from .files import write_json_atomic
 from .generate import GenerationSettings, generate_responses
 from .judge import judge_generations
 from .reward_model import RewardModel, RewardModelSettings, train_reward_model
@@ -67,15 +67,6 @@ def stage_fingerprints(config: RunConfig) -> dict[str, str]:
             previous, pool, asdict(config.generation), asdict(config.train), asdict(config.spa), i
         )
     return prints
-
-
-def write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(value, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def check_config(config: RunConfig) -> None:
@@ -166,7 +157,7 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
         # stage gives the same result whatever ran before it in this process.
         torch.manual_seed(config.seed * 1000 + stages.index(stage))
         model, tokenizer = load_policy(config, previous_model, log)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = padding_id(tokenizer)
         if stage == "stage0":
             result = run_seed_stage(config, model, tokenizer, stage_dir, pad_id, log)
         else:
@@ -332,11 +323,17 @@ def step_train_iteration(config: RunConfig, i: int, model, judged: list[dict], s
     """Train pi_i from pi_{i-1} on the judged pairs with self-refinement; return the lam used."""
     lam = config.spa.extrapolate[i - 1] if config.spa.refine and i <= len(config.spa.extrapolate) else None
     lam = lam if lam else None
-    pairs = []
-    for p in judged:
-        pair = TrainPair(p["location"], p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
-        pair.ref_chosen, pair.ref_rejected = p["chosen_logp_policy"], p["rejected_logp_policy"]
-        pairs.append(pair)
+    pairs = [
+        TrainPair(
+            location=p["location"],
+            prompt=p["prompt_ids"],
+            chosen=p["chosen_ids"],
+            rejected=p["rejected_ids"],
+            ref_chosen=p["chosen_logp_policy"],
+            ref_rejected=p["rejected_logp_policy"],
+        )
+        for p in judged
+    ]
     settings = train_settings(config, epochs=config.train.iteration_epochs, refine=config.spa.refine, extrapolate=lam)
     # Without DND the judge's log pi_{i-1} values are the reference: no reference forward at all.
     # DND needs pi_{i-1}'s per-token logits: a frozen adapter copy, or a frozen model copy.

@@ -9,16 +9,15 @@ fine for the demo's small models; a 7B reward model would want LoRA.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .data import TokenizedPair, collate_pairs
+from .data import TokenizedPair, collate_pairs, padding_id, right_pad
+from .files import write_json_atomic
 from .models import check_model_dir
 
 
@@ -50,7 +49,7 @@ def train_reward_model(
     tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     torch.manual_seed(settings.seed)
     model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, local_files_only=True)
-    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.config.pad_token_id = padding_id(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
     model.train()
@@ -72,11 +71,11 @@ def train_reward_model(
         log(f"reward model: epoch {epoch + 1}/{settings.epochs}, training accuracy {correct / len(pairs):.3f}")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    tmp = out_dir / "reward_model.json.tmp"
-    tmp.write_text(
-        json.dumps({"settings": asdict(settings), "pairs": len(pairs), "last_epoch_accuracy": correct / len(pairs)})
+    # Written last: its presence means the model is complete.
+    write_json_atomic(
+        out_dir / "reward_model.json",
+        {"settings": asdict(settings), "pairs": len(pairs), "last_epoch_accuracy": correct / len(pairs)},
     )
-    os.replace(tmp, out_dir / "reward_model.json")  # written last: its presence means the model is complete
     return out_dir
 
 
@@ -92,14 +91,9 @@ class RewardModel:
     @torch.no_grad()
     def score(self, items: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         sequences = [prompt + response for prompt, responses in items for response in responses]
-        width = max(len(s) for s in sequences)
+        batch = right_pad(sequences, [0] * len(sequences), self.pad_id)
         device = next(self.model.parameters()).device
-        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, seq in enumerate(sequences):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            attention_mask[row, : len(seq)] = 1
-        flat = _scores(self.model, input_ids.to(device), attention_mask.to(device)).tolist()
+        flat = _scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
         out, start = [], 0
         for _, responses in items:
             out.append(flat[start : start + len(responses)])

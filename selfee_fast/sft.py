@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .data import collate_pairs, prompt_ids, response_ids
+from .data import padding_id, prompt_ids, response_ids, right_pad
 from .logprobs import linear_logprobs
 from .models import lm_head
 from .train import cosine_with_warmup, response_mask
@@ -39,10 +39,8 @@ def encode_demonstrations(tokenizer, demonstrations: list[dict]) -> list[tuple[l
 
 def sft(model, tokenizer, demonstrations: list[dict], settings: SFTSettings, *, log=print) -> list[float]:
     """Train every parameter of `model` on the demonstrations; return the loss of each step."""
-    from .data import TokenizedPair
-
     examples = encode_demonstrations(tokenizer, demonstrations)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    padding = padding_id(tokenizer)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(settings.steps, settings.warmup_ratio))
@@ -52,12 +50,10 @@ def sft(model, tokenizer, demonstrations: list[dict], settings: SFTSettings, *, 
     model.train()
     for step in range(settings.steps):
         picked = torch.randint(len(examples), (settings.batch_size,), generator=generator).tolist()
-        # collate_pairs wants pairs; a demonstration is a "pair" with itself, and we keep the chosen half.
-        batch = collate_pairs([TokenizedPair("", *examples[i], examples[i][1]) for i in picked], pad_id)
-        rows = slice(0, settings.batch_size)
-        input_ids, attention_mask, labels = (
-            batch[k][rows].to(device) for k in ("input_ids", "attention_mask", "labels")
+        batch = right_pad(
+            [examples[i][0] + examples[i][1] for i in picked], [len(examples[i][0]) for i in picked], padding
         )
+        input_ids, attention_mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         body = model.get_decoder()
         hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.to(weight.dtype)
         targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)

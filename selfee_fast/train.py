@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import TokenizedPair, collate_pairs
+from .files import write_text_atomic
 from .loss import NoiseThreshold, spa_loss
 from .models import sequence_token_logprobs
 
@@ -103,9 +104,10 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
 
 def precomputed_reference(mask: torch.Tensor, values: list[float]) -> torch.Tensor:
     """Per-token tensor whose sequence sums are `values`: each value on its first scored token."""
-    tokens = torch.zeros(mask.shape, dtype=torch.float32)
+    tokens = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     first = mask.float().argmax(dim=1)
-    tokens[torch.arange(mask.shape[0]), first] = torch.tensor(values, dtype=torch.float32)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    tokens[rows, first] = torch.tensor(values, dtype=torch.float32).to(mask.device, non_blocking=True)
     return tokens
 
 
@@ -184,57 +186,55 @@ def train_stage(
             pairs[i] for i in order[step_in_epoch * settings.batch_size : (step_in_epoch + 1) * settings.batch_size]
         ]
         alpha_t = settings.alpha if settings.refine and step >= settings.alpha_warmup * total_steps else 0.0
-        started, tokens, totals, flag_records = time.perf_counter(), 0, {}, []
+        # Statistics stay on the device until the step ends: one host sync per step (plus one
+        # per micro-batch with refinement, whose tau window lives on the host).
+        started, tokens, step_metrics, step_flags = time.perf_counter(), 0, 0.0, []
         tau = None
         for start in range(0, len(step_pairs), settings.micro_batch_size):
             micro = step_pairs[start : start + settings.micro_batch_size]
-            batch = {k: v.to(device) for k, v in collate_pairs(micro, pad_id).items()}
-            tokens += int(batch["attention_mask"].sum())
-            use_ref_model = reference is not None or reference_model is not None
+            cpu_batch = collate_pairs(micro, pad_id)
+            tokens += int(cpu_batch["attention_mask"].sum())
+            batch = {k: v.to(device) for k, v in cpu_batch.items()}
             logps = sequence_token_logprobs(
                 model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                 reference=reference, reference_model=reference_model, extrapolate=extrapolate,
             )  # fmt: skip
             mask = response_mask(batch["labels"])
             ref_tokens = logps.reference
-            if not use_ref_model:
+            if reference is None and reference_model is None:
                 values = [p.ref_chosen for p in micro] + [p.ref_rejected for p in micro]
-                ref_tokens = precomputed_reference(mask.cpu(), values).to(device)
+                ref_tokens = precomputed_reference(mask, values)
             if settings.refine:
                 # tau covers the most recent margins, this micro-batch's included.
                 probe = spa_loss(
-                    logps.policy.detach(),
-                    ref_tokens,
-                    mask=mask,
-                    extrapolated_logps=logps.extrapolated,
+                    logps.policy.detach(), ref_tokens, mask=mask, extrapolated_logps=logps.extrapolated,
                     beta=settings.beta,
-                )
-                if not torch.isfinite(probe.noise_margin).all():
-                    bad = [
-                        p.location
-                        for p, m in zip(micro, probe.noise_margin.tolist(), strict=True)
-                        if not math.isfinite(m)
-                    ]
+                )  # fmt: skip
+                margins = probe.noise_margin.tolist()
+                bad = [p.location for p, m in zip(micro, margins, strict=True) if not math.isfinite(m)]
+                if bad:
                     raise FloatingPointError(f"step {step + 1}: non-finite noise margin for pairs {bad}")
-                threshold.update(probe.noise_margin)
+                threshold.update(margins)
                 tau = threshold.tau
             result = spa_loss(
                 logps.policy, ref_tokens, mask=mask, extrapolated_logps=logps.extrapolated, beta=settings.beta,
                 alpha=alpha_t if tau is not None else 0.0, tau=tau, loss_type=settings.loss_type,
             )  # fmt: skip
-            if not torch.isfinite(result.loss):
-                raise FloatingPointError(
-                    f"step {step + 1}: the loss is {result.loss.item()} for pairs {[p.location for p in micro]}; "
-                    f"policy log-probs finite: {bool(torch.isfinite(logps.policy).all())}"
-                )
             (result.loss * (len(micro) / len(step_pairs))).backward()
+            step_metrics = step_metrics + result.metric_values() * (len(micro) / len(step_pairs))
             if settings.refine:
-                flag_records.extend(
-                    {"step": step + 1, "pair": p.location, "noise_margin": m, "tau": tau, "confident": c}
-                    for p, m, c in zip(micro, result.noise_margin.tolist(), result.confident.tolist(), strict=True)
-                )
-            for name, value in result.metrics().items():
-                totals[name] = totals.get(name, 0.0) + value * len(micro) / len(step_pairs)
+                step_flags.append((micro, tau, result.noise_margin, result.confident))
+        totals = dict(zip(result.METRIC_NAMES, step_metrics.tolist(), strict=True))
+        if not math.isfinite(totals["loss"]):
+            # Checked before the optimizer step, so the weights never see a non-finite gradient.
+            raise FloatingPointError(
+                f"step {step + 1}: the loss is {totals['loss']} for pairs {[p.location for p in step_pairs]}"
+            )
+        flag_records = [
+            {"step": step + 1, "pair": p.location, "noise_margin": m, "tau": t, "confident": c}
+            for micro, t, margins, confident in step_flags
+            for p, m, c in zip(micro, margins.tolist(), confident.tolist(), strict=True)
+        ]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -304,9 +304,7 @@ def save_checkpoint(out_dir: Path, step: int, model, names, optimizer, scheduler
             os.fsync(handle.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    pointer = out_dir / "latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, out_dir / "latest")
+    write_text_atomic(out_dir / "latest", final.name)
     for old in [*out_dir.glob("checkpoint-*"), *out_dir.glob(".checkpoint-*.tmp")]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -354,6 +352,4 @@ def truncate_metrics(path: Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             break
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
