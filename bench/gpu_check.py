@@ -405,7 +405,7 @@ def sweep(device: torch.device, smoke: bool, shape: tuple[int, int, int], budget
     repeats = 1 if smoke else 3
 
     candidates = [LaunchConfig(*c) for c in (SMOKE_SWEEP_CANDIDATES if smoke else SWEEP_CANDIDATES)]
-    default = default_config(device)
+    default = default_config(device, dtype)
     if default not in candidates:
         candidates.insert(0, default)
     started = time.monotonic()

@@ -2,8 +2,10 @@
 
 Block sizes are the only tuning knobs; `tile_dot` is the one matmul every kernel uses.
 The GPU defaults are a first guess for Hopper-class cards with bf16 inputs, not yet tuned
-on a GPU (see bench/NOTES.md); the interpreter defaults keep the number of Python-level
-loop iterations small, which is what dominates interpreter time.
+on a GPU (see bench/NOTES.md). `bench/compile_check.py` compiles every kernel with them
+for sm_80, sm_86, sm_89 and sm_90 and checks that each fits the card's shared memory;
+fp32 inputs halve BLOCK_K for that reason. The interpreter defaults keep the number of
+Python-level loop iterations small, which is what dominates interpreter time.
 """
 
 from __future__ import annotations
@@ -39,10 +41,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(device: torch.device) -> LaunchConfig:
+def gpu_config(dtype: torch.dtype) -> LaunchConfig:
+    """The compiled kernels' default for inputs of `dtype`.
+
+    Each pipeline stage holds a hidden and a weight tile per head in shared memory. With
+    4-byte inputs and BLOCK_K=64, three stages of the separate-head forward need 192 KiB,
+    more than an RTX 3090/4090 (99 KiB) or an A100 (163 KiB) has; BLOCK_K=32 needs at
+    most 96 KiB on every card (bench/compile_check.py).
+    """
+    if dtype.itemsize >= 4:
+        return LaunchConfig(block_k=32)
+    return LaunchConfig()
+
+
+def default_config(device: torch.device, dtype: torch.dtype) -> LaunchConfig:
     if device.type != "cuda" or interpreting():
         return INTERPRETER_CONFIG
-    return LaunchConfig()
+    return gpu_config(dtype)
 
 
 def number_of_splits(config: LaunchConfig, device: torch.device, outer_programs: int, inner_tiles: int) -> int:

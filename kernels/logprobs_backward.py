@@ -170,7 +170,7 @@ def logprobs_backward(
     `grad_weight` is [V, H], `grad_bias` is [V]. All three must be zero-initialised or hold
     a value to add to.
     """
-    config = config or default_config(hidden.device)
+    config = config or default_config(hidden.device, hidden.dtype)
     if deterministic:
         config = config.with_overrides(splits=1)
     num_rows, vocab, hidden_size = rows.numel(), weight.shape[0], weight.shape[1]

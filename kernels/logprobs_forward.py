@@ -148,7 +148,7 @@ def logprobs_forward(
     `targets` holds one vocabulary id per entry of `rows`. Arguments are trusted: the public
     entry point `selfee_fast.linear_logprobs` validates them.
     """
-    config = config or default_config(hidden.device)
+    config = config or default_config(hidden.device, hidden.dtype)
     num_rows, vocab, hidden_size = rows.numel(), weight.shape[0], weight.shape[1]
     has_ref = ref_hidden is not None
     has_ext = has_ref and extrapolate is not None
