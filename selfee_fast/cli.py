@@ -156,15 +156,23 @@ def stage_step(args: argparse.Namespace) -> int:
         stage = args.stage
         if args.command != "train" and not stage.startswith("iter"):
             raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage!r}")
-        model, tokenizer = pipeline.load_stage_model(config, stage)
         stage_dir = Path(config.run_dir) / stage
+        generated = None
+        if stage.startswith("iter") and config.generation.backend == "vllm":
+            # As in `run`: vLLM generates (and frees its engine) before the policy is loaded.
+            previous = pipeline.previous_stage_model(config, stage)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            generated = pipeline.step_generate_vllm(config, int(stage[4:]), previous, stage_dir, print)
+            if args.command == "generate":
+                return 0
+        model, tokenizer = pipeline.load_stage_model(config, stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         pad_id = padding_id(tokenizer)
         if stage == "stage0":
             pipeline.run_seed_stage(config, model, tokenizer, stage_dir, pad_id, print)
             return _save_stage_model(model, tokenizer, stage_dir)
         i = int(stage[4:])
-        generations, _ = pipeline.step_generate(config, i, model, tokenizer, stage_dir, print)
+        generations, _ = generated or pipeline.step_generate(config, i, model, tokenizer, stage_dir, print)
         if args.command == "generate":
             return 0
         judged = pipeline.step_judge(config, i, model, tokenizer, generations, stage_dir, print)

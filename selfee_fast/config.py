@@ -57,7 +57,8 @@ class DataConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "hf"
+    backend: str = "hf"  # hf: transformers generate; vllm: a vLLM engine for the generation step only
+    vllm_gpu_memory_utilization: float = 0.9  # vLLM's share of the GPU while it generates
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0

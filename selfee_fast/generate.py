@@ -5,6 +5,12 @@ own seed, so the output does not depend on where a run was interrupted. Each bat
 records are appended to a JSONL file and flushed to disk together; on restart, complete
 batches are kept, a torn trailing batch is dropped and regenerated.
 
+Two backends write the same records: `generate_responses` samples with a loaded
+transformers model (`model.generate`, KV cache); `generate_responses_vllm` hands the same
+prompt token ids to a vLLM engine built from the model folder, with the policy's LoRA
+adapter as a `LoRARequest`. vLLM seeds each prompt on its own, so its output does not
+depend on how prompts are grouped into calls either.
+
 A record: {"index", "location", "prompt", "prompt_ids", "responses": [ids...],
 "texts": [...], "finished": [bool...], "batch"}. `finished` is False when a response hit
 max_new_tokens before EOS.
@@ -54,18 +60,8 @@ def generate_responses(
 ) -> list[dict]:
     """Sample `responses_per_prompt` responses per prompt into `out_path`; resume if it exists."""
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    all_prompt_ids = [prompt_ids(tokenizer, p.prompt) for p in prompts]
-    limit = settings.max_prompt_length
-    truncated = sum(limit is not None and len(ids) > limit for ids in all_prompt_ids)
-    if truncated:
-        all_prompt_ids = [ids[-limit:] for ids in all_prompt_ids]
-        log(f"generation: {truncated} prompts longer than {limit} tokens keep their last {limit}")
-    stop_ids = stop_token_ids(model, tokenizer)
-    plan = plan_batches(all_prompt_ids, settings.batch_size)
-    done = complete_batches(out_path, [len(b) for b in plan])
-    if done:
-        log(f"generation: resuming, {len(done)}/{len(plan)} batches already on disk")
+    all_prompt_ids, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
+    stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
     pad_id = padding_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
@@ -100,25 +96,10 @@ def generate_responses(
             ).cpu()
             records = []
             for row, index in enumerate(indices):
-                responses, finished = [], []
-                for k in range(settings.responses_per_prompt):
-                    generated = sequences[row * settings.responses_per_prompt + k, width:].tolist()
-                    end = next((t for t, token in enumerate(generated) if token in stop_ids), None)
-                    finished.append(end is not None)
-                    if end is not None:
-                        generated = generated[: end + 1]
-                    responses.append(generated)
-                    new_tokens += len(generated)
-                record = {
-                    "index": index,
-                    "location": prompts[index].location,
-                    "prompt": prompts[index].prompt,
-                    "prompt_ids": batch_ids[row],
-                    "responses": responses,
-                    "texts": [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
-                    "finished": finished,
-                    "batch": batch_index,
-                }
+                n = settings.responses_per_prompt
+                samples = [sequences[row * n + k, width:].tolist() for k in range(n)]
+                record = make_record(prompts[index], index, batch_ids[row], samples, stop_ids, batch_index, tokenizer)
+                new_tokens += sum(len(r) for r in record["responses"])
                 records.append(record)
             append_batch(out, records)
             elapsed = time.perf_counter() - start
@@ -132,10 +113,53 @@ def generate_responses(
     return load_generations(out_path)
 
 
-def stop_token_ids(model, tokenizer) -> set[int]:
+def prepare(tokenizer, prompts: list[PromptRecord], settings: GenerationSettings, out_path: Path, log):
+    """(prompt ids, batch plan, batches already complete on disk): the part both backends share."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    all_prompt_ids = [prompt_ids(tokenizer, p.prompt) for p in prompts]
+    limit = settings.max_prompt_length
+    truncated = sum(limit is not None and len(ids) > limit for ids in all_prompt_ids)
+    if truncated:
+        all_prompt_ids = [ids[-limit:] for ids in all_prompt_ids]
+        log(f"generation: {truncated} prompts longer than {limit} tokens keep their last {limit}")
+    plan = plan_batches(all_prompt_ids, settings.batch_size)
+    done = complete_batches(out_path, [len(b) for b in plan])
+    if done:
+        log(f"generation: resuming, {len(done)}/{len(plan)} batches already on disk")
+    return all_prompt_ids, plan, done
+
+
+def make_record(
+    prompt: PromptRecord,
+    index: int,
+    ids: list[int],
+    samples: list[list[int]],
+    stop_ids: set[int],
+    batch: int,
+    tokenizer,
+) -> dict:
+    """One prompt's record; each sample is cut after its first stop token (kept: training appends none)."""
+    responses, finished = [], []
+    for generated in samples:
+        end = next((t for t, token in enumerate(generated) if token in stop_ids), None)
+        finished.append(end is not None)
+        responses.append(generated if end is None else generated[: end + 1])
+    return {
+        "index": index,
+        "location": prompt.location,
+        "prompt": prompt.prompt,
+        "prompt_ids": ids,
+        "responses": responses,
+        "texts": [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
+        "finished": finished,
+        "batch": batch,
+    }
+
+
+def stop_token_ids(generation_config, tokenizer) -> set[int]:
     """The tokenizer's EOS and every end-of-turn id of the model's generation config (e.g. Phi-3's <|end|>)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:
@@ -149,3 +173,112 @@ def load_generations(path: str | Path) -> list[dict]:
     with Path(path).open(encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     return sorted(records, key=lambda r: r["index"])
+
+
+# vLLM ranks its LoRA kernels are built for; an adapter's rank is rounded up to one of them.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def generate_responses_vllm(
+    model_path: str | Path,
+    tokenizer,
+    prompts: list[PromptRecord],
+    settings: GenerationSettings,
+    out_path: str | Path,
+    *,
+    adapter_path: str | Path | None = None,
+    dtype: str = "auto",
+    gpu_memory_utilization: float = 0.9,
+    prompts_per_call: int = 512,
+    log=print,
+) -> list[dict]:
+    """`generate_responses` with a vLLM engine: same records, same resume, same stop tokens.
+
+    `model_path` is a full model folder; `adapter_path` a peft adapter on top of it (the
+    policy pi_{i-1}), sent with every request. The engine lives for this call only and is
+    deleted before returning, so that training gets its GPU memory back.
+    """
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError as error:
+        raise ImportError("generation.backend='vllm' needs vLLM: pip install 'selfee-fast[vllm]'") from error
+    from transformers import GenerationConfig
+
+    out_path, model_path = Path(out_path), Path(model_path)
+    all_prompt_ids, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_path, local_files_only=True)
+    except OSError:  # no generation_config.json: the tokenizer's EOS is the only stop token
+        generation_config = None
+    stop_ids = stop_token_ids(generation_config, tokenizer)
+    todo = [b for b in range(len(plan)) if b not in done]
+    if not todo:
+        return load_generations(out_path)
+
+    lora_request, engine_options = None, {}
+    if adapter_path is not None:
+        adapter_path = Path(adapter_path)
+        rank = json.loads((adapter_path / "adapter_config.json").read_text())["r"]
+        engine_options = {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank)}
+        lora_request = LoRARequest(lora_name="policy", lora_int_id=1, lora_path=str(adapter_path))
+    longest_prompt = max(len(all_prompt_ids[i]) for b in todo for i in plan[b])
+    llm = LLM(
+        model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=settings.seed,
+        gpu_memory_utilization=gpu_memory_utilization, max_model_len=longest_prompt + settings.max_new_tokens,
+        **engine_options,
+    )  # fmt: skip
+
+    def sampling(index: int):
+        # One seed per prompt: the samples do not depend on which prompts share a call.
+        return SamplingParams(
+            n=settings.responses_per_prompt, temperature=settings.temperature, top_p=settings.top_p,
+            top_k=settings.top_k, max_tokens=settings.max_new_tokens, seed=settings.seed * 1_000_003 + index,
+            stop_token_ids=sorted(stop_ids), detokenize=False,
+        )  # fmt: skip
+
+    new_tokens, start = 0, time.perf_counter()
+    try:
+        with out_path.open("a", encoding="utf-8") as out:
+            progress = tqdm(total=len(plan), initial=len(done), desc="generate (vllm)", unit="batch", disable=None)
+            # Several plan batches per call keep vLLM's scheduler full; records are still
+            # appended one plan batch at a time, so resume works exactly as with hf.
+            calls, call = [], []
+            for b in todo:
+                call.append(b)
+                if sum(len(plan[c]) for c in call) >= prompts_per_call:
+                    calls.append(call)
+                    call = []
+            calls += [call] if call else []
+            for call in calls:
+                indices = [i for b in call for i in plan[b]]
+                outputs = llm.generate(
+                    [{"prompt_token_ids": all_prompt_ids[i]} for i in indices],
+                    [sampling(i) for i in indices],
+                    use_tqdm=False,
+                    lora_request=lora_request,
+                )
+                by_index = dict(zip(indices, outputs, strict=True))
+                for b in call:
+                    records = []
+                    for i in plan[b]:
+                        samples = [list(completion.token_ids) for completion in by_index[i].outputs]
+                        record = make_record(prompts[i], i, all_prompt_ids[i], samples, stop_ids, b, tokenizer)
+                        new_tokens += sum(len(r) for r in record["responses"])
+                        records.append(record)
+                    append_batch(out, records)
+                    progress.update(1)
+                progress.set_postfix_str(f"{new_tokens / max(time.perf_counter() - start, 1e-9):.0f} new tok/s")
+            progress.close()
+    finally:
+        del llm
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    log(
+        f"generation (vllm): {len(plan)} batches in {out_path}, {new_tokens} new tokens in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    return load_generations(out_path)

@@ -33,7 +33,7 @@ from . import models
 from .config import ConfigError, RunConfig, save_config
 from .data import DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs
 from .files import write_json_atomic
-from .generate import GenerationSettings, generate_responses
+from .generate import GenerationSettings, generate_responses, generate_responses_vllm
 from .judge import judge_generations
 from .reward_model import RewardModel, RewardModelSettings, train_reward_model
 from .train import TrainPair, TrainSettings, train_stage
@@ -114,8 +114,10 @@ def check_config(config: RunConfig) -> None:
             f"data.max_prompt_length ({d.max_prompt_length}) + generation.max_new_tokens "
             f"({config.generation.max_new_tokens}) exceeds data.max_length ({d.max_length})"
         )
-    if config.generation.backend != "hf":
-        raise ConfigError(f"generation.backend {config.generation.backend!r} is not available; use 'hf'")
+    if config.generation.backend not in ("hf", "vllm"):
+        raise ConfigError(f"generation.backend must be 'hf' or 'vllm', got {config.generation.backend!r}")
+    if config.generation.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("generation.backend='vllm' needs vLLM: pip install 'selfee-fast[vllm]', or use 'hf'")
     if config.generation.responses_per_prompt < 2:
         raise ConfigError("generation.responses_per_prompt must be >= 2 to form a pair")
 
@@ -156,12 +158,16 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
         # Each stage starts from a known RNG state (LoRA's initialisation draws from it), so a
         # stage gives the same result whatever ran before it in this process.
         torch.manual_seed(config.seed * 1000 + stages.index(stage))
+        generated = None
+        if stage != "stage0" and config.generation.backend == "vllm":
+            # vLLM wants the GPU memory the policy would hold: generate first, free the engine, then load.
+            generated = step_generate_vllm(config, int(stage[4:]), previous_model, stage_dir, log)
         model, tokenizer = load_policy(config, previous_model, log)
         pad_id = padding_id(tokenizer)
         if stage == "stage0":
             result = run_seed_stage(config, model, tokenizer, stage_dir, pad_id, log)
         else:
-            result = run_iteration(config, int(stage[4:]), model, tokenizer, stage_dir, pad_id, log)
+            result = run_iteration(config, int(stage[4:]), model, tokenizer, stage_dir, pad_id, log, generated)
         save_policy(model, tokenizer, stage_dir / "model")
         done = {"fingerprint": prints[stage], "seconds": time.time() - started, **result}
         write_json_atomic(done_path, done)
@@ -257,8 +263,11 @@ def run_seed_stage(config: RunConfig, model, tokenizer, stage_dir: Path, pad_id:
     return {"pairs": len(pairs), "data": report.summary(), "last_metrics": last_metrics(stage_dir / "train")}
 
 
-def run_iteration(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, pad_id: int, log) -> dict:
-    generations, report = step_generate(config, i, model, tokenizer, stage_dir, log)
+def run_iteration(
+    config: RunConfig, i: int, model, tokenizer, stage_dir: Path, pad_id: int, log, generated=None
+) -> dict:
+    """Generate (unless `generated` holds vLLM's output already), judge, train."""
+    generations, report = generated or step_generate(config, i, model, tokenizer, stage_dir, log)
     judged = step_judge(config, i, model, tokenizer, generations, stage_dir, log)
     lam = step_train_iteration(config, i, model, judged, stage_dir, pad_id, log)
     return {
@@ -270,8 +279,7 @@ def run_iteration(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, 
     }
 
 
-def step_generate(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, log) -> tuple[list[dict], DataReport]:
-    """Sample responses from pi_{i-1} (the loaded policy) for iteration i's prompt pool."""
+def generation_inputs(config: RunConfig, i: int, log) -> tuple[list, DataReport, GenerationSettings]:
     pool = config.data.prompt_pools[i - 1]
     prompts, report = load_prompts(pool, skip_invalid=config.data.skip_invalid, report=DataReport())
     log(f"iter{i}: prompts from {pool}: {report.summary()}")
@@ -281,7 +289,34 @@ def step_generate(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, 
         responses_per_prompt=gen.responses_per_prompt, batch_size=gen.batch_size, seed=config.seed * 1000 + i,
         max_prompt_length=config.data.max_prompt_length,
     )  # fmt: skip
+    return prompts, report, settings
+
+
+def step_generate(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, log) -> tuple[list[dict], DataReport]:
+    """Sample responses from pi_{i-1} (the loaded policy) for iteration i's prompt pool."""
+    prompts, report, settings = generation_inputs(config, i, log)
     generations = generate_responses(model, tokenizer, prompts, settings, stage_dir / "generations.jsonl", log=log)
+    return generations, report
+
+
+def step_generate_vllm(
+    config: RunConfig, i: int, previous_model: Path | None, stage_dir: Path, log
+) -> tuple[list[dict], DataReport]:
+    """Sample from pi_{i-1} with vLLM: the base model plus the previous stage's adapter, or its full model."""
+    from transformers import AutoTokenizer
+
+    prompts, report, settings = generation_inputs(config, i, log)
+    if full_finetuning(config):
+        model_path, adapter_path = previous_model or Path(config.model.path), None
+    else:
+        model_path, adapter_path = Path(config.model.path), previous_model
+    tokenizer = AutoTokenizer.from_pretrained(models.check_model_dir(model_path), local_files_only=True)
+    _, dtype = resolve_device(config)
+    generations = generate_responses_vllm(
+        model_path, tokenizer, prompts, settings, stage_dir / "generations.jsonl", adapter_path=adapter_path,
+        dtype=str(dtype).removeprefix("torch."), gpu_memory_utilization=config.generation.vllm_gpu_memory_utilization,
+        log=log,
+    )  # fmt: skip
     return generations, report
 
 
@@ -351,8 +386,8 @@ def step_train_iteration(config: RunConfig, i: int, model, judged: list[dict], s
     return lam
 
 
-def load_stage_model(config: RunConfig, stage: str):
-    """(model, tokenizer) as stage `stage` starts: pi_init plus the previous stage's adapter (or model)."""
+def previous_stage_model(config: RunConfig, stage: str) -> Path | None:
+    """The saved model stage `stage` starts from (None: pi_init itself); checked to exist."""
     check_config(config)
     stages = list(stage_fingerprints(config))
     if stage not in stages:
@@ -365,7 +400,13 @@ def load_stage_model(config: RunConfig, stage: str):
         and not (previous / "adapter_config.json").exists()
     ):
         raise ConfigError(f"{stage} starts from {previous}, which does not exist yet: run {stages[index - 1]} first")
-    torch.manual_seed(config.seed * 1000 + index)
+    return previous
+
+
+def load_stage_model(config: RunConfig, stage: str):
+    """(model, tokenizer) as stage `stage` starts: pi_init plus the previous stage's adapter (or model)."""
+    previous = previous_stage_model(config, stage)
+    torch.manual_seed(config.seed * 1000 + list(stage_fingerprints(config)).index(stage))
     return load_policy(config, previous)
 
 

@@ -11,6 +11,28 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+
+def _backport_interpreter_index_fix() -> None:
+    """Triton <= 3.6's interpreter turns a scalar into an int with int(array of shape (1,)),
+    which NumPy >= 2.4 refuses, so every `range()` over a runtime bound fails. Triton 3.9
+    squeezes the array first; do the same on older versions (harmless on 3.9)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+_backport_interpreter_index_fix()
+
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 
 
