@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session, no network: install the peers' wheels from ./.whl/, install the project,
-# run bench/gpu_check.py then bench/kernels.py. Everything lands in OUTDIR; the whole script
+# run bench/gpu_check.py, bench/engine_check.py, then bench/kernels.py. Everything lands in OUTDIR; the whole script
 # ends within 8 minutes (each step has a timeout; what a cut-short step wrote is kept).
 #
 #   bash bench/gpu_check.sh OUTDIR
@@ -71,20 +71,32 @@ EOF
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# 4. Correctness + launch-config sweep: at most 220 s, and never eating into the 210 s kept
-#    for kernels.py. Inside, the log-prob cases start no new case after 100 s and the sweep no
-#    new config after 70 s (first calls are mostly Triton compilation on a fresh machine).
-BUDGET=$(($(left 210) < 220 ? $(left 210) : 220))
+# 4. Correctness + launch-config sweep: at most 190 s, and never eating into the 300 s kept
+#    for engine_check.py and kernels.py. Inside, the log-prob cases start no new case after
+#    100 s and the sweep no new config after 60 s (first calls are mostly Triton compilation
+#    on a fresh machine).
+BUDGET=$(($(left 300) < 190 ? $(left 300) : 190))
 if [ "$BUDGET" -gt 30 ]; then
     log "gpu_check.py (timeout ${BUDGET}s)"
-    timeout -k 10 "$BUDGET" "$PY" bench/gpu_check.py --out "$OUT" --check-budget 100 --sweep-budget 70 2>&1 |
+    timeout -k 10 "$BUDGET" "$PY" bench/gpu_check.py --out "$OUT" --check-budget 100 --sweep-budget 60 2>&1 |
         tee "$OUT/gpu_check.log"
     log "gpu_check.py exit ${PIPESTATUS[0]} (124: timed out)"
 else
     log "setup took too long: no time left for gpu_check.py"
 fi
 
-# 5. The benchmark, with whatever time is left (minus 10 s to finish cleanly).
+# 5. The engine end to end in bf16 (stage 0 + one SPA iteration on a ~100M Llama): at most
+#    100 s, keeping 200 s for kernels.py.
+BUDGET=$(($(left 200) < 100 ? $(left 200) : 100))
+if [ "$BUDGET" -gt 30 ]; then
+    log "engine_check.py (timeout ${BUDGET}s)"
+    timeout -k 10 "$BUDGET" "$PY" bench/engine_check.py --out "$OUT" 2>&1 | tee "$OUT/engine_check.log"
+    log "engine_check.py exit ${PIPESTATUS[0]} (124: timed out)"
+else
+    log "no time left for engine_check.py"
+fi
+
+# 6. The benchmark, with whatever time is left (minus 10 s to finish cleanly).
 BUDGET=$(left 10)
 if [ "$BUDGET" -gt 30 ]; then
     log "kernels.py (timeout ${BUDGET}s)"
