@@ -80,11 +80,14 @@ def judge_generations(
     base_model=None,
     reward_model=None,
     batch_prompts: int = 16,
+    autocast_dtype: torch.dtype | None = None,
     log=print,
 ) -> list[dict]:
     """Turn generations into preference pairs; write them (TRL format plus scores) atomically.
 
-    Judged batches are appended to `<out_path>.partial` as they finish, so a killed judge
+    `autocast_dtype`: run the scoring under torch.autocast, as training does (its stored
+    log pi_{i-1} serves as the training reference). Judged batches are appended to
+    `<out_path>.partial` as they finish, so a killed judge
     resumes at its first unfinished batch; the batches are fixed by the input order, so a
     resumed judgment scores every pair exactly as an uninterrupted one would.
     """
@@ -111,7 +114,11 @@ def judge_generations(
                     for r, s in zip(batch, reward_model.score(items), strict=True)
                 ]
             else:
-                scores = score_responses(model, items, padding, judge_reference=judge_reference, base_model=base_model)
+                device_type = next(model.parameters()).device.type
+                with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    scores = score_responses(
+                        model, items, padding, judge_reference=judge_reference, base_model=base_model
+                    )
                 judged = [_pair_of(r, policy, ref, beta) for r, (policy, ref) in zip(batch, scores, strict=True)]
             append_batch(out, [{**pair, "batch": number} for pair in judged])
     model.train(was_training)

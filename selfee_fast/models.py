@@ -199,7 +199,15 @@ def sequence_token_logprobs(
             ref_hidden = final_hidden_states(model, input_ids, attention_mask)
     weight, bias = lm_head(model)
     ref_weight, ref_bias = lm_head(reference_model) if reference_model is not None else (None, None)
-    # Under autocast the body may hand back another dtype than the head's; the kernel needs one.
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What autocast does to a plain linear layer: the head computes in the autocast dtype
+        # (fp32 master weights included; the gradient flows back through the cast).
+        dtype = torch.get_autocast_dtype(device_type)
+        weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+        if ref_weight is not None:
+            ref_weight, ref_bias = ref_weight.to(dtype), ref_bias.to(dtype) if ref_bias is not None else None
+    # The body may hand back another dtype than the head's; the kernel needs one.
     hidden = hidden.to(weight.dtype)
     if ref_hidden is not None:
         ref_hidden = ref_hidden.to(weight.dtype if ref_weight is None else ref_weight.dtype)

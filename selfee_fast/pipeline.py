@@ -38,17 +38,38 @@ from .judge import judge_generations
 from .reward_model import RewardModel, RewardModelSettings, train_reward_model
 from .train import TrainPair, TrainSettings, train_stage
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
 
 def resolve_device(config: RunConfig) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype the weights are loaded in).
+
+    model.dtype=auto on a GPU: LoRA keeps the frozen base in bf16 (peft keeps the adapter in
+    fp32); full fine-tuning keeps fp32 master weights, since a bf16 weight cannot take an
+    update below its rounding step (2^-8 of its size: lr 5e-7 moves nothing). Either way
+    the forward runs under bf16 autocast (`autocast_dtype`). On the CPU: fp32.
+    """
     device = config.model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    names = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16, "float32": torch.float32}  # fmt: skip
-    if config.model.dtype not in names:
-        raise ConfigError(f"model.dtype must be one of {sorted(names)}, got {config.model.dtype!r}")
-    return device, names[config.model.dtype]
+    if config.model.dtype == "auto":
+        lora_on_gpu = device.type == "cuda" and not full_finetuning(config)
+        return device, torch.bfloat16 if lora_on_gpu else torch.float32
+    if config.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of {['auto', *DTYPES]}, got {config.model.dtype!r}")
+    return device, DTYPES[config.model.dtype]
+
+
+def autocast_dtype(config: RunConfig) -> torch.dtype | None:
+    """The dtype the forward computes in under torch.autocast: bf16 on a GPU with dtype auto or bfloat16.
+
+    float16 and float32 run in the weights' own dtype (fp16 autocast would need loss scaling).
+    """
+    device, _ = resolve_device(config)
+    if device.type != "cuda" or config.model.dtype not in ("auto", "bfloat16"):
+        return None
+    return torch.bfloat16
 
 
 def fingerprint(*parts) -> str:
@@ -209,19 +230,30 @@ def full_finetuning_memory(model, config: RunConfig) -> str:
     optimizer_bytes = 8 if config.train.optimizer == "adamw" else 2  # fp32 Adam moments vs 8-bit
     gib = 2**30
     policy = params * (2 * weight_bytes + optimizer_bytes) / gib  # weights + gradients + optimizer state
-    frozen = params * weight_bytes / gib  # one frozen copy: pi_init, or pi_{i-1} for DND
-    return (
+    compute = autocast_dtype(config)
+    frozen_bytes = torch.tensor([], dtype=compute).element_size() if compute is not None else weight_bytes
+    frozen = params * frozen_bytes / gib  # one frozen copy: pi_init, or pi_{i-1} for DND
+    message = (
         f"full fine-tuning of {params / 1e6:.1f}M parameters: policy {policy:.2f} GiB (weights, gradients, "
         f"{config.train.optimizer} state) + {frozen:.2f} GiB per frozen copy (pi_init; pi_{{i-1}} too with DND), "
         "before activations; LoRA (model.lora_r > 0) keeps one copy of the weights instead"
     )
+    if weight_bytes < 4:
+        message += (
+            f"; warning: {next(model.parameters()).dtype} weights lose every update below their rounding step "
+            f"(about 2^-8 of a weight; train.lr={config.train.lr:g}): model.dtype=auto keeps fp32 master weights"
+        )
+    return message
 
 
-def frozen_copy(model):
+def frozen_copy(model, dtype: torch.dtype | None = None):
+    """A frozen copy for inference; `dtype` (the autocast dtype) halves what fp32 master weights would take."""
     import copy
 
     reference = copy.deepcopy(model)
     reference.requires_grad_(False)
+    if dtype is not None:
+        reference.to(dtype)
     return reference.eval()
 
 
@@ -229,8 +261,9 @@ def load_init_model(config: RunConfig):
     """pi_init as its own frozen model (full fine-tuning, or no-seed mode's judge_base)."""
     device, dtype = resolve_device(config)
     model, _ = models.load_model(
-        config.model.judge_base or config.model.path, dtype=dtype, device=device, gradient_checkpointing=False
-    )
+        config.model.judge_base or config.model.path, dtype=autocast_dtype(config) or dtype, device=device,
+        gradient_checkpointing=False,
+    )  # fmt: skip
     return model.requires_grad_(False).eval()
 
 
@@ -335,9 +368,11 @@ def step_judge(
     # pi_init is the shared model with adapters off, unless it must be a model of its own.
     needs_own = config.model.judge_base or (full_finetuning(config) and config.spa.judge_reference == "init")
     base_model = load_init_model(config) if needs_own else None
+    # The same autocast as training: the judge's log pi_{i-1} is reused as the training reference.
     return judge_generations(
         model, tokenizer, generations, pairs_path, beta=config.train.beta,
-        judge_reference=config.spa.judge_reference, base_model=base_model, log=log,
+        judge_reference=config.spa.judge_reference, base_model=base_model, autocast_dtype=autocast_dtype(config),
+        log=log,
     )  # fmt: skip
 
 
@@ -375,7 +410,8 @@ def step_train_iteration(config: RunConfig, i: int, model, judged: list[dict], s
     reference, reference_model = None, None
     needs_reference_forward = lam is not None or any(p.ref_chosen is None for p in pairs)  # e.g. a reward-model judge
     if needs_reference_forward and full_finetuning(config):
-        reference_model = frozen_copy(model)  # taken before a checkpoint restore: still pi_{i-1}
+        # Taken before a checkpoint restore: still pi_{i-1}.
+        reference_model = frozen_copy(model, autocast_dtype(config))
     elif needs_reference_forward:
         models.freeze_reference_adapter(model)
         reference = "reference"
@@ -412,12 +448,14 @@ def load_stage_model(config: RunConfig, stage: str):
 
 def train_settings(config: RunConfig, *, epochs: int, refine: bool, extrapolate: float | None) -> TrainSettings:
     t, spa = config.train, config.spa
+    compute = autocast_dtype(config)
     return TrainSettings(
         beta=t.beta, lr=t.lr, warmup_ratio=t.warmup_ratio, batch_size=t.batch_size,
         micro_batch_size=t.micro_batch_size, epochs=epochs, max_grad_norm=t.max_grad_norm, optimizer=t.optimizer,
         weight_decay=t.weight_decay, save_every=t.save_every, seed=config.seed, loss_type=t.loss_type,
         refine=refine, alpha=spa.alpha, alpha_warmup=spa.alpha_warmup, noise_percentile=spa.noise_percentile,
         tau_window=spa.tau_window, extrapolate=extrapolate,
+        autocast_dtype=str(compute).removeprefix("torch.") if compute is not None else None,
     )  # fmt: skip
 
 

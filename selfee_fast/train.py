@@ -57,6 +57,8 @@ class TrainSettings:
     noise_percentile: float = 0.10
     tau_window: int = 50
     extrapolate: float | None = None
+    # The forward's compute dtype under torch.autocast ("bfloat16" on a GPU); None: the weights' dtype.
+    autocast_dtype: str | None = None
 
 
 @dataclass
@@ -155,6 +157,7 @@ def train_stage(
     device = next(model.parameters()).device
 
     # ---- setup
+    compute_dtype = getattr(torch, settings.autocast_dtype) if settings.autocast_dtype else None
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings)
@@ -195,10 +198,11 @@ def train_stage(
             cpu_batch = collate_pairs(micro, pad_id)
             tokens += int(cpu_batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in cpu_batch.items()}
-            logps = sequence_token_logprobs(
-                model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                reference=reference, reference_model=reference_model, extrapolate=extrapolate,
-            )  # fmt: skip
+            with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+                logps = sequence_token_logprobs(
+                    model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                    reference=reference, reference_model=reference_model, extrapolate=extrapolate,
+                )  # fmt: skip
             mask = response_mask(batch["labels"])
             ref_tokens = logps.reference
             if reference is None and reference_model is None:
@@ -318,10 +322,16 @@ def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, thresh
         return 0
     path = out_dir / pointer.read_text().strip()
     meta = json.loads((path / "state.json").read_text())
-    saved = meta["settings"]
-    if saved != asdict(settings):
-        changed = sorted(k for k in saved if saved[k] != asdict(settings).get(k))
-        raise ValueError(f"{path}: the checkpoint was written with other training settings ({', '.join(changed)})")
+    # A setting added after the checkpoint was written counts as its default: an upgrade that
+    # leaves a run's behaviour as it was does not orphan its checkpoints.
+    saved = {**asdict(TrainSettings()), **meta["settings"]}
+    current = asdict(settings)
+    if saved != current:
+        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        raise ValueError(
+            f"{path}: the checkpoint was written with other training settings: "
+            + ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        )
     weights = load_file(path / "trainable.safetensors")
     missing = set(names) - set(weights)
     if missing:

@@ -1,0 +1,49 @@
+"""Checkpoint compatibility: changed settings are refused by name; settings added later read as defaults."""
+
+import json
+import random
+
+import pytest
+
+from selfee_fast import models
+from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.train import TrainPair, TrainSettings, train_stage
+
+pytestmark = pytest.mark.usefixtures("chunked_backend")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    rng = random.Random(0)
+    words = "the cat dog sat ran on a mat log".split()
+    tokenizer = build_tokenizer([" ".join(rng.choice(words) for _ in range(8)) for _ in range(50)], tmp_path / "m",
+                                vocab_size=120)  # fmt: skip
+    build_tiny_llama(tmp_path / "m", tokenizer, hidden_size=32, layers=1)
+    model, _ = models.load_model(tmp_path / "m", lora=models.LoraSettings(r=4, alpha=8), gradient_checkpointing=False)
+    ids, eos = tokenizer("the cat sat on a mat").input_ids, tokenizer.eos_token_id
+    pairs = [TrainPair(f"p{i}", ids[:3], [*ids[3:], eos], [*ids[:2], eos]) for i in range(4)]
+    return model, pairs, tokenizer.pad_token_id
+
+
+def train(model, pairs, pad_id, out_dir, **changes):
+    settings = TrainSettings(lr=1e-3, batch_size=2, micro_batch_size=2, optimizer="adamw", save_every=1, **changes)
+    return train_stage(model, pairs, settings, out_dir, pad_id=pad_id, reference="init", log=lambda *_: None)
+
+
+def test_changed_settings_are_refused_by_name(setup, tmp_path):
+    model, pairs, pad_id = setup
+    train(model, pairs, pad_id, tmp_path / "train")
+    with pytest.raises(ValueError, match=r"other training settings: beta 0\.1 -> 0\.2"):
+        train(model, pairs, pad_id, tmp_path / "train", beta=0.2)
+
+
+def test_a_setting_added_later_reads_as_its_default(setup, tmp_path):
+    model, pairs, pad_id = setup
+    train(model, pairs, pad_id, tmp_path / "train")
+    latest = tmp_path / "train" / (tmp_path / "train" / "latest").read_text().strip() / "state.json"
+    state = json.loads(latest.read_text())
+    del state["settings"]["autocast_dtype"]  # as written before the field existed
+    latest.write_text(json.dumps(state))
+    train(model, pairs, pad_id, tmp_path / "train")  # resumes: the default is what the run used
+    with pytest.raises(ValueError, match=r"autocast_dtype None -> 'bfloat16'"):
+        train(model, pairs, pad_id, tmp_path / "train", autocast_dtype="bfloat16")
