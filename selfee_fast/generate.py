@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .batching import split_on_oom
 from .data import PromptRecord, padding_id, prompt_ids
 from .files import append_batch, complete_batches
 
@@ -73,31 +74,16 @@ def generate_responses(
             if batch_index in done:
                 continue
             batch_ids = [all_prompt_ids[i] for i in indices]
-            width = max(len(ids) for ids in batch_ids)
-            # Left padding: every prompt ends where generation starts.
-            input_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
-            for row, ids in enumerate(batch_ids):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            torch.manual_seed(settings.seed * 1_000_003 + batch_index)
-            sequences = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                do_sample=True,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                top_k=settings.top_k,
-                max_new_tokens=settings.max_new_tokens,
-                num_return_sequences=settings.responses_per_prompt,
-                eos_token_id=sorted(stop_ids),
-                pad_token_id=pad_id,
-                use_cache=True,
-            ).cpu()
+            batch_seed = settings.seed * 1_000_003 + batch_index
+
+            def sample(part: list[list[int]], offset: int, batch_seed: int = batch_seed) -> list[list[list[int]]]:
+                # A half retried after running out of memory gets a seed of its own.
+                return sample_batch(model, part, settings, stop_ids, pad_id, device, seed=batch_seed + 7919 * offset)
+
+            samples_per_prompt = split_on_oom(sample, batch_ids, what=f"generation batch {batch_index}", log=log)
             records = []
             for row, index in enumerate(indices):
-                n = settings.responses_per_prompt
-                samples = [sequences[row * n + k, width:].tolist() for k in range(n)]
+                samples = samples_per_prompt[row]
                 record = make_record(prompts[index], index, batch_ids[row], samples, stop_ids, batch_index, tokenizer)
                 new_tokens += sum(len(r) for r in record["responses"])
                 records.append(record)
@@ -111,6 +97,35 @@ def generate_responses(
     )
     model.train(was_training)
     return load_generations(out_path)
+
+
+def sample_batch(
+    model, batch_ids: list[list[int]], settings: GenerationSettings, stop_ids: set[int], pad_id: int, device, *, seed
+) -> list[list[list[int]]]:
+    """One `model.generate` call: per prompt, `responses_per_prompt` samples (the new token ids)."""
+    width = max(len(ids) for ids in batch_ids)
+    # Left padding: every prompt ends where generation starts.
+    input_ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+    for row, ids in enumerate(batch_ids):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    torch.manual_seed(seed)
+    sequences = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        do_sample=True,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        max_new_tokens=settings.max_new_tokens,
+        num_return_sequences=settings.responses_per_prompt,
+        eos_token_id=sorted(stop_ids),
+        pad_token_id=pad_id,
+        use_cache=True,
+    ).cpu()
+    n = settings.responses_per_prompt
+    return [[sequences[row * n + k, width:].tolist() for k in range(n)] for row in range(len(batch_ids))]
 
 
 def prepare(tokenizer, prompts: list[PromptRecord], settings: GenerationSettings, out_path: Path, log):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .batching import split_on_oom
 from .data import padding_id, right_pad
 from .files import append_batch, complete_batches, write_jsonl_atomic
 from .models import sequence_token_logprobs
@@ -102,6 +103,12 @@ def judge_generations(
         log(f"judge: resuming, {len(finished)}/{len(batches)} batches already judged")
     was_training = model.training
     model.eval()
+    device_type = next(model.parameters()).device.type
+
+    def score(items, _offset):
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return score_responses(model, items, padding, judge_reference=judge_reference, base_model=base_model)
+
     with partial_path.open("a", encoding="utf-8") as out:
         for number, batch in enumerate(batches):
             if number in finished:
@@ -114,11 +121,7 @@ def judge_generations(
                     for r, s in zip(batch, reward_model.score(items), strict=True)
                 ]
             else:
-                device_type = next(model.parameters()).device.type
-                with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    scores = score_responses(
-                        model, items, padding, judge_reference=judge_reference, base_model=base_model
-                    )
+                scores = split_on_oom(score, items, what=f"judge batch {number}", log=log)
                 judged = [_pair_of(r, policy, ref, beta) for r, (policy, ref) in zip(batch, scores, strict=True)]
             append_batch(out, [{**pair, "batch": number} for pair in judged])
     model.train(was_training)
