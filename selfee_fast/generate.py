@@ -8,8 +8,10 @@ batches are kept, a torn trailing batch is dropped and regenerated.
 Two backends write the same records: `generate_responses` samples with a loaded
 transformers model (`model.generate`, KV cache); `generate_responses_vllm` hands the same
 prompt token ids to a vLLM engine built from the model folder, with the policy's LoRA
-adapter as a `LoRARequest`. vLLM seeds each prompt on its own, so its output does not
-depend on how prompts are grouped into calls either.
+adapter as a `LoRARequest`. vLLM seeds each prompt on its own, so its random draws do not
+depend on how prompts are grouped into calls; its logits may still differ in the last bits
+with the batch (vLLM is batch-invariant only with VLLM_BATCH_INVARIANT=1), so a resumed
+run can differ from an uninterrupted one in an occasional token.
 
 A record: {"index", "location", "prompt", "prompt_ids", "responses": [ids...],
 "texts": [...], "finished": [bool...], "batch"}. `finished` is False when a response hit
@@ -18,6 +20,7 @@ max_new_tokens before EOS.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass
@@ -190,8 +193,9 @@ def load_generations(path: str | Path) -> list[dict]:
     return sorted(records, key=lambda r: r["index"])
 
 
-# vLLM ranks its LoRA kernels are built for; an adapter's rank is rounded up to one of them.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# vLLM's allowed max_lora_rank values (vllm/config/lora.py MaxLoRARanks); an adapter's rank
+# is rounded up to one of them.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def generate_responses_vllm(
@@ -233,11 +237,24 @@ def generate_responses_vllm(
 
     lora_request, engine_options = None, {}
     if adapter_path is not None:
+        if dtype in ("float32", "float"):
+            # vLLM's LoRA kernels take fp16/bf16 only (vllm/lora/ops/triton_ops/lora_shrink_op.py);
+            # "auto" makes vLLM cast an fp32 checkpoint to the card's half type.
+            log("generation (vllm): LoRA runs in 16 bits in vLLM; sampling with dtype='auto', not float32")
+            dtype = "auto"
         adapter_path = Path(adapter_path)
-        rank = json.loads((adapter_path / "adapter_config.json").read_text())["r"]
+        adapter_config = json.loads((adapter_path / "adapter_config.json").read_text())
+        rank = max([adapter_config["r"], *(adapter_config.get("rank_pattern") or {}).values()])
+        if rank > VLLM_LORA_RANKS[-1]:
+            raise ValueError(f"{adapter_path}: LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
         engine_options = {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank)}
         lora_request = LoRARequest(lora_name="policy", lora_int_id=1, lora_path=str(adapter_path))
     longest_prompt = max(len(all_prompt_ids[i]) for b in todo for i in plan[b])
+    # vLLM (its own process) starts only if 0.9 of the card is free: hand back what this
+    # process's caching allocator still holds from an earlier stage's training.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     llm = LLM(
         model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=settings.seed,
         gpu_memory_utilization=gpu_memory_utilization, max_model_len=longest_prompt + settings.max_new_tokens,
@@ -245,10 +262,13 @@ def generate_responses_vllm(
     )  # fmt: skip
 
     def sampling(index: int):
-        # One seed per prompt: the samples do not depend on which prompts share a call.
+        # One seed per prompt: the samples do not depend on which prompts share a call. vLLM
+        # gives sample k of a request the seed `seed + k` (vllm/v1/engine/parallel_sampling.py),
+        # so the prompts' seeds are n apart: no two samples of the call share a random stream.
+        n = settings.responses_per_prompt
         return SamplingParams(
-            n=settings.responses_per_prompt, temperature=settings.temperature, top_p=settings.top_p,
-            top_k=settings.top_k, max_tokens=settings.max_new_tokens, seed=settings.seed * 1_000_003 + index,
+            n=n, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+            max_tokens=settings.max_new_tokens, seed=(settings.seed * 1_000_003 + index) * n,
             stop_token_ids=sorted(stop_ids), detokenize=False,
         )  # fmt: skip
 
@@ -286,9 +306,14 @@ def generate_responses_vllm(
                 progress.set_postfix_str(f"{new_tokens / max(time.perf_counter() - start, 1e-9):.0f} new tok/s")
             progress.close()
     finally:
-        del llm
-        import gc
-
+        # Stop the engine now rather than whenever its last reference goes: with vLLM's
+        # default multiprocess engine this terminates and joins the EngineCore process (its
+        # GPU memory is gone when it returns); in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        # it undoes the engine's gc.freeze(), without which `del` frees nothing.
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+        del llm, engine_core
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

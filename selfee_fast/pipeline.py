@@ -139,6 +139,13 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError(f"generation.backend must be 'hf' or 'vllm', got {config.generation.backend!r}")
     if config.generation.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("generation.backend='vllm' needs vLLM: pip install 'selfee-fast[vllm]', or use 'hf'")
+    g = config.generation
+    if not 0 < g.temperature <= 2 or not 0 < g.top_p <= 1 or g.top_k < 0:
+        # vLLM's own limits (vllm/sampling_params.py _verify_args); hf refuses temperature 0 with sampling too.
+        raise ConfigError(
+            f"generation needs 0 < temperature <= 2, 0 < top_p <= 1, top_k >= 0 (0: off); "
+            f"got {g.temperature}, {g.top_p}, {g.top_k}"
+        )
     if config.generation.responses_per_prompt < 2:
         raise ConfigError("generation.responses_per_prompt must be >= 2 to form a pair")
 
@@ -176,13 +183,14 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(started_path, {"fingerprint": prints[stage]})
         started = time.time()
-        # Each stage starts from a known RNG state (LoRA's initialisation draws from it), so a
-        # stage gives the same result whatever ran before it in this process.
-        torch.manual_seed(config.seed * 1000 + stages.index(stage))
         generated = None
         if stage != "stage0" and config.generation.backend == "vllm":
             # vLLM wants the GPU memory the policy would hold: generate first, free the engine, then load.
             generated = step_generate_vllm(config, int(stage[4:]), previous_model, stage_dir, log)
+        # Each stage starts from a known RNG state (LoRA's initialisation draws from it), so a
+        # stage gives the same result whatever ran before it in this process (an in-process
+        # vLLM engine reseeds torch's global RNG with its own seed).
+        torch.manual_seed(config.seed * 1000 + stages.index(stage))
         model, tokenizer = load_policy(config, previous_model, log)
         pad_id = padding_id(tokenizer)
         if stage == "stage0":

@@ -94,6 +94,9 @@ class FakeLLM:
         self.options = dict(model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization, **options)  # fmt: skip
         self.adapters = {}
+        # vLLM's teardown: llm.llm_engine.engine_core.shutdown() stops the EngineCore process.
+        core = types.SimpleNamespace(shutdown=lambda: FakeLLM.events.append(("shutdown",)))
+        self.llm_engine = types.SimpleNamespace(engine_core=core)
         FakeLLM.events.append(("engine", self.options))
 
     def generate(self, prompts, sampling_params, *, use_tqdm=True, lora_request=None):
@@ -114,16 +117,18 @@ class FakeLLM:
         for prompt, params in zip(prompts, sampling_params, strict=True):
             ids = torch.tensor([prompt["prompt_token_ids"]])
             assert ids.shape[1] + params.max_tokens <= self.options["max_model_len"]
-            torch.manual_seed(params.seed)
-            with torch.no_grad():
-                sequences = model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                    max_new_tokens=params.max_tokens, num_return_sequences=params.n,
-                    eos_token_id=params.stop_token_ids, pad_token_id=0,
-                )  # fmt: skip
+            rows = []
+            for k in range(params.n):  # vLLM samples child k of a request with seed + k
+                torch.manual_seed(params.seed + k)
+                with torch.no_grad():
+                    sequence = model.generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                        max_new_tokens=params.max_tokens, eos_token_id=params.stop_token_ids, pad_token_id=0,
+                    )  # fmt: skip
+                rows.append(sequence[0, ids.shape[1] :].tolist())
             completions = []
-            for row in sequences[:, ids.shape[1] :].tolist():
+            for row in rows:
                 end = next((t for t, token in enumerate(row) if token in params.stop_token_ids), None)
                 completions.append(types.SimpleNamespace(token_ids=row if end is None else row[: end + 1]))
             outputs.append(types.SimpleNamespace(outputs=completions))
@@ -170,15 +175,17 @@ def test_vllm_records_have_the_hf_layout_and_the_prompt_ids_reach_the_engine(wor
         for response, finished in zip(ours["responses"], ours["finished"], strict=True):
             assert 1 <= len(response) <= SETTINGS.max_new_tokens
             assert finished == (response[-1] == tokenizer.eos_token_id)
-    engine, *calls, deleted = fake_vllm
+    engine, *calls, shutdown, deleted = fake_vllm
     assert engine[1]["model"] == str(root / "model") and "enable_lora" not in engine[1]
-    assert deleted == ("deleted",), "the engine is freed before generate_responses_vllm returns"
+    assert (shutdown, deleted) == (("shutdown",), ("deleted",)), "the engine is stopped and freed before returning"
     # 10 prompts in batches of 3; calls of >= 4 prompts: batches {0,1}, {2,3}.
     assert [len(c[1]) for c in calls] == [6, 4]
     sent = {tuple(ids) for c in calls for ids in c[1]}
     assert sent == {tuple(r["prompt_ids"]) for r in records}
     params = [p for c in calls for p in c[2]]
     assert len({p.seed for p in params}) == len(prompts), "one seed per prompt"
+    child_seeds = [p.seed + k for p in params for k in range(p.n)]  # vLLM's seeds for the n samples
+    assert len(set(child_seeds)) == len(child_seeds), "no two samples share a random stream"
     assert all(p.stop_token_ids == [tokenizer.eos_token_id] and p.max_tokens == 6 and p.n == 2 for p in params)
 
 
@@ -255,7 +262,7 @@ def test_pipeline_generates_with_vllm_before_loading_the_policy(workspace, fake_
     (tmp_path / "run" / "iter1" / "generations.jsonl").unlink()
     fake_vllm.clear()
     assert main(["generate", str(tmp_path / "run.yaml"), "--stage", "iter1"]) == 0
-    assert [e[0] for e in fake_vllm] == ["engine", "generate", "deleted"]
+    assert [e[0] for e in fake_vllm] == ["engine", "generate", "shutdown", "deleted"]
     assert (tmp_path / "run" / "iter1" / "generations.jsonl").read_text() == first
 
 
