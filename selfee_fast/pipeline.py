@@ -76,17 +76,27 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def changed_settings(section) -> dict:
+    """A config section's values that differ from their defaults.
+
+    Fingerprints hash these, not the whole section: a setting added in a later version
+    (at its default) leaves every fingerprint as it was, so upgrading does not orphan runs.
+    """
+    defaults = asdict(type(section)())
+    return {k: v for k, v in asdict(section).items() if v != defaults[k]}
+
+
 def stage_fingerprints(config: RunConfig) -> dict[str, str]:
-    base = fingerprint(asdict(config.model), config.seed, config.data.max_length, config.data.max_prompt_length)
+    model, train = changed_settings(config.model), changed_settings(config.train)
+    generation, spa = changed_settings(config.generation), changed_settings(config.spa)
+    base = fingerprint(model, config.seed, config.data.max_length, config.data.max_prompt_length)
     prints = {}
     previous = base
     if config.data.seed_pairs:
-        previous = prints["stage0"] = fingerprint(base, config.data.seed_pairs, asdict(config.train))
+        previous = prints["stage0"] = fingerprint(base, config.data.seed_pairs, train)
     for i in range(1, config.spa.iterations + 1):
         pool = config.data.prompt_pools[i - 1] if i <= len(config.data.prompt_pools) else None
-        previous = prints[f"iter{i}"] = fingerprint(
-            previous, pool, asdict(config.generation), asdict(config.train), asdict(config.spa), i
-        )
+        previous = prints[f"iter{i}"] = fingerprint(previous, pool, generation, train, spa, i)
     return prints
 
 
