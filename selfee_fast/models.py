@@ -28,6 +28,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+QUANTIZATIONS = ("none", "4bit")
 UNSUPPORTED_HEAD_OPTIONS = ("final_logit_softcapping", "logit_scale")
 
 
@@ -61,20 +62,38 @@ def load_model(
     lora: LoraSettings | None = None,
     adapter_path: str | Path | None = None,
     gradient_checkpointing: bool = True,
+    quantization: str = "none",
 ):
     """Load (model, tokenizer) from a local folder; with `lora`, add a trainable policy adapter.
 
     `adapter_path` loads an existing peft adapter as the trainable policy instead of a fresh one.
+    `quantization="4bit"` stores the linear layers of the body in NF4 (QLoRA: bitsandbytes,
+    double quantisation, computing in `dtype`); the LM head is left unquantised, so the
+    fused head sees ordinary weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+    dtype = dtype or torch.float32
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        nf4 = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        # Quantised weights are placed as they load: no full-precision copy on the device first.
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype, quantization_config=nf4, device_map={"": str(device)}
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        model.to(device)
     for option in UNSUPPORTED_HEAD_OPTIONS:
         if getattr(model.config, option, None) not in (None, 1.0):
             raise ValueError(f"{path}: config sets {option}; the fused head computes plain logits and would be wrong")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model.to(device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

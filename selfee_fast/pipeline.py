@@ -105,6 +105,17 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError("model.path is required: the local folder of the SFT model (pi_init)")
     if config.model.lora_r < 0:
         raise ConfigError(f"model.lora_r must be >= 0 (0: full fine-tuning), got {config.model.lora_r}")
+    if config.model.quantization not in models.QUANTIZATIONS:
+        raise ConfigError(
+            f"model.quantization must be one of {models.QUANTIZATIONS}, got {config.model.quantization!r}"
+        )
+    if config.model.quantization != "none":
+        if config.model.lora_r == 0:
+            raise ConfigError("model.quantization=4bit trains LoRA adapters on a frozen base: set model.lora_r > 0")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("model.quantization=4bit needs bitsandbytes: pip install bitsandbytes")
+        if config.generation.backend == "vllm":
+            raise ConfigError("generation.backend=vllm with model.quantization=4bit is not supported yet: use hf")
     if len(config.data.prompt_pools) < config.spa.iterations:
         raise ConfigError(
             f"spa.iterations is {config.spa.iterations} but data.prompt_pools lists {len(config.data.prompt_pools)} "
@@ -235,10 +246,13 @@ def load_policy(config: RunConfig, previous_model: Path | None, log=print):
         r=config.model.lora_r, alpha=config.model.lora_alpha, dropout=config.model.lora_dropout,
         target_modules=config.model.lora_target_modules,
     )  # fmt: skip
-    return models.load_model(
+    model, tokenizer = models.load_model(
         config.model.path, dtype=dtype, device=device, lora=lora, adapter_path=previous_model,
-        gradient_checkpointing=config.model.gradient_checkpointing,
+        gradient_checkpointing=config.model.gradient_checkpointing, quantization=config.model.quantization,
     )  # fmt: skip
+    if config.model.quantization != "none":
+        log(f"QLoRA: {config.model.quantization} base, {model.get_memory_footprint() / 2**30:.2f} GiB of weights")
+    return model, tokenizer
 
 
 def full_finetuning_memory(model, config: RunConfig) -> str:
@@ -280,7 +294,7 @@ def load_init_model(config: RunConfig):
     device, dtype = resolve_device(config)
     model, _ = models.load_model(
         config.model.judge_base or config.model.path, dtype=autocast_dtype(config) or dtype, device=device,
-        gradient_checkpointing=False,
+        gradient_checkpointing=False, quantization=config.model.quantization,
     )  # fmt: skip
     return model.requires_grad_(False).eval()
 
