@@ -3,10 +3,12 @@
 # run bench/gpu_check.py, bench/engine_check.py, then bench/kernels.py. Everything lands in OUTDIR; the whole script
 # ends within 8 minutes (each step has a timeout; what a cut-short step wrote is kept).
 #
-#   bash bench/gpu_check.sh OUTDIR
+#   bash bench/gpu_check.sh OUTDIR          # kernels, engine, benchmarks (the first call of a GPU session)
+#   bash bench/gpu_check.sh OUTDIR 7b       # same set-up, then only bench/memory_7b.py (a second call)
 set -u
 
-OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
+OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [7b]}
+MODE=${2:-all}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 1 # the repository root
@@ -14,6 +16,7 @@ REPO=$(pwd)
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 TOTAL=480 # seconds for the whole script
+[ "$MODE" = "7b" ] && TOTAL=290 # the second call of a session: run(..., timeout_s=300)
 SECONDS=0
 
 left() { echo $((TOTAL - SECONDS - ${1:-0})); }
@@ -70,6 +73,15 @@ EOF
     git -C "$REPO" status --short 2>/dev/null | head -20
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+
+if [ "$MODE" = "7b" ]; then
+    BUDGET=$(left 10)
+    log "memory_7b.py (timeout ${BUDGET}s)"
+    timeout -k 10 "$BUDGET" "$PY" bench/memory_7b.py --out "$OUT" 2>&1 | tee "$OUT/memory_7b.log"
+    log "memory_7b.py exit ${PIPESTATUS[0]} (124: timed out; memory_7b-cuda.json holds the variants finished)"
+    ls -la "$OUT" | tee -a "$OUT/gpu_check_sh.log"
+    exit 0
+fi
 
 # 4. Correctness + launch-config sweep: at most 190 s, and never eating into the 300 s kept
 #    for engine_check.py and kernels.py. Inside, the log-prob cases start no new case after

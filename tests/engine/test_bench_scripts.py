@@ -37,3 +37,11 @@ def test_gpu_check_smoke(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check-cpu-smoke.json").read_text())
     assert result["summary"]["failed"] == 0 and result["summary"]["passed"] > 0
+
+
+def test_memory_7b_smoke(tmp_path):
+    done = run_script("memory_7b.py", "--cpu-smoke", "--out", str(tmp_path), "--micro", "1", "--steps", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "memory_7b-cpu-smoke.json").read_text())
+    assert [(r["variant"], r["micro_batch_pairs"]) for r in result["runs"]] == [("lora", 1), ("qlora", 1)]
+    assert all(r["steps"] == 2 and r["tokens_per_s_median"] > 0 for r in result["runs"])
