@@ -132,7 +132,12 @@ def main(argv=None) -> int:
     from selfee_fast.pipeline import run_pipeline
 
     scale = SMOKE_SCALE if args.cpu_smoke else GPU_SCALE
-    optimizer = "adamw8bit" if importlib.util.find_spec("bitsandbytes") else "adamw"
+    from selfee_fast.train import eight_bit_optimizer_problem
+
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    bnb_problem = "not installed" if importlib.util.find_spec("bitsandbytes") is None else None
+    bnb_problem = bnb_problem or eight_bit_optimizer_problem(device)
+    optimizer = "adamw" if bnb_problem else "adamw8bit"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"engine_check-{'cpu-smoke' if args.cpu_smoke else 'cuda'}.json"
@@ -142,7 +147,8 @@ def main(argv=None) -> int:
     env = {
         "python": platform.python_version(), "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if not args.cpu_smoke else "cpu",
-        "optimizer": optimizer, "backend": os.environ.get("SELFEE_FAST_BACKEND", "auto"),
+        "optimizer": optimizer, "bitsandbytes_problem": bnb_problem,
+        "backend": os.environ.get("SELFEE_FAST_BACKEND", "auto"),
     }  # fmt: skip
     log(f"env: {env}")
     result = {"env": env, "scale": scale, "checks": []}

@@ -96,7 +96,7 @@ def run_variant(folder: Path, quantization: str, micro: int, steps: int, args, d
     models.freeze_reference_adapter(model)  # SPA iteration: pi_{i-1} as a frozen adapter copy
     vocab = model.get_output_embeddings().weight.shape[0]
     pairs = random_pairs(micro * steps, args.prompt_len, args.response_len, vocab, tokenizer.eos_token_id)
-    optimizer = "adamw8bit" if importlib.util.find_spec("bitsandbytes") else "adamw"
+    optimizer = "adamw" if args.bnb_problem else "adamw8bit"
     settings = TrainSettings(
         lr=1e-5, warmup_ratio=0.0, batch_size=micro, micro_batch_size=micro, optimizer=optimizer, save_every=10**6,
         refine=True, extrapolate=0.5, tau_window=4,
@@ -139,10 +139,18 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"memory_7b-{'cpu-smoke' if args.cpu_smoke else 'cuda'}.json"
+    from selfee_fast.train import eight_bit_optimizer_problem
+
+    args.bnb_problem = "not installed" if importlib.util.find_spec("bitsandbytes") is None else None
+    args.bnb_problem = args.bnb_problem or eight_bit_optimizer_problem(device)
+    if args.bnb_problem and "qlora" in args.variants:
+        print(f"bitsandbytes unusable ({args.bnb_problem}): qlora skipped, AdamW in fp32", flush=True)
+        args.variants = [v for v in args.variants if v != "qlora"]
     work = Path(tempfile.mkdtemp(prefix="selfee_7b_"))
     result = {
         "env": {"python": platform.python_version(), "torch": torch.__version__,
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"},
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "bitsandbytes_problem": args.bnb_problem},
         "shape": TINY if args.cpu_smoke else LLAMA_7B, "runs": [],
     }  # fmt: skip
 

@@ -140,6 +140,16 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
     if t.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"train.optimizer={t.optimizer!r} needs bitsandbytes: pip install bitsandbytes, or use adamw")
+    device, _ = resolve_device(config)
+    if t.optimizer != "adamw" and device.type == "cuda":
+        from .train import eight_bit_optimizer_problem
+
+        problem = eight_bit_optimizer_problem(device)
+        if problem:
+            raise ConfigError(
+                f"train.optimizer={t.optimizer!r}: bitsandbytes cannot run on {device} ({problem}); "
+                "install a bitsandbytes built for this CUDA, or use train.optimizer=adamw"
+            )
     if t.loss_type not in LOSS_TYPES:
         raise ConfigError(f"train.loss_type must be one of {LOSS_TYPES}, got {t.loss_type!r}")
     if config.spa.refine and t.loss_type in ("ipo", "hinge"):

@@ -81,6 +81,26 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) ->
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {settings.optimizer!r}")
 
 
+def eight_bit_optimizer_problem(device: torch.device) -> str | None:
+    """Why bitsandbytes' 8-bit AdamW cannot step on `device` (None: it can).
+
+    Importing bitsandbytes succeeds even when its native library does not match the
+    machine's CUDA; the first optimizer step would fail mid-run. One step on a tiny
+    parameter (4096 elements: the smallest bitsandbytes keeps in 8 bits) finds out up front.
+    """
+    try:
+        import bitsandbytes as bnb
+
+        param = torch.nn.Parameter(torch.zeros(4096, device=device))
+        param.grad = torch.ones_like(param)
+        bnb.optim.AdamW8bit([param], lr=1e-3).step()
+        if not torch.isfinite(param).all():
+            return "a test step of AdamW8bit gave non-finite weights"
+    except Exception as error:  # any failure here is the answer
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
 def cosine_with_warmup(total_steps: int, warmup_ratio: float):
     warmup = math.ceil(total_steps * warmup_ratio)
 
