@@ -45,7 +45,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from selfee_fast.kernels.config import LaunchConfig, gpu_config
-from selfee_fast.kernels.logprobs_backward import logprobs_backward
+from selfee_fast.kernels.logprobs_backward import logit_gradients, logprobs_backward
 from selfee_fast.kernels.logprobs_forward import logprobs_forward
 from selfee_fast.kernels.spa_loss import spa_pair_loss
 
@@ -239,8 +239,14 @@ def scenarios(dtype: torch.dtype, config: LaunchConfig) -> list[tuple[str, Calla
         (f"forward shared head + extrapolated {tag}", forward_shared_head),
         (f"forward separate head, biases {tag}", forward_separate_head),
         (f"backward frozen head, deterministic {tag}", lambda: backward(False, single, False)),
-        (f"backward frozen head, split {tag}", lambda: backward(False, split, False)),
-        (f"backward trainable head + bias, split {tag}", lambda: backward(True, split, True)),
+        (f"backward frozen head, vocab splits {tag}", lambda: backward(False, split, False)),
+        (f"backward trainable head + bias, vocab splits {tag}", lambda: backward(True, split, True)),
+        (
+            f"split backward: dz of a row chunk {tag}",
+            lambda: logit_gradients(
+                hidden, weight, active, targets, stat, stat, stat, 3, rows, bias=bias, config=config
+            ),
+        ),
         ("spa loss", loss),
     ]
 

@@ -289,13 +289,18 @@ def check_logprobs(sf, device: torch.device, smoke: bool, seed: int, budget_s: f
             continue
         tensors = make_case_tensors(case, device, seed)
         want = float64_expected(case, tensors)
-        for backend in ("triton", "torch"):
-            name = f"logprobs[{backend}] {case.label()}"
+        for variant in ("triton", "triton-split", "torch"):
+            name = f"logprobs[{variant}] {case.label()}"
+            # triton-split: the Triton forward with the split backward (dz per row chunk, then cuBLAS).
+            backend, backward = (variant, "fused") if variant != "triton-split" else ("triton", "split")
+            os.environ["SELFEE_FAST_TRITON_BACKWARD"] = backward
             try:
                 got = run_case(sf, case, tensors, backend)
                 ok, details = compare(case, got, want, tensors["targets"])
             except Exception as exc:  # a crash is a failed check, not the end of the run
                 ok, details = False, {"error": error_text(exc)}
+            finally:
+                os.environ.pop("SELFEE_FAST_TRITON_BACKWARD")
             report(Check(name, ok, details), checks)
     return skipped
 

@@ -6,6 +6,7 @@ task "logprobs" -- policy log-probs with a gradient w.r.t. hidden, plus referenc
     naive          log_softmax(h @ W.T) gathered, reference under no_grad (materialised logits)
     ours-torch     selfee_fast.linear_logprobs(backend="torch") (chunked PyTorch)
     ours-triton    selfee_fast.linear_logprobs(backend="triton") (CUDA only)
+    ours-triton-split  the same with SELFEE_FAST_TRITON_BACKWARD=split (dz per row chunk, then cuBLAS)
     cce            cut_cross_entropy.linear_cross_entropy twice (policy, reference under no_grad)
 task "dpo" -- the whole sigmoid DPO loss from x [2B, T, H]:
     naive-dpo      materialised logits + DPO loss in PyTorch
@@ -56,7 +57,7 @@ CPU_SHAPES = [(256, 128, 32000)]
 GPU_QUICK_SHAPES = [(8192, 4096, 32000)]
 CPU_QUICK_SHAPES = [(256, 128, 4096)]
 
-OURS = ("ours-torch", "ours-triton", "ours-dpo-torch", "ours-dpo-triton")
+OURS = ("ours-torch", "ours-triton", "ours-triton-split", "ours-dpo-torch", "ours-dpo-triton")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -299,6 +300,15 @@ def run_ours(inp: Inputs, backend: str) -> dict:
     return {"policy": out.policy.detach(), "reference": out.reference}
 
 
+def run_ours_split(inp: Inputs) -> dict:
+    """ours-triton with the split backward: dz per chunk of rows (Triton), then dz @ W (cuBLAS)."""
+    os.environ["SELFEE_FAST_TRITON_BACKWARD"] = "split"
+    try:
+        return run_ours(inp, "triton")
+    finally:
+        os.environ.pop("SELFEE_FAST_TRITON_BACKWARD")
+
+
 def run_cce(inp: Inputs, lce) -> dict:
     # reduction="none" gives the per-token cross-entropy, i.e. minus the log-prob.
     policy = -lce(inp.hidden, inp.weight, inp.targets, reduction="none")
@@ -361,6 +371,7 @@ def collect_impls(device: torch.device, dpo_ok: bool) -> list[Impl]:
         Impl("naive", "logprobs", run_naive),
         Impl("ours-torch", "logprobs", lambda inp: run_ours(inp, "torch")),
         Impl("ours-triton", "logprobs", (lambda inp: run_ours(inp, "triton")) if gpu else None, "CUDA only"),
+        Impl("ours-triton-split", "logprobs", (lambda inp: run_ours_split(inp)) if gpu else None, "CUDA only"),
     ]
     try:
         from cut_cross_entropy import linear_cross_entropy

@@ -13,6 +13,11 @@ Both kernels recompute the logits tile from hidden and weight (no [N, V] buffer 
 dz @ W into the fp32 hidden gradient; `_grad_weight_kernel` walks the rows for a block of
 the vocabulary and accumulates dz.T @ h into the fp32 weight gradient. With one split the
 accumulation order is fixed (deterministic); with more, splits add with fp32 atomics.
+
+The split backward is the alternative for when read-modify-writing the [BLOCK_M, H] fp32
+slab once per vocabulary tile is what limits `_grad_hidden_kernel` (bench/NOTES.md):
+`_logit_gradient_kernel` writes dz for a chunk of rows (one tile per program, no loop over
+the vocabulary, no atomics) and the products with W and h are left to cuBLAS.
 """
 
 from __future__ import annotations
@@ -146,6 +151,67 @@ def _grad_weight_kernel(
         else:
             tl.store(grad_bias_ptr + offs_v, tl.load(grad_bias_ptr + offs_v, mask=v_ok, other=0.0) + bias_grad,
                      mask=v_ok)  # fmt: skip
+
+
+@triton.jit
+def _logit_gradient_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, dz_ptr,
+    row_begin, row_end, vocab, hidden_size, stride_hidden, stride_weight, stride_dz,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_V] tile of d logp / d z for rows [row_begin, row_end), stored in dz's dtype."""
+    offs_m = row_begin + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < row_end
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < vocab
+    rows = tl.load(rows_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+    targets = tl.load(targets_ptr + offs_m, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+    others_lse = tl.load(others_lse_ptr + offs_m, mask=row_ok, other=0.0)
+    upstream = tl.load(upstream_ptr + offs_m, mask=row_ok, other=0.0)
+    dz = _logit_gradient_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse, upstream,
+        hidden_size, stride_hidden, stride_weight,
+        HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST,
+    )  # fmt: skip
+    out = dz_ptr + (offs_m - row_begin).to(tl.int64)[:, None] * stride_dz + offs_v[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
+
+
+def logit_gradients(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    others_lse: torch.Tensor,
+    upstream: torch.Tensor,
+    row_begin: int,
+    row_end: int,
+    *,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """d logp / d z for active rows [row_begin, row_end) as a [rows, V] tensor in weight's dtype.
+
+    The first half of the split backward: the logits are recomputed tile by tile and only
+    their gradient leaves the chip; the caller multiplies it by W (and h) with cuBLAS.
+    `out` (at least [row_end - row_begin, V]) is reused across chunks when given.
+    """
+    config = config or default_config(hidden.device, hidden.dtype)
+    count, vocab = row_end - row_begin, weight.shape[0]
+    dz = out[:count] if out is not None else torch.empty((count, vocab), dtype=weight.dtype, device=weight.device)
+    if count > 0:
+        _logit_gradient_kernel[(triton.cdiv(count, config.block_m), triton.cdiv(vocab, config.block_v))](
+            hidden, weight, bias if bias is not None else weight, rows, targets, lse, others_lse, upstream, dz,
+            row_begin, row_end, vocab, weight.shape[1], hidden.stride(0), weight.stride(0), dz.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k,
+            DOT_PRECISION=dot_precision(weight.dtype), UPCAST=upcast_dots(),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+    return dz
 
 
 def logprobs_backward(

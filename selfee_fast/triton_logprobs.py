@@ -2,10 +2,48 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .kernels.logprobs_backward import logprobs_backward
+from .kernels.logprobs_backward import logit_gradients, logprobs_backward
 from .kernels.logprobs_forward import logprobs_forward
+
+# The split backward's dz buffer: chunks of rows are sized to stay under this.
+SPLIT_CHUNK_BYTES = 256 * 2**20
+BACKWARDS = ("fused", "split")
+
+
+def triton_backward() -> str:
+    """How the hidden-state gradient is formed: "fused" (default) or "split" (SELFEE_FAST_TRITON_BACKWARD).
+
+    fused: one kernel recomputes the logits and accumulates dz @ W into an fp32 slab per
+    vocabulary tile. split: a kernel writes dz for a chunk of rows, cuBLAS multiplies it by
+    W. Which is faster depends on whether the fused kernel's slab traffic stays in L2; the
+    GPU benchmark times both (bench/NOTES.md).
+    """
+    mode = os.environ.get("SELFEE_FAST_TRITON_BACKWARD", "fused")
+    if mode not in BACKWARDS:
+        raise ValueError(f"SELFEE_FAST_TRITON_BACKWARD must be one of {BACKWARDS}, got {mode!r}")
+    return mode
+
+
+def split_grad_hidden(hidden, weight, bias, rows, targets, lse, others_lse, upstream) -> torch.Tensor:
+    """grad_hidden in hidden's dtype: per chunk of rows, dz (Triton) then dz @ W (one cuBLAS GEMM).
+
+    cuBLAS accumulates the whole vocabulary in fp32 and rounds once, as the fused path's
+    final cast does. Rows not in `rows` stay zero.
+    """
+    grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    num_rows, vocab = rows.numel(), weight.shape[0]
+    chunk = max(1, min(num_rows, SPLIT_CHUNK_BYTES // (vocab * weight.element_size())))
+    buffer = torch.empty((chunk, vocab), dtype=weight.dtype, device=weight.device) if num_rows else None
+    for begin in range(0, num_rows, chunk):
+        end = min(begin + chunk, num_rows)
+        dz = logit_gradients(hidden, weight, rows, targets, lse, others_lse, upstream, begin, end, bias=bias,
+                             out=buffer)  # fmt: skip
+        grad_hidden.index_copy_(0, rows[begin:end], (dz @ weight).to(hidden.dtype))
+    return grad_hidden
 
 
 class TritonLinearLogprobs(torch.autograd.Function):
@@ -38,14 +76,19 @@ class TritonLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_policy, _grad_reference, _grad_extrapolated):
         hidden, weight, bias, rows, targets, lse, others_lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        upstream = grad_policy.float().contiguous()
+        split = need_hidden and triton_backward() == "split"
+        if split:
+            grad_hidden = split_grad_hidden(hidden, weight, bias, rows, targets, lse, others_lse, upstream)
+        else:
+            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
         # A trainable bias on a frozen head still needs somewhere to accumulate dz.T @ h.
         want_weight = need_weight or need_bias
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         logprobs_backward(
-            hidden, weight, rows, targets, lse, others_lse, grad_policy.float().contiguous(),
-            bias=bias, grad_hidden=grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias,
+            hidden, weight, rows, targets, lse, others_lse, upstream,
+            bias=bias, grad_hidden=None if split else grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias,
             deterministic=ctx.deterministic,
         )  # fmt: skip
         return (

@@ -236,3 +236,30 @@ class TestBadInput:
         monkeypatch.setenv("SELFEE_FAST_BACKEND", "gpu")
         with pytest.raises(ValueError, match="SELFEE_FAST_BACKEND must be one of"):
             linear_logprobs(self.hidden, self.weight, self.targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_split_backward_matches_the_fused_one(monkeypatch, dtype, trainable_head):
+    """SELFEE_FAST_TRITON_BACKWARD=split: dz per chunk of rows, then dz @ W; same gradients."""
+    import selfee_fast.triton_logprobs as triton_logprobs
+
+    hidden, _, weight, targets = make_batch(3, 11, 40, 131, dtype)
+    weight.requires_grad_(trainable_head)
+    upstream = torch.randn(targets.shape)
+    wrt = [hidden, weight] if trainable_head else [hidden]
+    fused = grads_of(linear_logprobs(hidden, weight, targets, backend="triton").policy, upstream, wrt)
+    monkeypatch.setenv("SELFEE_FAST_TRITON_BACKWARD", "split")
+    monkeypatch.setattr(triton_logprobs, "SPLIT_CHUNK_BYTES", 131 * weight.element_size() * 7)  # 7-row chunks
+    split = grads_of(linear_logprobs(hidden, weight, targets, backend="triton").policy, upstream, wrt)
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    want, _ = naive_logprobs(h64, w64, targets)
+    expected = grads_of(want, upstream.double(), [h64, w64][: len(wrt)])
+    for s, f, e in zip(split, fused, expected, strict=True):
+        assert s.dtype == dtype
+        assert_close(s, e, dtype, float(e.abs().max()))
+        assert_close(f, e, dtype, float(e.abs().max()))
+    assert torch.equal(split[0][targets == -100], torch.zeros_like(split[0][targets == -100]))
+    monkeypatch.setenv("SELFEE_FAST_TRITON_BACKWARD", "fuse")
+    with pytest.raises(ValueError, match="SELFEE_FAST_TRITON_BACKWARD must be one of"):
+        grads_of(linear_logprobs(hidden, weight, targets, backend="triton").policy, upstream, wrt)

@@ -6,7 +6,7 @@ from conftest import assert_close
 from test_logprobs_forward import make_inputs
 
 from selfee_fast.kernels.config import INTERPRETER_CONFIG
-from selfee_fast.kernels.logprobs_backward import logprobs_backward, logprobs_backward_reference
+from selfee_fast.kernels.logprobs_backward import logit_gradients, logprobs_backward, logprobs_backward_reference
 from selfee_fast.kernels.logprobs_forward import logprobs_forward
 
 
@@ -64,3 +64,22 @@ def test_confident_target_keeps_precision():
     _, grad_weight, _ = run_backward(dict(hidden=hidden, weight=weight, bias=None), rows, targets, upstream)
     _, want, _ = logprobs_backward_reference(hidden, weight, rows, targets, upstream)
     torch.testing.assert_close(grad_weight[3, 0].double(), want[3, 0], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [(0, 21), (5, 13)])
+def test_logit_gradients_match_reference(poison_empty, dtype, chunk):
+    """The split backward's dz for a chunk of active rows; unwritten entries would stay NaN."""
+    inputs, rows, targets = make_inputs(29, 45, 203, dtype)
+    hidden, weight, bias = inputs["hidden"], inputs["weight"], inputs["bias"]
+    upstream = torch.randn(rows.numel())
+    stats = logprobs_forward(hidden, weight, rows, targets, bias=bias)
+    begin, end = chunk
+    dz = logit_gradients(hidden, weight, rows, targets, stats.lse, stats.others_lse, upstream, begin, end,
+                         bias=bias, config=INTERPRETER_CONFIG)  # fmt: skip
+    assert dz.shape == (end - begin, 203) and dz.dtype == dtype
+    z = hidden[rows[begin:end]].double() @ weight.double().T + bias.double()
+    want = -torch.softmax(z, dim=1)
+    want[torch.arange(end - begin), targets[begin:end]] += 1
+    want *= upstream[begin:end, None].double()
+    assert_close(dz, want, dtype, float(want.abs().max()))
