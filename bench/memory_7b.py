@@ -83,6 +83,9 @@ def run_variant(folder: Path, quantization: str, micro: int, steps: int, args, d
     from selfee_fast import models
     from selfee_fast.train import TrainSettings, train_stage
 
+    # A peft model sits in reference cycles: after an OOM (whose traceback held the previous
+    # variant's model while main's except block ran gc) only a collection frees it.
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -7,6 +7,7 @@ still exhaust a 24 GB card midway. `split_on_oom` retries such a batch as two ha
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -35,7 +36,9 @@ def split_on_oom(
         if len(items) <= 1:
             raise
     # Retried outside the except block: the failed attempt's traceback (and the tensors its
-    # frames hold) is gone by now, so the halves get that memory back.
+    # frames hold) is gone by now, so the halves get that memory back; gc.collect() frees
+    # what reference cycles among those objects (caches, hooks) would otherwise keep.
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     half = len(items) // 2

@@ -60,9 +60,14 @@ def generate_responses(
     settings: GenerationSettings,
     out_path: str | Path,
     *,
+    autocast_dtype: torch.dtype | None = None,
     log=print,
 ) -> list[dict]:
-    """Sample `responses_per_prompt` responses per prompt into `out_path`; resume if it exists."""
+    """Sample `responses_per_prompt` responses per prompt into `out_path`; resume if it exists.
+
+    `autocast_dtype`: sample under torch.autocast, as training and the judge compute (fp32
+    master weights of full fine-tuning would otherwise generate in fp32).
+    """
     out_path = Path(out_path)
     all_prompt_ids, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
     stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
@@ -81,7 +86,10 @@ def generate_responses(
 
             def sample(part: list[list[int]], offset: int, batch_seed: int = batch_seed) -> list[list[list[int]]]:
                 # A half retried after running out of memory gets a seed of its own.
-                return sample_batch(model, part, settings, stop_ids, pad_id, device, seed=batch_seed + 7919 * offset)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    return sample_batch(
+                        model, part, settings, stop_ids, pad_id, device, seed=batch_seed + 7919 * offset
+                    )
 
             samples_per_prompt = split_on_oom(sample, batch_ids, what=f"generation batch {batch_index}", log=log)
             records = []

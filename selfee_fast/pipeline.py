@@ -288,24 +288,47 @@ def full_finetuning_memory(model, config: RunConfig) -> str:
     return message
 
 
+def linear_layers_in(model, dtype: torch.dtype | None):
+    """Store the linear layers in `dtype` (the autocast dtype); embeddings, norms and buffers keep theirs.
+
+    Under autocast an fp32 model computes each linear layer from its weights rounded to
+    `dtype` and keeps its residual stream, norms and RoPE frequencies in fp32: a copy cast
+    this way computes exactly what the fp32 policy computes (reference == policy at step 0),
+    at about half the memory. Casting the whole model would also round the embeddings, the
+    norms and RoPE's inv_freq, and run the residual stream in bf16.
+    """
+    if dtype is None:
+        return model
+    tied = model.get_input_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight is not tied:
+            module.to(dtype)
+    return model
+
+
 def frozen_copy(model, dtype: torch.dtype | None = None):
     """A frozen copy for inference; `dtype` (the autocast dtype) halves what fp32 master weights would take."""
     import copy
 
     reference = copy.deepcopy(model)
     reference.requires_grad_(False)
-    if dtype is not None:
-        reference.to(dtype)
-    return reference.eval()
+    return linear_layers_in(reference, dtype).eval()
 
 
 def load_init_model(config: RunConfig):
     """pi_init as its own frozen model (full fine-tuning, or no-seed mode's judge_base)."""
     device, dtype = resolve_device(config)
-    model, _ = models.load_model(
-        config.model.judge_base or config.model.path, dtype=autocast_dtype(config) or dtype, device=device,
-        gradient_checkpointing=False, quantization=config.model.quantization,
-    )  # fmt: skip
+    compute = autocast_dtype(config)
+    path = config.model.judge_base or config.model.path
+    if full_finetuning(config) and compute is not None:
+        # As frozen_copy: fp32 from disk (on the CPU: no fp32 copy on the GPU), linear layers in bf16.
+        model, _ = models.load_model(path, dtype=dtype, device="cpu", gradient_checkpointing=False)
+        model = linear_layers_in(model, compute).to(device)
+    else:
+        model, _ = models.load_model(
+            path, dtype=compute or dtype, device=device, gradient_checkpointing=False,
+            quantization=config.model.quantization,
+        )  # fmt: skip
     return model.requires_grad_(False).eval()
 
 
@@ -370,7 +393,10 @@ def generation_inputs(config: RunConfig, i: int, log) -> tuple[list, DataReport,
 def step_generate(config: RunConfig, i: int, model, tokenizer, stage_dir: Path, log) -> tuple[list[dict], DataReport]:
     """Sample responses from pi_{i-1} (the loaded policy) for iteration i's prompt pool."""
     prompts, report, settings = generation_inputs(config, i, log)
-    generations = generate_responses(model, tokenizer, prompts, settings, stage_dir / "generations.jsonl", log=log)
+    generations = generate_responses(
+        model, tokenizer, prompts, settings, stage_dir / "generations.jsonl", autocast_dtype=autocast_dtype(config),
+        log=log,
+    )  # fmt: skip
     return generations, report
 
 
@@ -387,6 +413,7 @@ def step_generate_vllm(
         model_path, adapter_path = Path(config.model.path), previous_model
     tokenizer = AutoTokenizer.from_pretrained(models.check_model_dir(model_path), local_files_only=True)
     _, dtype = resolve_device(config)
+    dtype = autocast_dtype(config) or dtype  # full fine-tuning's fp32 master weights sample in bf16, as they compute
     generations = generate_responses_vllm(
         model_path, tokenizer, prompts, settings, stage_dir / "generations.jsonl", adapter_path=adapter_path,
         dtype=str(dtype).removeprefix("torch."), gpu_memory_utilization=config.generation.vllm_gpu_memory_utilization,

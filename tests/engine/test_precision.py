@@ -82,3 +82,16 @@ def test_fp32_master_weights_take_updates_bf16_weights_lose(tiny_model_dir, tmp_
                        monkeypatch=monkeypatch)  # fmt: skip
     assert mixed > 0.5, f"fp32 master weights: {mixed:.1%} of the weights moved"
     assert pure < 0.01, f"pure bf16: {pure:.1%} of the weights moved at lr 5e-7"
+
+
+def test_a_bf16_frozen_copy_computes_what_the_fp32_policy_computes_under_autocast(tiny_model_dir):
+    from selfee_fast.pipeline import frozen_copy
+
+    model, tokenizer = models.load_model(tiny_model_dir, dtype=torch.float32, gradient_checkpointing=False)
+    reference = frozen_copy(model, torch.bfloat16)
+    assert reference.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.tensor([tokenizer("the cat sat on a mat the dog ran").input_ids] * 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        policy = models.sequence_token_logprobs(model.eval(), ids, torch.ones_like(ids), ids).policy
+        frozen = models.sequence_token_logprobs(reference, ids, torch.ones_like(ids), ids).policy
+    assert torch.equal(policy, frozen), "reference and policy must agree at step 0"
