@@ -25,13 +25,20 @@ log() { echo "[gpu_check.sh ${SECONDS}s] $*" | tee -a "$OUT/gpu_check_sh.log"; }
 # 1. Peers (liger-kernel, cut-cross-entropy, bitsandbytes) from local wheels into a private
 #    target dir: --no-deps, so torch and triton of the machine stay as they are.
 PEERS=$(mktemp -d /tmp/selfee_peers.XXXXXX) # not under OUT: OUT is meant to be copied back
+# The device tool brings back at most 8 files from OUT: pip's logs and the machine facts go
+# into gpu_check_sh.log, so OUT holds 8 files after a full run (3 in 7b mode).
+SCRATCH=$(mktemp -d /tmp/selfee_scratch.XXXXXX)
 SHIM=""
-trap 'rm -rf "$PEERS" ${SHIM:+"$SHIM"}' EXIT
+trap 'rm -rf "$PEERS" "$SCRATCH" ${SHIM:+"$SHIM"}' EXIT
+keep_log() { # keep_log NAME FILE [LINES]: the tail of a scratch log, into gpu_check_sh.log
+    { echo "---- $1 (last ${3:-40} lines)"; tail -n "${3:-40}" "$2"; } >>"$OUT/gpu_check_sh.log"
+}
 if compgen -G ".whl/*.whl" >/dev/null; then
     log "installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into $PEERS"
     timeout -k 5 90 "$PY" -m pip install --no-index --no-deps --disable-pip-version-check \
-        --target "$PEERS" .whl/*.whl >"$OUT/pip_peers.log" 2>&1 ||
-        log "peer wheel install failed (see pip_peers.log); benchmarks will say 'not installed'"
+        --target "$PEERS" .whl/*.whl >"$SCRATCH/pip_peers.log" 2>&1 ||
+        log "peer wheel install failed (pip's log below); benchmarks will say 'not installed'"
+    keep_log "pip install of the peers' wheels" "$SCRATCH/pip_peers.log"
     export PYTHONPATH="$PEERS${PYTHONPATH:+:$PYTHONPATH}"
 else
     log "no .whl/ folder: peers will show as 'not installed'"
@@ -43,9 +50,10 @@ fi
 check_import() { (cd / && "$PY" -c "import selfee_fast.kernels.config, selfee_fast" >/dev/null 2>&1); }
 log "pip install --no-deps --no-build-isolation -e ."
 if ! timeout -k 5 120 "$PY" -m pip install --no-deps --no-build-isolation --disable-pip-version-check -e . \
-    >"$OUT/pip_project.log" 2>&1 || ! check_import; then
+    >"$SCRATCH/pip_project.log" 2>&1 || ! check_import; then
+    keep_log "pip install -e ." "$SCRATCH/pip_project.log"
     SHIM=$(mktemp -d /tmp/selfee_shim.XXXXXX)
-    log "editable install unusable (see pip_project.log); using a shim package in $SHIM"
+    log "editable install unusable (pip's log above); using a shim package in $SHIM"
     mkdir -p "$SHIM/selfee_fast"
     ln -s "$REPO"/selfee_fast/*.py "$SHIM/selfee_fast/"
     ln -s "$REPO/kernels" "$SHIM/selfee_fast/kernels"
@@ -71,8 +79,9 @@ EOF
     echo "## git"
     git -C "$REPO" log -1 --oneline 2>/dev/null
     git -C "$REPO" status --short 2>/dev/null | head -20
-} >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} >"$SCRATCH/env.txt" 2>&1
+cat "$SCRATCH/env.txt"
+keep_log "machine (nvidia-smi, versions, git)" "$SCRATCH/env.txt" 200
 
 if [ "$MODE" = "7b" ]; then
     BUDGET=$(left 10)
