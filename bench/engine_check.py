@@ -103,6 +103,7 @@ def stage_numbers(run_dir: Path, stage: str, summary: dict) -> dict:
         "seconds": summary["stages"][stage]["seconds"],
         "steps": len(metrics),
         "tokens_per_s_median": sorted(m["tokens_per_s"] for m in metrics)[len(metrics) // 2],
+        "padding_mean": sum(m["padding"] for m in metrics) / len(metrics),
         "peak_memory_mib": max(m["peak_memory_mib"] for m in metrics),
         "loss_first": first["loss"],
         "loss_last": last["loss"],

@@ -208,15 +208,19 @@ def train_stage(
         step_pairs = [
             pairs[i] for i in order[step_in_epoch * settings.batch_size : (step_in_epoch + 1) * settings.batch_size]
         ]
+        if settings.micro_batch_size < len(step_pairs):
+            # Micro-batches of similar length pad less; the step's gradient sums the same pairs.
+            step_pairs.sort(key=lambda p: len(p.prompt) + max(len(p.chosen), len(p.rejected)))
         alpha_t = settings.alpha if settings.refine and step >= settings.alpha_warmup * total_steps else 0.0
         # Statistics stay on the device until the step ends: one host sync per step (plus one
         # per micro-batch with refinement, whose tau window lives on the host).
-        started, tokens, step_metrics, step_flags = time.perf_counter(), 0, 0.0, []
+        started, tokens, positions, step_metrics, step_flags = time.perf_counter(), 0, 0, 0.0, []
         tau = None
         for start in range(0, len(step_pairs), settings.micro_batch_size):
             micro = step_pairs[start : start + settings.micro_batch_size]
             cpu_batch = collate_pairs(micro, pad_id)
             tokens += int(cpu_batch["attention_mask"].sum())
+            positions += cpu_batch["attention_mask"].numel()
             batch = {k: v.to(device) for k, v in cpu_batch.items()}
             with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
                 logps = sequence_token_logprobs(
@@ -269,6 +273,7 @@ def train_stage(
         record = {
             "step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm),
             **totals, "spa/alpha": alpha_t, "spa/tau": tau, "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "padding": 1 - tokens / positions,
             "peak_memory_mib": peak_memory_bytes(device) / 2**20,
         }  # fmt: skip
         with metrics_path.open("a", encoding="utf-8") as f:

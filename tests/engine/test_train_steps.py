@@ -1,0 +1,45 @@
+"""Within a step, micro-batches group pairs of similar length: less padding, the same pairs."""
+
+import json
+import random
+
+import pytest
+
+import selfee_fast.train as train_module
+from selfee_fast import models
+from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.train import TrainPair, TrainSettings, train_stage
+
+pytestmark = pytest.mark.usefixtures("chunked_backend")
+
+
+def test_micro_batches_are_grouped_by_length(tmp_path, monkeypatch):
+    rng = random.Random(0)
+    words = "the cat dog sat ran on a mat log".split()
+    tokenizer = build_tokenizer([" ".join(rng.choice(words) for _ in range(8)) for _ in range(50)], tmp_path / "m",
+                                vocab_size=120)  # fmt: skip
+    build_tiny_llama(tmp_path / "m", tokenizer, hidden_size=32, layers=1)
+    model, _ = models.load_model(tmp_path / "m", lora=models.LoraSettings(r=4, alpha=8), gradient_checkpointing=False)
+    eos = tokenizer.eos_token_id
+    # Lengths 3..26 in a shuffled order: random micro-batches of 2 would pad a lot.
+    pairs = [TrainPair(f"p{n}", [5] * 2, [7] * n + [eos], [8] * n + [eos]) for n in range(2, 26)]
+    rng.shuffle(pairs)
+    seen = []
+    real_collate = train_module.collate_pairs
+
+    def spy(micro, pad_id):
+        seen.append(sorted(len(p.chosen) for p in micro))
+        return real_collate(micro, pad_id)
+
+    monkeypatch.setattr(train_module, "collate_pairs", spy)
+    settings = TrainSettings(lr=1e-3, batch_size=8, micro_batch_size=2, optimizer="adamw", save_every=100)
+    train_stage(model, pairs, settings, tmp_path / "train", pad_id=tokenizer.pad_token_id, reference="init",
+                log=lambda *_: None)  # fmt: skip
+    assert sorted(n for micro in seen for n in micro) == sorted(len(p.chosen) for p in pairs), "every pair, once"
+    for step in range(3):
+        micros = seen[4 * step : 4 * step + 4]
+        assert [m[0] for m in micros] == sorted(m[0] for m in micros), "ascending length within the step"
+        flat = [n for m in micros for n in m]
+        assert flat == sorted(flat)
+    metrics = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").open()]
+    assert all(0 <= m["padding"] < 0.2 for m in metrics), [m["padding"] for m in metrics]
