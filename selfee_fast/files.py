@@ -39,9 +39,12 @@ def append_batch(f, records: list[dict]) -> None:
     os.fsync(f.fileno())
 
 
-def complete_batches(path: str | Path, sizes: list[int]) -> set[int]:
-    """Batch numbers whose every record (a dict with a "batch" key) is in `path`.
+def complete_batches(path: str | Path, plan: list[list[int]]) -> set[int]:
+    """Batch numbers whose records (dicts with "batch" and "index" keys) are all in `path`.
 
+    `plan[b]` lists the record indices batch b holds. A batch counts as complete only if its
+    records carry exactly those indices, so a file written under another plan (another batch
+    size, or a version that grouped records differently) is never taken for finished work.
     A torn last line, and the records of batches that are not complete, are removed from the
     file, so appending can continue where the complete batches end.
     """
@@ -56,9 +59,9 @@ def complete_batches(path: str | Path, sizes: list[int]) -> set[int]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    counts: dict[int, int] = {}
+    found: dict[int, list[int]] = {}
     for r in records:
-        counts[r["batch"]] = counts.get(r["batch"], 0) + 1
-    done = {b for b, n in counts.items() if b < len(sizes) and n == sizes[b]}
+        found.setdefault(r["batch"], []).append(r["index"])
+    done = {b for b, indices in found.items() if b < len(plan) and sorted(indices) == sorted(plan[b])}
     write_jsonl_atomic(path, [r for r in records if r["batch"] in done])
     return done

@@ -149,7 +149,7 @@ def prepare(tokenizer, prompts: list[PromptRecord], settings: GenerationSettings
         all_prompt_ids = [ids[-limit:] for ids in all_prompt_ids]
         log(f"generation: {truncated} prompts longer than {limit} tokens keep their last {limit}")
     plan = plan_batches(all_prompt_ids, settings.batch_size)
-    done = complete_batches(out_path, [len(b) for b in plan])
+    done = complete_batches(out_path, plan)
     if done:
         log(f"generation: resuming, {len(done)}/{len(plan)} batches already on disk")
     return all_prompt_ids, plan, done

@@ -97,8 +97,11 @@ def judge_generations(
     padding = padding_id(tokenizer)
     usable = [r for r in generations if len(r["responses"]) >= 2]
     dropped = len(generations) - len(usable)
+    # Batches of similar length pad less. The order is a pure function of the input, so a
+    # resumed judgment still finds the same batches; pairs are written back in index order.
+    usable.sort(key=lambda r: (len(r["prompt_ids"]) + max(len(x) for x in r["responses"]), r["index"]))
     batches = [usable[i : i + batch_prompts] for i in range(0, len(usable), batch_prompts)]
-    finished = complete_batches(partial_path, [len(b) for b in batches])
+    finished = complete_batches(partial_path, [[r["index"] for r in b] for b in batches])
     if finished:
         log(f"judge: resuming, {len(finished)}/{len(batches)} batches already judged")
     was_training = model.training

@@ -1,0 +1,30 @@
+"""Resumable append-only files: which batches count as finished."""
+
+import json
+
+from selfee_fast.files import append_batch, complete_batches
+
+
+def write(path, records, torn=""):
+    with path.open("w", encoding="utf-8") as f:
+        for batch in records:
+            append_batch(f, batch)
+        f.write(torn)
+
+
+def test_complete_batches_keep_finished_work_and_drop_the_rest(tmp_path):
+    path = tmp_path / "gen.jsonl"
+    plan = [[0, 3], [1, 2], [4]]
+    write(path, [[{"batch": 0, "index": 0}, {"batch": 0, "index": 3}], [{"batch": 1, "index": 1}]],
+          torn='{"batch": 1, "ind')  # fmt: skip
+    assert complete_batches(path, plan) == {0}
+    assert [json.loads(line)["index"] for line in path.read_text().splitlines()] == [0, 3], "torn and partial dropped"
+
+
+def test_a_file_written_under_another_plan_is_not_finished_work(tmp_path):
+    path = tmp_path / "judge.jsonl.partial"
+    # Same batch sizes, other members: e.g. a version that grouped the records differently.
+    write(path, [[{"batch": 0, "index": 0}, {"batch": 0, "index": 1}], [{"batch": 1, "index": 2}, {"batch": 1, "index": 3}]])  # fmt: skip
+    assert complete_batches(path, [[0, 2], [1, 3]]) == set()
+    assert path.read_text() == ""
+    assert complete_batches(tmp_path / "missing.jsonl", [[0]]) == set()
