@@ -3,13 +3,16 @@
 Every file selfee_fast writes goes through `write_text_atomic` (temporary file, fsync,
 rename), so a reader sees the old content or the new, never half of it. Generation and
 judgment append one batch of records at a time instead; `complete_batches` is how a
-restart finds which batches made it to disk whole.
+restart finds which batches made it to disk whole. Saved models (folders) are written into
+a staging folder and swapped in whole (`folder_written_atomically`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -30,6 +33,25 @@ def write_json_atomic(path: str | Path, value) -> None:
 def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+@contextlib.contextmanager
+def folder_written_atomically(path: str | Path):
+    """Yield a temporary sibling folder to write into; it replaces `path` only once complete.
+
+    A kill while writing leaves `path` as it was (the previous model, or nothing) plus a
+    stale `.tmp` folder that the next write clears.
+    """
+    path = Path(path)
+    staging, previous = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    shutil.rmtree(previous, ignore_errors=True)
+    if path.exists():
+        path.rename(previous)
+    staging.rename(path)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def append_batch(f, records: list[dict]) -> None:

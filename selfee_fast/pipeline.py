@@ -32,7 +32,7 @@ import torch
 from . import models
 from .config import ConfigError, RunConfig, save_config
 from .data import DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs
-from .files import write_json_atomic
+from .files import folder_written_atomically, write_json_atomic
 from .generate import GenerationSettings, generate_responses, generate_responses_vllm
 from .judge import judge_generations
 from .reward_model import RewardModel, RewardModelSettings, train_reward_model
@@ -334,11 +334,12 @@ def load_init_model(config: RunConfig):
 
 def save_policy(model, tokenizer, path: Path) -> None:
     """The stage's model in standard form: a peft adapter, or the full model in safetensors."""
-    if models.is_peft(model):
-        model.save_pretrained(path, selected_adapters=[models.POLICY_ADAPTER])
-    else:
-        model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    with folder_written_atomically(path) as staging:
+        if models.is_peft(model):
+            model.save_pretrained(staging, selected_adapters=[models.POLICY_ADAPTER])
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
 
 
 def run_seed_stage(config: RunConfig, model, tokenizer, stage_dir: Path, pad_id: int, log) -> dict:

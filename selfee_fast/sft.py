@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .data import padding_id, prompt_ids, response_ids, right_pad
+from .files import folder_written_atomically
 from .logprobs import linear_logprobs
 from .models import lm_head
 from .train import cosine_with_warmup, response_mask
@@ -76,5 +77,6 @@ def sft(model, tokenizer, demonstrations: list[dict], settings: SFTSettings, *, 
 
 def save_model(model, tokenizer, path: str | Path) -> None:
     """Save in standard form (safetensors + tokenizer): loads with plain transformers."""
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    with folder_written_atomically(path) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)

@@ -28,3 +28,22 @@ def test_a_file_written_under_another_plan_is_not_finished_work(tmp_path):
     assert complete_batches(path, [[0, 2], [1, 3]]) == set()
     assert path.read_text() == ""
     assert complete_batches(tmp_path / "missing.jsonl", [[0]]) == set()
+
+
+def test_a_folder_is_replaced_only_when_complete(tmp_path):
+    import pytest
+
+    from selfee_fast.files import folder_written_atomically
+
+    target = tmp_path / "model"
+    with folder_written_atomically(target) as staging:
+        (staging / "weights").write_text("v1")
+    assert (target / "weights").read_text() == "v1"
+    with pytest.raises(RuntimeError), folder_written_atomically(target) as staging:
+        (staging / "weights").write_text("half of v2")
+        raise RuntimeError("killed while saving")
+    assert (target / "weights").read_text() == "v1", "an interrupted save leaves the previous model"
+    with folder_written_atomically(target) as staging:
+        (staging / "weights").write_text("v2")
+    assert (target / "weights").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no staging folder left behind"
