@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .batching import split_on_oom
+from .batching import BatchLimit, split_on_oom
 from .data import PromptRecord, padding_id, prompt_ids
 from .files import append_batch, complete_batches
 
@@ -76,6 +76,7 @@ def generate_responses(
     was_training = model.training
     model.eval()
     new_tokens, start = 0, time.perf_counter()
+    limit = BatchLimit()  # what fitted for one batch is where the next one starts
     with out_path.open("a", encoding="utf-8") as out:
         progress = tqdm(total=len(plan), initial=len(done), desc="generate", unit="batch", disable=None)
         for batch_index, indices in enumerate(plan):
@@ -91,7 +92,9 @@ def generate_responses(
                         model, part, settings, stop_ids, pad_id, device, seed=batch_seed + 7919 * offset
                     )
 
-            samples_per_prompt = split_on_oom(sample, batch_ids, what=f"generation batch {batch_index}", log=log)
+            samples_per_prompt = split_on_oom(
+                sample, batch_ids, what=f"generation batch {batch_index}", log=log, limit=limit
+            )
             records = []
             for row, index in enumerate(indices):
                 samples = samples_per_prompt[row]

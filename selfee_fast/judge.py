@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .batching import split_on_oom
+from .batching import BatchLimit, split_on_oom
 from .data import padding_id, right_pad
 from .files import append_batch, complete_batches, write_jsonl_atomic
 from .models import sequence_token_logprobs
@@ -112,6 +112,7 @@ def judge_generations(
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             return score_responses(model, items, padding, judge_reference=judge_reference, base_model=base_model)
 
+    limit = BatchLimit()  # what fitted for one batch is where the next one starts
     with partial_path.open("a", encoding="utf-8") as out:
         for number, batch in enumerate(batches):
             if number in finished:
@@ -124,7 +125,7 @@ def judge_generations(
                     for r, s in zip(batch, reward_model.score(items), strict=True)
                 ]
             else:
-                scores = split_on_oom(score, items, what=f"judge batch {number}", log=log)
+                scores = split_on_oom(score, items, what=f"judge batch {number}", log=log, limit=limit)
                 judged = [_pair_of(r, policy, ref, beta) for r, (policy, ref) in zip(batch, scores, strict=True)]
             append_batch(out, [{**pair, "batch": number} for pair in judged])
     model.train(was_training)

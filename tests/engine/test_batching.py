@@ -7,7 +7,7 @@ import torch
 
 from selfee_fast import judge as judge_module
 from selfee_fast import models
-from selfee_fast.batching import split_on_oom
+from selfee_fast.batching import BatchLimit, split_on_oom
 from selfee_fast.data import PromptRecord
 from selfee_fast.generate import GenerationSettings, generate_responses
 from selfee_fast.judge import judge_generations
@@ -32,6 +32,23 @@ def test_split_keeps_order_and_offsets():
         "batch 7: out of GPU memory with 5 items, retrying as 2 + 3",
         "batch 7: out of GPU memory with 3 items, retrying as 1 + 2",
     ]
+
+
+def test_a_limit_carries_what_fitted_to_the_next_batch():
+    sizes = []
+
+    def run(items, offset):
+        sizes.append(len(items))
+        if len(items) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return list(items)
+
+    limit = BatchLimit()
+    first = split_on_oom(run, list(range(8)), what="b0", log=lambda *_: None, limit=limit)
+    second = split_on_oom(run, list(range(8, 15)), what="b1", log=lambda *_: None, limit=limit)
+    assert first + second == list(range(15))
+    assert limit.items == 2
+    assert sizes == [8, 4, 2, 2, 2, 2, 2, 2, 2, 1], "after two splits every batch starts in pieces of 2"
 
 
 def test_a_single_item_that_does_not_fit_raises():
@@ -75,8 +92,8 @@ def test_generation_batch_that_runs_out_of_memory_is_finished_in_halves(tiny, tm
     settings = GenerationSettings(max_new_tokens=4, batch_size=4, seed=1)
     records = generate_responses(model, tokenizer, prompts, settings, tmp_path / "g.jsonl", log=messages.append)
     assert [r["index"] for r in records] == list(range(8)), "nothing lost"
-    assert sizes == [4, 2, 2, 4, 2, 2]
-    assert sum("out of GPU memory with 4 items" in m for m in messages) == 2
+    assert sizes == [4, 2, 2, 2, 2], "the second batch starts at the size that fitted"
+    assert sum("out of GPU memory with 4 items" in m for m in messages) == 1
 
 
 def test_judge_batch_that_runs_out_of_memory_scores_the_same(tiny, tmp_path, monkeypatch):
