@@ -30,6 +30,9 @@ def test_engine_check_smoke(tmp_path):
         assert numbers["steps"] > 0 and numbers["tokens_per_s_median"] > 0 and numbers["losses_finite"]
     # fp32 on the CPU: the judge's stored reference equals the in-pass one to rounding.
     assert result["judge_reuse"]["first_step_abs_reward_chosen"] < 1e-4
+    summary = run_script("summarize.py", str(tmp_path))
+    assert summary.returncode == 0, summary.stderr
+    assert "**Engine**" in summary.stdout and "| iter 1, DND |" in summary.stdout
 
 
 def test_gpu_check_smoke(tmp_path):
