@@ -19,6 +19,14 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """The caching allocator's OutOfMemoryError, or a library that failed to get its workspace."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and ("CUBLAS_STATUS_ALLOC_FAILED" in message or "out of memory" in message)
+
+
 class BatchLimit:
     """The most items one call may take (None: no limit yet); lowered by each out-of-memory split."""
 
@@ -35,7 +43,7 @@ def split_on_oom(
     limit: BatchLimit | None = None,
     offset: int = 0,
 ) -> list[Result]:
-    """`run(items, offset)`, or on torch.OutOfMemoryError the results of both halves, in order.
+    """`run(items, offset)`, or when it runs out of GPU memory the results of both halves, in order.
 
     `offset` is the position of `items[0]` in the original batch (a piece's seed can depend
     on it). One item that does not fit re-raises: nothing smaller is left to try. With a
@@ -49,8 +57,8 @@ def split_on_oom(
         return results
     try:
         return run(items, offset)
-    except torch.OutOfMemoryError:
-        if len(items) <= 1:
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if len(items) <= 1 or not is_out_of_memory(error):
             raise
     # Retried outside the except block: the failed attempt's traceback (and the tensors its
     # frames hold) is gone by now; gc.collect() also frees what sits in reference cycles

@@ -51,6 +51,21 @@ def test_a_limit_carries_what_fitted_to_the_next_batch():
     assert sizes == [8, 4, 2, 2, 2, 2, 2, 2, 2, 1], "after two splits every batch starts in pieces of 2"
 
 
+def test_a_library_out_of_workspace_is_split_too_other_errors_are_not():
+    def cublas(items, offset):
+        if len(items) > 1:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return list(items)
+
+    assert split_on_oom(cublas, [1, 2], what="x", log=lambda *_: None) == [1, 2]
+
+    def bug(items, offset):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        split_on_oom(bug, [1, 2], what="x", log=lambda *_: None)
+
+
 def test_a_single_item_that_does_not_fit_raises():
     def run(items, offset):
         raise torch.OutOfMemoryError("CUDA out of memory")
