@@ -57,6 +57,17 @@ def _logit_gradient_tile(
 
 
 @triton.jit
+def _load_row_block(rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok):
+    """Per-row inputs of a block of active rows: (row index, target, lse, others' lse, upstream gradient)."""
+    rows = tl.load(rows_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+    targets = tl.load(targets_ptr + offs_m, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
+    others_lse = tl.load(others_lse_ptr + offs_m, mask=row_ok, other=0.0)
+    upstream = tl.load(upstream_ptr + offs_m, mask=row_ok, other=0.0)
+    return rows, targets, lse, others_lse, upstream
+
+
+@triton.jit
 def _grad_hidden_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr,
     grad_hidden_ptr,
@@ -69,11 +80,9 @@ def _grad_hidden_kernel(
     split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < num_rows
-    rows = tl.load(rows_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
-    targets = tl.load(targets_ptr + offs_m, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
-    others_lse = tl.load(others_lse_ptr + offs_m, mask=row_ok, other=0.0)
-    upstream = tl.load(upstream_ptr + offs_m, mask=row_ok, other=0.0)
+    rows, targets, lse, others_lse, upstream = _load_row_block(
+        rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok
+    )
 
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(vocab, v_begin + tiles_per_split * BLOCK_V)
@@ -120,11 +129,9 @@ def _grad_weight_kernel(
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < m_end
-        rows = tl.load(rows_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
-        targets = tl.load(targets_ptr + offs_m, mask=row_ok, other=-1)
-        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
-        others_lse = tl.load(others_lse_ptr + offs_m, mask=row_ok, other=0.0)
-        upstream = tl.load(upstream_ptr + offs_m, mask=row_ok, other=0.0)
+        rows, targets, lse, others_lse, upstream = _load_row_block(
+            rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok
+        )
         dz = _logit_gradient_tile(
             hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse, upstream,
             hidden_size, stride_hidden, stride_weight,
@@ -165,11 +172,9 @@ def _logit_gradient_kernel(
     row_ok = offs_m < row_end
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = offs_v < vocab
-    rows = tl.load(rows_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
-    targets = tl.load(targets_ptr + offs_m, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
-    others_lse = tl.load(others_lse_ptr + offs_m, mask=row_ok, other=0.0)
-    upstream = tl.load(upstream_ptr + offs_m, mask=row_ok, other=0.0)
+    rows, targets, lse, others_lse, upstream = _load_row_block(
+        rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok
+    )
     dz = _logit_gradient_tile(
         hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse, upstream,
         hidden_size, stride_hidden, stride_weight,
