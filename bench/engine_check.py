@@ -1,6 +1,6 @@
 """GPU check of the engine: the SPA loop end to end in bf16, with the numbers a user asks for.
 
-    python bench/engine_check.py --out DIR        # on a CUDA machine (about a minute on an H100)
+    python bench/engine_check.py --out DIR        # on a CUDA machine (budgeted 100 s in gpu_check.sh; never timed)
     python bench/engine_check.py --cpu-smoke      # tiny model on the CPU, to check this script
 
 Builds a ~100M-parameter Llama and a byte-level BPE tokenizer locally (no hub access),

@@ -1,6 +1,6 @@
 """Peak memory and tokens/s of one SPA/DPO training step on a 7B model: does it fit a 24 GB card?
 
-    python bench/memory_7b.py --out DIR                 # on a CUDA machine, ~2-3 minutes
+    python bench/memory_7b.py --out DIR                 # on a CUDA machine (budgeted 290 s in gpu_check.sh; never timed)
     python bench/memory_7b.py --cpu-smoke --out DIR     # a tiny model on the CPU, to check this script
 
 No model can be downloaded here, so the model is a Llama-2-7B-shaped Llama (hidden 4096,

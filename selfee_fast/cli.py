@@ -161,7 +161,6 @@ def stage_step(args: argparse.Namespace) -> int:
         if stage.startswith("iter") and config.generation.backend == "vllm":
             # As in `run`: vLLM generates (and frees its engine) before the policy is loaded.
             previous = pipeline.previous_stage_model(config, stage)
-            stage_dir.mkdir(parents=True, exist_ok=True)
             generated = pipeline.step_generate_vllm(config, int(stage[4:]), previous, stage_dir, print)
             if args.command == "generate":
                 return 0

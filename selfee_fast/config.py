@@ -44,8 +44,8 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
     gradient_checkpointing: bool = True
-    # none | 4bit: QLoRA, the frozen base stored in NF4 by bitsandbytes (about 0.56 byte per
-    # weight: a 7B base in ~4 GiB); the adapter, the LM head and the norms stay in 16/32 bits.
+    # none | 4bit: QLoRA, the frozen base stored in NF4 by bitsandbytes (4 bits per weight plus
+    # its quantisation constants); the adapter, the LM head and the norms stay in 16/32 bits.
     quantization: str = "none"
 
 

@@ -89,8 +89,9 @@ def judge_generations(
     `autocast_dtype`: run the scoring under torch.autocast, as training does (its stored
     log pi_{i-1} serves as the training reference). Judged batches are appended to
     `<out_path>.partial` as they finish, so a killed judge
-    resumes at its first unfinished batch; the batches are fixed by the input order, so a
-    resumed judgment scores every pair exactly as an uninterrupted one would.
+    resumes at its first unfinished batch; the batches are a pure function of the input
+    (grouped by length), so a resumed judgment scores every pair exactly as an uninterrupted
+    one would.
     """
     out_path = Path(out_path)
     partial_path = out_path.with_name(out_path.name + ".partial")

@@ -273,7 +273,7 @@ def full_finetuning_memory(model, config: RunConfig) -> str:
     gib = 2**30
     policy = params * (2 * weight_bytes + optimizer_bytes) / gib  # weights + gradients + optimizer state
     compute = autocast_dtype(config)
-    frozen_bytes = torch.tensor([], dtype=compute).element_size() if compute is not None else weight_bytes
+    frozen_bytes = compute.itemsize if compute is not None else weight_bytes
     frozen = params * frozen_bytes / gib  # one frozen copy: pi_init, or pi_{i-1} for DND
     message = (
         f"full fine-tuning of {params / 1e6:.1f}M parameters: policy {policy:.2f} GiB (weights, gradients, "

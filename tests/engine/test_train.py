@@ -1,10 +1,11 @@
-"""Checkpoint compatibility: changed settings are refused by name; settings added later read as defaults."""
+"""The training loop: length-grouped micro-batches; checkpoints refused by name when settings change."""
 
 import json
 import random
 
 import pytest
 
+import selfee_fast.train as train_module
 from selfee_fast import models
 from selfee_fast.tiny import build_tiny_llama, build_tokenizer
 from selfee_fast.train import TrainPair, TrainSettings, train_stage
@@ -22,7 +23,7 @@ def setup(tmp_path):
     model, _ = models.load_model(tmp_path / "m", lora=models.LoraSettings(r=4, alpha=8), gradient_checkpointing=False)
     ids, eos = tokenizer("the cat sat on a mat").input_ids, tokenizer.eos_token_id
     pairs = [TrainPair(f"p{i}", ids[:3], [*ids[3:], eos], [*ids[:2], eos]) for i in range(4)]
-    return model, pairs, tokenizer.pad_token_id
+    return model, pairs, tokenizer.pad_token_id, eos
 
 
 def train(model, pairs, pad_id, out_dir, **changes):
@@ -31,14 +32,14 @@ def train(model, pairs, pad_id, out_dir, **changes):
 
 
 def test_changed_settings_are_refused_by_name(setup, tmp_path):
-    model, pairs, pad_id = setup
+    model, pairs, pad_id, _ = setup
     train(model, pairs, pad_id, tmp_path / "train")
     with pytest.raises(ValueError, match=r"other training settings: beta 0\.1 -> 0\.2"):
         train(model, pairs, pad_id, tmp_path / "train", beta=0.2)
 
 
 def test_a_setting_added_later_reads_as_its_default(setup, tmp_path):
-    model, pairs, pad_id = setup
+    model, pairs, pad_id, _ = setup
     train(model, pairs, pad_id, tmp_path / "train")
     latest = tmp_path / "train" / (tmp_path / "train" / "latest").read_text().strip() / "state.json"
     state = json.loads(latest.read_text())
@@ -47,3 +48,30 @@ def test_a_setting_added_later_reads_as_its_default(setup, tmp_path):
     train(model, pairs, pad_id, tmp_path / "train")  # resumes: the default is what the run used
     with pytest.raises(ValueError, match=r"autocast_dtype None -> 'bfloat16'"):
         train(model, pairs, pad_id, tmp_path / "train", autocast_dtype="bfloat16")
+
+
+def test_micro_batches_are_grouped_by_length(setup, tmp_path, monkeypatch):
+    model, _, pad_id, eos = setup
+    rng = random.Random(0)
+    # Lengths 3..26 in a shuffled order: random micro-batches of 2 would pad a lot.
+    pairs = [TrainPair(f"p{n}", [5] * 2, [7] * n + [eos], [8] * n + [eos]) for n in range(2, 26)]
+    rng.shuffle(pairs)
+    seen = []
+    real_collate = train_module.collate_pairs
+
+    def spy(micro, pad_id):
+        seen.append(sorted(len(p.chosen) for p in micro))
+        return real_collate(micro, pad_id)
+
+    monkeypatch.setattr(train_module, "collate_pairs", spy)
+    settings = TrainSettings(lr=1e-3, batch_size=8, micro_batch_size=2, optimizer="adamw", save_every=100)
+    train_stage(model, pairs, settings, tmp_path / "train", pad_id=pad_id, reference="init",
+                log=lambda *_: None)  # fmt: skip
+    assert sorted(n for micro in seen for n in micro) == sorted(len(p.chosen) for p in pairs), "every pair, once"
+    for step in range(3):
+        micros = seen[4 * step : 4 * step + 4]
+        assert [m[0] for m in micros] == sorted(m[0] for m in micros), "ascending length within the step"
+        flat = [n for m in micros for n in m]
+        assert flat == sorted(flat)
+    metrics = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").open()]
+    assert all(0 <= m["padding"] < 0.2 for m in metrics), [m["padding"] for m in metrics]
