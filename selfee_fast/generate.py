@@ -46,6 +46,41 @@ class GenerationSettings:
     max_prompt_length: int | None = None  # longer prompts keep their last tokens (counted)
 
 
+# Fields of a model's generation_config.json that change what `model.generate` samples
+# (transformers' logits processors). The samples follow `GenerationSettings` alone, as the
+# paper's vLLM sampling does: e.g. Qwen2.5-Instruct's repetition_penalty 1.05 would
+# otherwise reach hf samples but not vLLM ones. Values are transformers' own no-op defaults.
+MODEL_SAMPLING_FIELDS = (
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "sequence_bias", "min_length", "min_new_tokens", "forced_bos_token_id",
+    "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "guidance_scale", "watermarking_config",
+    "stop_strings", "max_time",
+)  # fmt: skip
+
+
+def ignored_model_sampling(generation_config) -> dict:
+    """The model's own sampling options that selfee_fast overrides: {field: the model's value}."""
+    if generation_config is None:
+        return {}
+    from transformers import GenerationConfig
+
+    neutral = GenerationConfig()
+    return {
+        field: getattr(generation_config, field)
+        for field in MODEL_SAMPLING_FIELDS
+        if hasattr(neutral, field) and getattr(generation_config, field, None) != getattr(neutral, field)
+    }
+
+
+def neutral_model_sampling() -> dict:
+    """Keyword arguments for `model.generate` that switch every MODEL_SAMPLING_FIELDS option off."""
+    from transformers import GenerationConfig
+
+    neutral = GenerationConfig()
+    return {field: getattr(neutral, field) for field in MODEL_SAMPLING_FIELDS if hasattr(neutral, field)}
+
+
 def plan_batches(prompt_id_lists: list[list[int]], batch_size: int) -> list[list[int]]:
     """Prompt indices grouped into batches of similar length (stable, so identical on every run)."""
     order = sorted(range(len(prompt_id_lists)), key=lambda i: (len(prompt_id_lists[i]), i))
@@ -71,6 +106,7 @@ def generate_responses(
     out_path = Path(out_path)
     all_prompt_ids, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
     stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
+    report_ignored_model_sampling(getattr(model, "generation_config", None), log)
     pad_id = padding_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
@@ -137,6 +173,7 @@ def sample_batch(
         eos_token_id=sorted(stop_ids),
         pad_token_id=pad_id,
         use_cache=True,
+        **neutral_model_sampling(),
     ).cpu()
     n = settings.responses_per_prompt
     return [[sequences[row * n + k, width:].tolist() for k in range(n)] for row in range(len(batch_ids))]
@@ -198,6 +235,13 @@ def stop_token_ids(generation_config, tokenizer) -> set[int]:
     return ids
 
 
+def report_ignored_model_sampling(generation_config, log) -> None:
+    ignored = ignored_model_sampling(generation_config)
+    if ignored:
+        settings = ", ".join(f"{field}={value!r}" for field, value in sorted(ignored.items()))
+        log(f"generation: the model's generation_config sets {settings}; ignored, samples follow generation.*")
+
+
 def load_generations(path: str | Path) -> list[dict]:
     with Path(path).open(encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -242,6 +286,7 @@ def generate_responses_vllm(
     except OSError:  # no generation_config.json: the tokenizer's EOS is the only stop token
         generation_config = None
     stop_ids = stop_token_ids(generation_config, tokenizer)
+    report_ignored_model_sampling(generation_config, log)
     todo = [b for b in range(len(plan)) if b not in done]
     if not todo:
         return load_generations(out_path)

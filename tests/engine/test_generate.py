@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from selfee_fast import generate
 from selfee_fast.config import ConfigError, load_config
 from selfee_fast.data import PromptRecord
 from selfee_fast.generate import GenerationSettings, generate_responses, generate_responses_vllm, load_generations
@@ -55,6 +56,30 @@ def workspace(tmp_path_factory):
 
 
 SETTINGS = GenerationSettings(max_new_tokens=6, responses_per_prompt=2, batch_size=3, seed=7, temperature=1.0)
+
+
+def test_hf_samples_ignore_the_models_own_sampling_options(workspace, tmp_path, monkeypatch):
+    """A generation_config.json's repetition penalty (Qwen2.5-Instruct ships 1.05) must not
+    reach hf samples: vLLM ignores it, and the paper samples with T and top_p alone."""
+    from transformers import AutoModelForCausalLM
+
+    root, tokenizer, prompts = workspace
+    model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
+    plain = generate_responses(model, tokenizer, prompts, SETTINGS, tmp_path / "plain.jsonl", log=lambda m: None)
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    messages = []
+    opinionated = generate_responses(
+        model, tokenizer, prompts, SETTINGS, tmp_path / "opinionated.jsonl", log=messages.append
+    )
+    assert [r["responses"] for r in opinionated] == [r["responses"] for r in plain]
+    assert any("no_repeat_ngram_size=1" in m and "repetition_penalty=50.0" in m for m in messages), messages
+    # Without the override the options do change the samples: the test can fail.
+    monkeypatch.setattr(generate, "neutral_model_sampling", dict)
+    penalised = generate_responses(
+        model, tokenizer, prompts, SETTINGS, tmp_path / "penalised.jsonl", log=lambda m: None
+    )
+    assert [r["responses"] for r in penalised] != [r["responses"] for r in plain]
 
 
 # --------------------------------------------------------------------------- stand-in vLLM
