@@ -325,7 +325,44 @@ def right_pad(sequences: list[list[int]], prompt_lengths: list[int], pad_token_i
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """[2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected (see `right_pad`)."""
+def pack(sequences: list[list[int]], prompt_lengths: list[int]) -> dict[str, torch.Tensor]:
+    """All sequences end to end in one [1, N] row: no padding at all.
+
+    `position_ids` restart at 0 for each sequence; transformers reads the restarts as
+    sequence boundaries (flash-attention's variable-length path, or a block-diagonal causal
+    mask under sdpa/eager) when no attention_mask is passed. `labels` are -100 on prompts and
+    on each sequence's first token, so the shifted targets never cross a boundary.
+    `seq_ids` is aligned with the per-token log-probs (position t scores token t + 1): the
+    sequence whose response token position t predicts, -1 elsewhere.
+    """
+    input_ids, position_ids, labels, seq_ids = [], [], [], []
+    for index, (seq, start) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        input_ids += seq
+        position_ids += range(len(seq))
+        scored = max(start, 1)
+        labels += [-100] * scored + seq[scored:]
+        seq_ids += [-1] * (scored - 1) + [index] * (len(seq) - scored) + [-1]
+    columns = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "seq_ids": seq_ids}
+    batch = {name: torch.tensor([values], dtype=torch.long) for name, values in columns.items()}
+    return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Sequences 0..B-1 chosen, B..2B-1 rejected: rows of a right-padded [2B, T] batch, or one packed row.
+
+    Both layouts carry `seq_ids` (see `pack`), so the loss reads either the same way.
+    """
     sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-    return right_pad(sequences, [len(p.prompt) for p in pairs] * 2, pad_token_id)
+    prompt_lengths = [len(p.prompt) for p in pairs] * 2
+    if packed:
+        return pack(sequences, prompt_lengths)
+    batch = right_pad(sequences, prompt_lengths, pad_token_id)
+    batch["seq_ids"] = padded_seq_ids(batch["labels"])
+    return batch
+
+
+def padded_seq_ids(labels: torch.Tensor) -> torch.Tensor:
+    """`seq_ids` of a padded batch: the row where position t scores a label, -1 elsewhere."""
+    scored = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1) != -100
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+    return torch.where(scored, rows, -1)

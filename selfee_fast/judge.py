@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .batching import BatchLimit, split_on_oom
-from .data import padding_id, right_pad
+from .data import pack, padded_seq_ids, padding_id, right_pad
 from .files import append_batch, complete_batches, write_jsonl_atomic
 from .models import sequence_token_logprobs
 
@@ -31,33 +31,35 @@ JUDGE_REFERENCES = ("init", "previous", "none")
 @torch.no_grad()
 def score_responses(
     model, items: list[tuple[list[int], list[list[int]]]], pad_id: int, *, judge_reference: str = "init",
-    base_model=None,
+    base_model=None, packed: bool = False,
 ) -> list[tuple[list[float], list[float]]]:  # fmt: skip
     """Per (prompt ids, responses) item: (log pi_{i-1}(y|x), log pi_ref(y|x)) of each response.
 
-    All responses of all items go through one batched forward. The reference is 0 for
-    judge_reference="none". `base_model`: a separate model standing in for pi_init (no-seed
-    mode: the instruct model's base); otherwise pi_init is the shared model with its
-    adapters disabled.
+    All responses of all items go through one batched forward: padded rows, or one packed
+    row (`data.pack`). The reference is 0 for judge_reference="none". `base_model`: a
+    separate model standing in for pi_init (no-seed mode: the instruct model's base);
+    otherwise pi_init is the shared model with its adapters disabled.
     """
     if judge_reference not in JUDGE_REFERENCES:
         raise ValueError(f"judge_reference must be one of {JUDGE_REFERENCES}, got {judge_reference!r}")
-    batch = right_pad(
-        [prompt + r for prompt, responses in items for r in responses],
-        [len(prompt) for prompt, responses in items for _ in responses],
-        pad_id,
-    )
+    sequences = [prompt + r for prompt, responses in items for r in responses]
+    prompt_lengths = [len(prompt) for prompt, responses in items for _ in responses]
+    if packed:
+        batch = pack(sequences, prompt_lengths)
+    else:
+        batch = right_pad(sequences, prompt_lengths, pad_id)
+        batch["seq_ids"] = padded_seq_ids(batch["labels"])
     device = next(model.parameters()).device
-    input_ids, attention_mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    batch = {name: values.to(device) for name, values in batch.items()}
     use_init = judge_reference == "init"
     out = sequence_token_logprobs(
-        model, input_ids, attention_mask, labels,
+        model, batch["input_ids"], batch["attention_mask"], batch["labels"],
         reference="init" if use_init and base_model is None else None,
-        reference_model=base_model if use_init else None,
+        reference_model=base_model if use_init else None, position_ids=batch.get("position_ids"),
     )  # fmt: skip
-    policy = out.policy.sum(dim=1).double().tolist()
+    policy = sequence_sums(out.policy, batch["seq_ids"], len(sequences))
     if judge_reference == "init":
-        ref = out.reference.sum(dim=1).double().tolist()
+        ref = sequence_sums(out.reference, batch["seq_ids"], len(sequences))
     elif judge_reference == "previous":
         ref = policy
     else:
@@ -68,6 +70,13 @@ def score_responses(
         scores.append((policy[start:stop], ref[start:stop]))
         start = stop
     return scores
+
+
+def sequence_sums(token_values: torch.Tensor, seq_ids: torch.Tensor, count: int) -> list[float]:
+    """Per sequence, the sum of its tokens' values (in float64, in sequence order)."""
+    flat, ids = token_values.reshape(-1).double(), seq_ids.reshape(-1)
+    sums = torch.zeros(count + 1, dtype=torch.float64, device=flat.device)  # the last slot takes unscored tokens
+    return sums.index_add_(0, torch.where(ids >= 0, ids, count), flat)[:count].tolist()
 
 
 def judge_generations(
@@ -82,12 +91,13 @@ def judge_generations(
     reward_model=None,
     batch_prompts: int = 16,
     autocast_dtype: torch.dtype | None = None,
+    packing: bool = False,
     log=print,
 ) -> list[dict]:
     """Turn generations into preference pairs; write them (TRL format plus scores) atomically.
 
     `autocast_dtype`: run the scoring under torch.autocast, as training does (its stored
-    log pi_{i-1} serves as the training reference). Judged batches are appended to
+    log pi_{i-1} serves as the training reference). `packing`: each batch as one packed row. Judged batches are appended to
     `<out_path>.partial` as they finish, so a killed judge
     resumes at its first unfinished batch; the batches are a pure function of the input
     (grouped by length), so a resumed judgment scores every pair exactly as an uninterrupted
@@ -111,7 +121,9 @@ def judge_generations(
 
     def score(items, _offset):
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            return score_responses(model, items, padding, judge_reference=judge_reference, base_model=base_model)
+            return score_responses(
+                model, items, padding, judge_reference=judge_reference, base_model=base_model, packed=packing
+            )
 
     limit = BatchLimit()  # what fitted for one batch is where the next one starts
     with partial_path.open("a", encoding="utf-8") as out:

@@ -13,6 +13,7 @@ LoRA mode keeps ONE copy of the base weights and names the models SPA needs by a
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 QUANTIZATIONS = ("none", "4bit")
+ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 UNSUPPORTED_HEAD_OPTIONS = ("final_logit_softcapping", "logit_scale")
 
 
@@ -63,8 +65,13 @@ def load_model(
     adapter_path: str | Path | None = None,
     gradient_checkpointing: bool = True,
     quantization: str = "none",
+    attention: str = "auto",
 ):
     """Load (model, tokenizer) from a local folder; with `lora`, add a trainable policy adapter.
+
+    `attention`: transformers' attention implementation; "auto" is flash-attention 2 on a GPU
+    where the flash-attn package is installed (packed batches then cost no extra attention
+    work), else PyTorch's sdpa.
 
     `adapter_path` loads an existing peft adapter as the trainable policy instead of a fresh one.
     `quantization="4bit"` stores the linear layers of the body in NF4 (QLoRA: bitsandbytes,
@@ -75,6 +82,7 @@ def load_model(
 
     path = check_model_dir(path)
     dtype = dtype or torch.float32
+    attention = attention_implementation(attention, device, half_precision=dtype in (torch.float16, torch.bfloat16))
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if quantization == "4bit":
@@ -85,10 +93,13 @@ def load_model(
         )
         # Quantised weights are placed as they load: no full-precision copy on the device first.
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=dtype, quantization_config=nf4, device_map={"": str(device)}
-        )
+            path, local_files_only=True, dtype=dtype, quantization_config=nf4, device_map={"": str(device)},
+            attn_implementation=attention,
+        )  # fmt: skip
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype, attn_implementation=attention
+        )
         model.to(device)
     for option in UNSUPPORTED_HEAD_OPTIONS:
         if getattr(model.config, option, None) not in (None, 1.0):
@@ -114,6 +125,23 @@ def load_model(
         if gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     return model, tokenizer
+
+
+def attention_implementation(requested: str, device: str | torch.device, *, half_precision: bool) -> str:
+    """transformers' `attn_implementation` for `requested` (one of ATTENTIONS).
+
+    "auto" takes flash-attention 2 where it can run: a CUDA device, the flash-attn package,
+    and 16-bit activations (`half_precision`: 16-bit weights or bf16 autocast).
+    """
+    if requested not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {requested!r}")
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not has_flash:
+        raise ValueError("attention='flash_attention_2' needs the flash-attn package: pip install 'selfee-fast[flash]'")
+    if requested == "auto":
+        usable = has_flash and half_precision and torch.device(device).type == "cuda"
+        return "flash_attention_2" if usable else "sdpa"
+    return requested
 
 
 def freeze_reference_adapter(model) -> None:
@@ -178,9 +206,17 @@ def acting_as(model, role: str):
         model.train(was_training)
 
 
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The transformer body's last hidden states [B, T, H] (no LM head, no logits)."""
+def final_hidden_states(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The transformer body's last hidden states [B, T, H] (no LM head, no logits).
+
+    `position_ids` marks a packed batch (`data.pack`): the body then gets no attention mask
+    and finds the sequences from the position restarts.
+    """
     body = model.get_base_model().get_decoder() if is_peft(model) else model.get_decoder()
+    if position_ids is not None:
+        return body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
@@ -199,23 +235,25 @@ def sequence_token_logprobs(
     extrapolate: float | None = None,
     policy_role: str = "policy",
     reference_model=None,
+    position_ids: torch.Tensor | None = None,
 ) -> LogProbs:
     """Per-token log-probs of `labels` (-100: not scored) under the policy and a reference.
 
     `reference` is a role ("reference" or "init") of the same shared model, or None; a full
     fine-tuning run passes its separate `reference_model` instead. The reference runs
-    without gradient. Labels are shifted here: position t scores token t + 1.
+    without gradient. Labels are shifted here: position t scores token t + 1. A packed batch
+    (`data.pack`) passes its `position_ids`.
     """
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
     with acting_as(model, policy_role):
-        hidden = final_hidden_states(model, input_ids, attention_mask)
+        hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
     ref_hidden = None
     if reference_model is not None:
         with torch.no_grad():
-            ref_hidden = final_hidden_states(reference_model, input_ids, attention_mask)
+            ref_hidden = final_hidden_states(reference_model, input_ids, attention_mask, position_ids)
     elif reference is not None:
         with torch.no_grad(), acting_as(model, reference):
-            ref_hidden = final_hidden_states(model, input_ids, attention_mask)
+            ref_hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
     weight, bias = lm_head(model)
     ref_weight, ref_bias = lm_head(reference_model) if reference_model is not None else (None, None)
     device_type = hidden.device.type

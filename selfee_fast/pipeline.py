@@ -72,6 +72,13 @@ def autocast_dtype(config: RunConfig) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def attention_for(config: RunConfig) -> str:
+    """The attention implementation every model of the run loads with (model.attention resolved)."""
+    device, dtype = resolve_device(config)
+    half_precision = autocast_dtype(config) is not None or dtype in (torch.float16, torch.bfloat16)
+    return models.attention_implementation(config.model.attention, device, half_precision=half_precision)
+
+
 def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -86,8 +93,14 @@ def changed_settings(section) -> dict:
     return {k: v for k, v in asdict(section).items() if v != defaults[k]}
 
 
+# Model settings that change how the work is laid out, not what it computes: a run may
+# switch them and resume.
+LAYOUT_SETTINGS = ("attention", "packing")
+
+
 def stage_fingerprints(config: RunConfig) -> dict[str, str]:
-    model, train = changed_settings(config.model), changed_settings(config.train)
+    model = {k: v for k, v in changed_settings(config.model).items() if k not in LAYOUT_SETTINGS}
+    train = changed_settings(config.train)
     generation, spa = changed_settings(config.generation), changed_settings(config.spa)
     base = fingerprint(model, config.seed, config.data.max_length, config.data.max_prompt_length)
     prints = {}
@@ -109,6 +122,10 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError(
             f"model.quantization must be one of {models.QUANTIZATIONS}, got {config.model.quantization!r}"
         )
+    try:
+        attention_for(config)
+    except ValueError as error:
+        raise ConfigError(f"model.{error}") from None
     if config.model.quantization != "none":
         if config.model.lora_r == 0:
             raise ConfigError("model.quantization=4bit trains LoRA adapters on a frozen base: set model.lora_r > 0")
@@ -248,7 +265,7 @@ def load_policy(config: RunConfig, previous_model: Path | None, log=print):
     if full_finetuning(config):
         model, tokenizer = models.load_model(
             previous_model or config.model.path, dtype=dtype, device=device,
-            gradient_checkpointing=config.model.gradient_checkpointing,
+            gradient_checkpointing=config.model.gradient_checkpointing, attention=attention_for(config),
         )  # fmt: skip
         log(full_finetuning_memory(model, config))
         return model, tokenizer
@@ -259,6 +276,7 @@ def load_policy(config: RunConfig, previous_model: Path | None, log=print):
     model, tokenizer = models.load_model(
         config.model.path, dtype=dtype, device=device, lora=lora, adapter_path=previous_model,
         gradient_checkpointing=config.model.gradient_checkpointing, quantization=config.model.quantization,
+        attention=attention_for(config),
     )  # fmt: skip
     if config.model.quantization != "none":
         log(f"QLoRA: {config.model.quantization} base, {model.get_memory_footprint() / 2**30:.2f} GiB of weights")
@@ -322,12 +340,14 @@ def load_init_model(config: RunConfig):
     path = config.model.judge_base or config.model.path
     if full_finetuning(config) and compute is not None:
         # As frozen_copy: fp32 from disk (on the CPU: no fp32 copy on the GPU), linear layers in bf16.
-        model, _ = models.load_model(path, dtype=dtype, device="cpu", gradient_checkpointing=False)
+        model, _ = models.load_model(
+            path, dtype=dtype, device="cpu", gradient_checkpointing=False, attention=attention_for(config)
+        )
         model = linear_layers_in(model, compute).to(device)
     else:
         model, _ = models.load_model(
             path, dtype=compute or dtype, device=device, gradient_checkpointing=False,
-            quantization=config.model.quantization,
+            quantization=config.model.quantization, attention=attention_for(config),
         )  # fmt: skip
     return model.requires_grad_(False).eval()
 
@@ -442,7 +462,7 @@ def step_judge(
     return judge_generations(
         model, tokenizer, generations, pairs_path, beta=config.train.beta,
         judge_reference=config.spa.judge_reference, base_model=base_model, autocast_dtype=autocast_dtype(config),
-        log=log,
+        packing=config.model.packing, log=log,
     )  # fmt: skip
 
 
@@ -526,6 +546,7 @@ def train_settings(config: RunConfig, *, epochs: int, refine: bool, extrapolate:
         refine=refine, alpha=spa.alpha, alpha_warmup=spa.alpha_warmup, noise_percentile=spa.noise_percentile,
         tau_window=spa.tau_window, extrapolate=extrapolate,
         autocast_dtype=str(compute).removeprefix("torch.") if compute is not None else None,
+        packing=config.model.packing,
     )  # fmt: skip
 
 

@@ -34,6 +34,8 @@ from .loss import NoiseThreshold, spa_loss
 from .models import sequence_token_logprobs
 
 OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw")
+# Settings a resumed run may change: they decide how the work is laid out, not what it computes.
+LAYOUT_SETTINGS = ("packing", "save_every")
 
 
 @dataclass
@@ -59,6 +61,8 @@ class TrainSettings:
     extrapolate: float | None = None
     # The forward's compute dtype under torch.autocast ("bfloat16" on a GPU); None: the weights' dtype.
     autocast_dtype: str | None = None
+    # One packed row per micro-batch instead of padded rows (`data.pack`): no padding tokens.
+    packing: bool = False
 
 
 @dataclass
@@ -124,13 +128,17 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
     return shifted != -100
 
 
-def precomputed_reference(mask: torch.Tensor, values: list[float]) -> torch.Tensor:
-    """Per-token tensor whose sequence sums are `values`: each value on its first scored token."""
-    tokens = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    first = mask.float().argmax(dim=1)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    tokens[rows, first] = torch.tensor(values, dtype=torch.float32).to(mask.device, non_blocking=True)
-    return tokens
+def precomputed_reference(seq_ids: torch.Tensor, values: list[float]) -> torch.Tensor:
+    """Per-token tensor whose sequence sums are `values`: each value on its sequence's first scored token."""
+    flat = seq_ids.reshape(-1)
+    count = len(values)
+    # First position of each sequence, without a host sync; unscored tokens go to a spare slot.
+    first = torch.full((count + 1,), flat.numel(), dtype=torch.long, device=flat.device)
+    positions = torch.arange(flat.numel(), device=flat.device)
+    first.scatter_reduce_(0, torch.where(flat >= 0, flat, count), positions, reduce="amin")
+    tokens = torch.zeros(flat.numel() + 1, dtype=torch.float32, device=flat.device)
+    tokens[first[:count]] = torch.tensor(values, dtype=torch.float32).to(flat.device, non_blocking=True)
+    return tokens[:-1].reshape(seq_ids.shape)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -218,7 +226,7 @@ def train_stage(
         tau = None
         for start in range(0, len(step_pairs), settings.micro_batch_size):
             micro = step_pairs[start : start + settings.micro_batch_size]
-            cpu_batch = collate_pairs(micro, pad_id)
+            cpu_batch = collate_pairs(micro, pad_id, packed=settings.packing)
             tokens += int(cpu_batch["attention_mask"].sum())
             positions += cpu_batch["attention_mask"].numel()
             batch = {k: v.to(device) for k, v in cpu_batch.items()}
@@ -226,16 +234,17 @@ def train_stage(
                 logps = sequence_token_logprobs(
                     model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                     reference=reference, reference_model=reference_model, extrapolate=extrapolate,
+                    position_ids=batch.get("position_ids"),
                 )  # fmt: skip
-            mask = response_mask(batch["labels"])
+            layout = {"seq_ids": batch["seq_ids"], "num_pairs": len(micro)}
             ref_tokens = logps.reference
             if reference is None and reference_model is None:
                 values = [p.ref_chosen for p in micro] + [p.ref_rejected for p in micro]
-                ref_tokens = precomputed_reference(mask, values)
+                ref_tokens = precomputed_reference(batch["seq_ids"], values)
             if settings.refine:
                 # tau covers the most recent margins, this micro-batch's included.
                 probe = spa_loss(
-                    logps.policy.detach(), ref_tokens, mask=mask, extrapolated_logps=logps.extrapolated,
+                    logps.policy.detach(), ref_tokens, **layout, extrapolated_logps=logps.extrapolated,
                     beta=settings.beta,
                 )  # fmt: skip
                 margins = probe.noise_margin.tolist()
@@ -245,7 +254,7 @@ def train_stage(
                 threshold.update(margins)
                 tau = threshold.tau
             result = spa_loss(
-                logps.policy, ref_tokens, mask=mask, extrapolated_logps=logps.extrapolated, beta=settings.beta,
+                logps.policy, ref_tokens, **layout, extrapolated_logps=logps.extrapolated, beta=settings.beta,
                 alpha=alpha_t if tau is not None else 0.0, tau=tau, loss_type=settings.loss_type,
             )  # fmt: skip
             (result.loss * (len(micro) / len(step_pairs))).backward()
@@ -351,6 +360,8 @@ def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, thresh
     # leaves a run's behaviour as it was does not orphan its checkpoints.
     saved = {**asdict(TrainSettings()), **meta["settings"]}
     current = asdict(settings)
+    for name in LAYOUT_SETTINGS:  # they change how the math is laid out, not its result
+        saved.pop(name), current.pop(name)
     if saved != current:
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         raise ValueError(

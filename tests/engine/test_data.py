@@ -134,6 +134,28 @@ def test_collate_keeps_eos_when_pad_is_eos(tokenizer):
     assert torch.equal(batch["input_ids"][3, :3], torch.tensor([5, 11, 2]))
 
 
+def test_a_packed_row_scores_the_same_tokens_as_padded_rows():
+    pairs = [
+        data.TokenizedPair("a", [5, 6], [7, 2], [8, 9, 10, 2]),
+        data.TokenizedPair("b", [5], [2], [11, 2]),
+    ]
+    padded = data.collate_pairs(pairs, pad_token_id=2)
+    packed = data.collate_pairs(pairs, pad_token_id=2, packed=True)
+    lengths = padded["attention_mask"].sum(1).tolist()  # [4, 2, 6, 3]: no padding in the packed row
+    assert packed["input_ids"].shape == (1, sum(lengths)) and bool(packed["attention_mask"].all())
+    assert packed["position_ids"][0].tolist() == [t for n in lengths for t in range(n)]
+    # Per sequence, in order: the token each scored position predicts.
+    for k in range(4):
+        rows, cols = (padded["seq_ids"] == k).nonzero(as_tuple=True)
+        predicted_padded = padded["input_ids"][rows, cols + 1].tolist()
+        (cols_packed,) = (packed["seq_ids"][0] == k).nonzero(as_tuple=True)
+        assert packed["input_ids"][0, cols_packed + 1].tolist() == predicted_padded
+    assert predicted_padded == [11, 2]  # sequence 3: b's rejected response, its EOS (== pad id) included
+    # No target crosses a boundary: each sequence's first token is never scored.
+    starts = [sum(lengths[:k]) for k in range(4)]
+    assert all(packed["labels"][0, s] == -100 for s in starts)
+
+
 def test_truncation_is_counted(tokenizer):
     long_prompt = " ".join(["the cat sat on the mat"] * 20)
     record = data.preference_record("x:1", {"prompt": long_prompt, "chosen": "four " * 30, "rejected": "five"})

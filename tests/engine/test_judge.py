@@ -39,6 +39,16 @@ def test_batched_scores_equal_one_prompt_at_a_time(lora_model):
         assert all(p != r for p, r in zip(policy, ref, strict=True)), "pi_{i-1} and pi_init must differ here"
 
 
+def test_a_packed_batch_scores_like_a_padded_one(lora_model):
+    model, tokenizer = lora_model
+    items = [([5, 6, 7], [[8, 9, 2], [10, 2]]), ([5, 11], [[12, 13, 14, 2], [2], [9, 9, 2]])]
+    padded = score_responses(model, items, tokenizer.pad_token_id)
+    packed = score_responses(model, items, tokenizer.pad_token_id, packed=True)
+    for (policy, ref), (want_policy, want_ref) in zip(packed, padded, strict=True):
+        torch.testing.assert_close(torch.tensor(policy), torch.tensor(want_policy), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(ref), torch.tensor(want_ref), rtol=1e-5, atol=1e-5)
+
+
 def test_reference_choices(lora_model):
     model, tokenizer = lora_model
     items = [([5, 6], [[8, 2], [9, 10, 2]])]

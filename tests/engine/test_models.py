@@ -94,6 +94,7 @@ def test_role_without_adapters_is_refused(model_dir):
 
 
 FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2, "sliding_window": None}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
     "phi": ("PhiConfig", "PhiForCausalLM", {}),  # its LM head has a bias
@@ -101,18 +102,22 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_model_families_match_transformers(family, tmp_path):
+def build_family(family, path):
     import transformers
 
     config_name, model_name, extra = FAMILIES[family]
-    tokenizer = build_tokenizer(CORPUS, tmp_path, vocab_size=160)
+    tokenizer = build_tokenizer(CORPUS, path, vocab_size=160)
     config = getattr(transformers, config_name)(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=128, **extra,
     )  # fmt: skip
     torch.manual_seed(0)
-    getattr(transformers, model_name)(config).save_pretrained(tmp_path)
+    getattr(transformers, model_name)(config).save_pretrained(path)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_families_match_transformers(family, tmp_path):
+    build_family(family, tmp_path)
     model, tokenizer = models.load_model(tmp_path, lora=models.LoraSettings(r=4, alpha=8), gradient_checkpointing=False)
     input_ids, attention_mask, labels = batch(tokenizer)
     out = models.sequence_token_logprobs(model, input_ids, attention_mask, labels, reference="init")
@@ -121,3 +126,60 @@ def test_model_families_match_transformers(family, tmp_path):
     torch.testing.assert_close(out.reference[:, :-1].double(), want, rtol=1e-5, atol=1e-5)
     out.policy.sum().backward()
     assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_row_matches_padded_rows(family, attention, tmp_path):
+    """Sequences packed end to end (positions restarting at 0) give each sequence's own
+    log-probs and gradients: transformers keeps the attention inside each sequence."""
+    from selfee_fast.data import pack, padded_seq_ids, right_pad
+
+    build_family(family, tmp_path)
+    model, _ = models.load_model(
+        tmp_path, lora=models.LoraSettings(r=4, alpha=8), gradient_checkpointing=False, attention=attention
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    sequences = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [5, 5]]
+    prompt_lengths = [3, 1, 4, 1]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def per_sequence(batch, position_ids=None):
+        model.zero_grad()
+        out = models.sequence_token_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"], reference="init",
+            extrapolate=0.5, position_ids=position_ids,
+        )  # fmt: skip
+        ids = batch["seq_ids"].reshape(-1)
+        sums = [
+            torch.zeros(5, dtype=torch.float64).index_add(0, torch.where(ids >= 0, ids, 4), v.reshape(-1).double())[:4]
+            for v in (out.policy, out.reference, out.extrapolated)
+        ]
+        (sums[0].float() * weights).sum().backward()
+        grads = [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
+        return sums, grads
+
+    padded = right_pad(sequences, prompt_lengths, 0)
+    padded["seq_ids"] = padded_seq_ids(padded["labels"])
+    packed = pack(sequences, prompt_lengths)
+    want, want_grads = per_sequence(padded)
+    got, got_grads = per_sequence(packed, packed["position_ids"])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(got_grads) == len(want_grads) > 0
+    for a, b in zip(got_grads, want_grads, strict=True):
+        # fp32 sums in another order: errors scale with the tensor's largest entries.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    # Without its position restarts the row is one long sequence: the check can fail.
+    (leaky, *_), _ = per_sequence(packed)
+    assert not torch.allclose(leaky, want[0], rtol=1e-3, atol=1e-3)
+
+
+def test_attention_choice():
+    assert models.attention_implementation("auto", "cpu", half_precision=True) == "sdpa"
+    assert models.attention_implementation("eager", "cuda", half_precision=False) == "eager"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        models.attention_implementation("flash", "cpu", half_precision=True)

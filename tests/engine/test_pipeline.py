@@ -153,6 +153,8 @@ def test_unknown_config_key_suggests_the_nearest(workspace):
         load_config(write_config(workspace, "bad"), ["train.batch_size=big"])
     with pytest.raises(ConfigError, match="one disjoint prompt pool per iteration"):
         run_pipeline(load_config(write_config(workspace, "bad"), ["spa.iterations=3"]))
+    with pytest.raises(ConfigError, match=r"model\.attention must be one of \('auto', 'sdpa'"):
+        run_pipeline(load_config(write_config(workspace, "bad"), ["model.attention=flash"]))
 
 
 def run_cli_until(config: Path, condition, timeout: float = 300.0) -> int:
@@ -249,3 +251,6 @@ def test_stage_fingerprints_are_stable():
     # Writing a default out explicitly is the same configuration.
     explicit = load_config(None, [*overrides, "train.beta=0.1", "generation.backend=hf"])
     assert stage_fingerprints(explicit) == stage_fingerprints(load_config(None, overrides))
+    # How the work is laid out is not part of it: a run may switch packing or attention and resume.
+    layout = load_config(None, [*overrides, "model.packing=true", "model.attention=eager"])
+    assert stage_fingerprints(layout) == stage_fingerprints(load_config(None, overrides))

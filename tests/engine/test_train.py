@@ -1,9 +1,10 @@
-"""The training loop: length-grouped micro-batches; checkpoints refused by name when settings change."""
+"""The training loop: length-grouped or packed micro-batches; checkpoints refused by name when settings change."""
 
 import json
 import random
 
 import pytest
+import torch
 
 import selfee_fast.train as train_module
 from selfee_fast import models
@@ -59,9 +60,9 @@ def test_micro_batches_are_grouped_by_length(setup, tmp_path, monkeypatch):
     seen = []
     real_collate = train_module.collate_pairs
 
-    def spy(micro, pad_id):
+    def spy(micro, pad_id, **options):
         seen.append(sorted(len(p.chosen) for p in micro))
-        return real_collate(micro, pad_id)
+        return real_collate(micro, pad_id, **options)
 
     monkeypatch.setattr(train_module, "collate_pairs", spy)
     settings = TrainSettings(lr=1e-3, batch_size=8, micro_batch_size=2, optimizer="adamw", save_every=100)
@@ -75,3 +76,48 @@ def test_micro_batches_are_grouped_by_length(setup, tmp_path, monkeypatch):
         assert flat == sorted(flat)
     metrics = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").open()]
     assert all(0 <= m["padding"] < 0.2 for m in metrics), [m["padding"] for m in metrics]
+
+
+def test_packed_micro_batches_train_like_padded_ones(setup, tmp_path):
+    """One packed row per micro-batch: the same losses, SPA margins and weights as padded rows."""
+    model, _, pad_id, eos = setup
+    pairs = [TrainPair(f"p{n}", [5] * (1 + n % 3), [7] * n + [eos], [8] * (9 - n) + [eos]) for n in range(1, 9)]
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    runs = {}
+    for packing in (False, True):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in start:
+                    p.copy_(start[name])
+        out = tmp_path / f"packing-{packing}"
+        settings = TrainSettings(lr=1e-3, batch_size=4, micro_batch_size=2, optimizer="adamw", refine=True,
+                                 tau_window=2, alpha_warmup=0.0, extrapolate=0.5, packing=packing)  # fmt: skip
+        train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=lambda *_: None)
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        flags = [json.loads(line) for line in (out / "flags.jsonl").open()]
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if n in start}
+        runs[packing] = metrics, flags, weights
+    (padded_metrics, padded_flags, padded_weights), (packed_metrics, packed_flags, packed_weights) = runs.values()
+    assert [m["padding"] for m in packed_metrics] == [0.0, 0.0] and padded_metrics[0]["padding"] > 0.1
+    for a, b in zip(packed_metrics, padded_metrics, strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "spa/flagged_fraction"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert [f["confident"] for f in packed_flags] == [f["confident"] for f in padded_flags]
+    assert any(not f["confident"] for f in packed_flags), "SPA flagged something: its path ran"
+    for name, weight in packed_weights.items():
+        torch.testing.assert_close(weight, padded_weights[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(w, start[n]) for n, w in packed_weights.items()), "training moved the adapter"
+
+
+def test_precomputed_reference_puts_each_value_on_its_sequences_first_scored_token():
+    seq_ids = torch.tensor([[-1, 0, 0, -1, 1, -1, 2, 2, 2, -1, 3, -1]])
+    tokens = train_module.precomputed_reference(seq_ids, [1.5, -2.0, 3.0, 4.0])
+    assert tokens.tolist() == [[0, 1.5, 0, 0, -2.0, 0, 3.0, 0, 0, 0, 4.0, 0]]
+    padded = torch.tensor([[-1, 0, 0, -1], [1, 1, 1, 1]])
+    assert train_module.precomputed_reference(padded, [1.0, 2.0]).tolist() == [[0, 1.0, 0, 0], [2.0, 0, 0, 0]]
+
+
+def test_a_resumed_run_may_switch_packing(setup, tmp_path):
+    model, pairs, pad_id, _ = setup
+    train(model, pairs, pad_id, tmp_path / "train")
+    train(model, pairs, pad_id, tmp_path / "train", packing=True)  # layout only: it resumes
