@@ -8,6 +8,14 @@ The target entry is formed as g * exp(others_lse - lse) = g * sum_{v != y} p_v, 
 g * (1 - p_y): the subtraction loses every digit when p_y -> 1 (a known precision bug of
 peers that build it in the input dtype). Everything up to the dot products is fp32.
 
+The dot products take 16-bit operands, and fp16 cannot hold g * p_v: with g ~ 1e-5 and
+p_v ~ 1e-3 the product is below fp16's smallest subnormal and would vanish. So the tile
+that meets the tensor core is ([v == y] - p_v) * GRAD_SCALE (2^10 for fp16: p_v down to 6e-8
+stays a normal number, and the split path's fp16 product dz @ W stays below fp16's largest
+value while |W| < 32), and g and 1/GRAD_SCALE are applied to the fp32 products: per row for
+dz @ W, and per row block (g / max|g| inside, max|g| outside) for dz.T @ h, whose sum runs
+over rows.
+
 Both kernels recompute the logits tile from hidden and weight (no [N, V] buffer exists).
 `_grad_hidden_kernel` walks the vocabulary for a block of rows and accumulates
 dz @ W into the fp32 hidden gradient; `_grad_weight_kernel` walks the rows for a block of
@@ -32,12 +40,12 @@ from .config import LaunchConfig, default_config, dot_precision, number_of_split
 @triton.jit
 def _logit_gradient_tile(
     hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok,
-    targets, lse, others_lse, upstream,
+    targets, lse, others_lse,
     hidden_size, stride_hidden, stride_weight,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Recompute a [BLOCK_M, BLOCK_V] logits tile and return d logp / d z for it, fp32."""
+    """Recompute a [BLOCK_M, BLOCK_V] logits tile; return d logp / d z for it per unit upstream, fp32."""
     logits = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
     for k0 in range(0, hidden_size, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -52,7 +60,7 @@ def _logit_gradient_tile(
     prob = tl.exp(logits - lse[:, None])
     is_target = offs_v[None, :] == targets[:, None]
     target_weight = tl.exp(others_lse - lse)  # = 1 - p[target], without cancellation
-    grad = tl.where(is_target, target_weight[:, None], -prob) * upstream[:, None]
+    grad = tl.where(is_target, target_weight[:, None], -prob)
     return tl.where(row_ok[:, None] & v_ok[None, :], grad, 0.0)
 
 
@@ -72,7 +80,7 @@ def _grad_hidden_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr,
     grad_hidden_ptr,
     num_rows, vocab, hidden_size, stride_hidden, stride_weight, stride_grad, tiles_per_split,
-    HAS_BIAS: tl.constexpr, USE_ATOMICS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_ATOMICS: tl.constexpr, GRAD_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -84,23 +92,25 @@ def _grad_hidden_kernel(
         rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok
     )
 
+    row_scale = upstream / GRAD_SCALE
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(vocab, v_begin + tiles_per_split * BLOCK_V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_end
         dz = _logit_gradient_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse, upstream,
+            hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse,
             hidden_size, stride_hidden, stride_weight,
             HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST,
         )  # fmt: skip
-        dz = dz.to(weight_ptr.dtype.element_ty)
+        dz = (dz * GRAD_SCALE).to(weight_ptr.dtype.element_ty)
         for k0 in range(0, hidden_size, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < hidden_size
             w = tl.load(weight_ptr + offs_v[:, None] * stride_weight + offs_k[None, :],
                         mask=v_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
             contribution = tile_dot(dz, w, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), DOT_PRECISION, UPCAST)
+            contribution = contribution * row_scale[:, None]
             out = grad_hidden_ptr + rows[:, None] * stride_grad + offs_k[None, :]
             out_ok = row_ok[:, None] & k_ok[None, :]
             if USE_ATOMICS:
@@ -114,8 +124,8 @@ def _grad_weight_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr,
     grad_weight_ptr, grad_bias_ptr,
     num_rows, vocab, hidden_size, stride_hidden, stride_weight, stride_grad, blocks_per_split,
-    HAS_BIAS: tl.constexpr, WANT_BIAS_GRAD: tl.constexpr, USE_ATOMICS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WANT_WEIGHT_GRAD: tl.constexpr, WANT_BIAS_GRAD: tl.constexpr,
+    USE_ATOMICS: tl.constexpr, GRAD_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_v = tl.program_id(0)
@@ -133,25 +143,30 @@ def _grad_weight_kernel(
             rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok
         )
         dz = _logit_gradient_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse, upstream,
+            hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse,
             hidden_size, stride_hidden, stride_weight,
             HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST,
         )  # fmt: skip
         if WANT_BIAS_GRAD:
-            bias_grad += tl.sum(dz, axis=0)
-        dz_t = tl.trans(dz.to(hidden_ptr.dtype.element_ty))
-        for k0 in range(0, hidden_size, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < hidden_size
-            h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + offs_k[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-            contribution = tile_dot(dz_t, h, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), DOT_PRECISION, UPCAST)
-            out = grad_weight_ptr + offs_v[:, None] * stride_grad + offs_k[None, :]
-            out_ok = v_ok[:, None] & k_ok[None, :]
-            if USE_ATOMICS:
-                tl.atomic_add(out, contribution, mask=out_ok)
-            else:
-                tl.store(out, tl.load(out, mask=out_ok, other=0.0) + contribution, mask=out_ok)
+            bias_grad += tl.sum(dz * upstream[:, None], axis=0)
+        if WANT_WEIGHT_GRAD:
+            # The rows' upstream gradients enter the 16-bit tile relative to the block's largest.
+            block_scale = tl.max(tl.abs(upstream), axis=0)
+            block_scale = tl.where(block_scale > 0, block_scale, 1.0)
+            dz_t = tl.trans((dz * (upstream * (GRAD_SCALE / block_scale))[:, None]).to(hidden_ptr.dtype.element_ty))
+            for k0 in range(0, hidden_size, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < hidden_size
+                h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + offs_k[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                contribution = tile_dot(dz_t, h, tl.zeros((BLOCK_V, BLOCK_K), tl.float32), DOT_PRECISION, UPCAST)
+                contribution = contribution * (block_scale / GRAD_SCALE)
+                out = grad_weight_ptr + offs_v[:, None] * stride_grad + offs_k[None, :]
+                out_ok = v_ok[:, None] & k_ok[None, :]
+                if USE_ATOMICS:
+                    tl.atomic_add(out, contribution, mask=out_ok)
+                else:
+                    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + contribution, mask=out_ok)
     if WANT_BIAS_GRAD:
         if USE_ATOMICS:
             tl.atomic_add(grad_bias_ptr + offs_v, bias_grad, mask=v_ok)
@@ -164,24 +179,29 @@ def _grad_weight_kernel(
 def _logit_gradient_kernel(
     hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, dz_ptr,
     row_begin, row_end, vocab, hidden_size, stride_hidden, stride_weight, stride_dz,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GRAD_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_M, BLOCK_V] tile of d logp / d z for rows [row_begin, row_end), stored in dz's dtype."""
+    """One [BLOCK_M, BLOCK_V] tile of GRAD_SCALE * d logp / d z per unit upstream, rows [row_begin, row_end)."""
     offs_m = row_begin + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < row_end
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = offs_v < vocab
-    rows, targets, lse, others_lse, upstream = _load_row_block(
+    rows, targets, lse, others_lse, _upstream = _load_row_block(
         rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok
     )
     dz = _logit_gradient_tile(
-        hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse, upstream,
+        hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse,
         hidden_size, stride_hidden, stride_weight,
         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST,
     )  # fmt: skip
     out = dz_ptr + (offs_m - row_begin).to(tl.int64)[:, None] * stride_dz + offs_v[None, :]
-    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
+    tl.store(out, (dz * GRAD_SCALE).to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
+
+
+def gradient_scale(dtype: torch.dtype) -> float:
+    """GRAD_SCALE: what the per-unit logit gradient is multiplied by before it is cast to `dtype`."""
+    return 2.0**10 if dtype == torch.float16 else 1.0
 
 
 def logit_gradients(
@@ -199,11 +219,13 @@ def logit_gradients(
     out: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """d logp / d z for active rows [row_begin, row_end) as a [rows, V] tensor in weight's dtype.
+    """GRAD_SCALE * d logp / d z per unit upstream gradient, for active rows [row_begin, row_end).
 
-    The first half of the split backward: the logits are recomputed tile by tile and only
-    their gradient leaves the chip; the caller multiplies it by W (and h) with cuBLAS.
-    `out` (at least [row_end - row_begin, V]) is reused across chunks when given.
+    A [rows, V] tensor in weight's dtype; `gradient_scale(weight.dtype)` is GRAD_SCALE. The
+    first half of the split backward: the logits are recomputed tile by tile and only their
+    gradient leaves the chip; the caller multiplies it by W with cuBLAS and the result's rows
+    by upstream / GRAD_SCALE. `out` (at least [row_end - row_begin, V]) is reused across
+    chunks when given.
     """
     config = config or default_config(hidden.device, hidden.dtype)
     count, vocab = row_end - row_begin, weight.shape[0]
@@ -212,8 +234,9 @@ def logit_gradients(
         _logit_gradient_kernel[(triton.cdiv(count, config.block_m), triton.cdiv(vocab, config.block_v))](
             hidden, weight, bias if bias is not None else weight, rows, targets, lse, others_lse, upstream, dz,
             row_begin, row_end, vocab, weight.shape[1], hidden.stride(0), weight.stride(0), dz.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k,
-            DOT_PRECISION=dot_precision(weight.dtype), UPCAST=upcast_dots(),
+            HAS_BIAS=bias is not None, GRAD_SCALE=gradient_scale(weight.dtype), BLOCK_M=config.block_m,
+            BLOCK_V=config.block_v, BLOCK_K=config.block_k, DOT_PRECISION=dot_precision(weight.dtype),
+            UPCAST=upcast_dots(),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
     return dz
@@ -251,7 +274,7 @@ def logprobs_backward(
     vocab_tiles = triton.cdiv(vocab, config.block_v)
     common = dict(
         BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k,
-        DOT_PRECISION=dot_precision(weight.dtype), UPCAST=upcast_dots(),
+        GRAD_SCALE=gradient_scale(weight.dtype), DOT_PRECISION=dot_precision(weight.dtype), UPCAST=upcast_dots(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     bias_arg = bias if bias is not None else weight
@@ -270,14 +293,14 @@ def logprobs_backward(
         splits = number_of_splits(config, hidden.device, vocab_tiles, row_blocks)
         blocks_per_split = triton.cdiv(row_blocks, splits)
         splits = triton.cdiv(row_blocks, blocks_per_split)
-        if grad_weight is None:
-            # A frozen weight with a trainable bias: the weight accumulation has nowhere to go.
-            raise ValueError("a bias gradient without a weight gradient is not supported by the Triton path")
+        # A frozen weight with a trainable bias: only the bias gradient is accumulated.
+        weight_out = grad_weight if grad_weight is not None else grad_bias
         _grad_weight_kernel[(vocab_tiles, splits)](
             hidden, weight, bias_arg, rows, targets, lse, others_lse, upstream,
-            grad_weight, grad_bias if grad_bias is not None else grad_weight,
-            num_rows, vocab, hidden_size, hidden.stride(0), weight.stride(0), grad_weight.stride(0),
-            blocks_per_split, HAS_BIAS=bias is not None, WANT_BIAS_GRAD=grad_bias is not None,
+            weight_out, grad_bias if grad_bias is not None else weight_out,
+            num_rows, vocab, hidden_size, hidden.stride(0), weight.stride(0),
+            grad_weight.stride(0) if grad_weight is not None else 0, blocks_per_split,
+            HAS_BIAS=bias is not None, WANT_WEIGHT_GRAD=grad_weight is not None, WANT_BIAS_GRAD=grad_bias is not None,
             USE_ATOMICS=splits > 1, **common,
         )  # fmt: skip
 

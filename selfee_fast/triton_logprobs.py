@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .kernels.logprobs_backward import logit_gradients, logprobs_backward
+from .kernels.logprobs_backward import gradient_scale, logit_gradients, logprobs_backward
 from .kernels.logprobs_forward import logprobs_forward
 
 # The split backward's dz buffer: chunks of rows are sized to stay under this.
@@ -42,7 +42,8 @@ def split_grad_hidden(hidden, weight, bias, rows, targets, lse, others_lse, upst
         end = min(begin + chunk, num_rows)
         dz = logit_gradients(hidden, weight, rows, targets, lse, others_lse, upstream, begin, end, bias=bias,
                              out=buffer)  # fmt: skip
-        grad_hidden.index_copy_(0, rows[begin:end], (dz @ weight).to(hidden.dtype))
+        row_scale = (upstream[begin:end] / gradient_scale(weight.dtype))[:, None]
+        grad_hidden.index_copy_(0, rows[begin:end], ((dz @ weight).float() * row_scale).to(hidden.dtype))
     return grad_hidden
 
 
@@ -82,9 +83,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
             grad_hidden = split_grad_hidden(hidden, weight, bias, rows, targets, lse, others_lse, upstream)
         else:
             grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
-        # A trainable bias on a frozen head still needs somewhere to accumulate dz.T @ h.
-        want_weight = need_weight or need_bias
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         logprobs_backward(
             hidden, weight, rows, targets, lse, others_lse, upstream,
