@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .config import ConfigError, RunConfig, save_config
+from .config import ConfigError, RunConfig, SPAConfig, save_config
 from .data import DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs
 from .files import folder_written_atomically, write_json_atomic
 from .generate import GenerationSettings, generate_responses, generate_responses_vllm
@@ -99,18 +100,41 @@ LAYOUT_SETTINGS = ("attention", "packing")
 
 
 def stage_fingerprints(config: RunConfig) -> dict[str, str]:
-    model = {k: v for k, v in changed_settings(config.model).items() if k not in LAYOUT_SETTINGS}
-    train = changed_settings(config.train)
-    generation, spa = changed_settings(config.generation), changed_settings(config.spa)
+    """Per stage, a hash of everything its result depends on: its own settings and its predecessor's print.
+
+    A stage hashes only what it uses, so a finished run can be extended (spa.iterations=4
+    with a fourth pool and lambda) and its checkpoint cadence changed without --force.
+    """
+    model = without(changed_settings(config.model), *LAYOUT_SETTINGS)
+    train = without(changed_settings(config.train), "save_every")
+    generation = without(changed_settings(config.generation), "vllm_gpu_memory_utilization")
+    spa = without(changed_settings(config.spa), "iterations", "extrapolate")
+    if config.spa.judge != "reward_model":
+        spa = without(spa, "reward_model_epochs", "reward_model_lr")
+    default_lams = SPAConfig().extrapolate
     base = fingerprint(model, config.seed, config.data.max_length, config.data.max_prompt_length)
     prints = {}
     previous = base
     if config.data.seed_pairs:
-        previous = prints["stage0"] = fingerprint(base, config.data.seed_pairs, train)
+        previous = prints["stage0"] = fingerprint(base, config.data.seed_pairs, without(train, "iteration_epochs"))
     for i in range(1, config.spa.iterations + 1):
         pool = config.data.prompt_pools[i - 1] if i <= len(config.data.prompt_pools) else None
-        previous = prints[f"iter{i}"] = fingerprint(previous, pool, generation, train, spa, i)
+        stage_spa = dict(spa)
+        lam, default_lam = iteration_lambda(config.spa.extrapolate, i), iteration_lambda(default_lams, i)
+        if lam != default_lam:
+            stage_spa["lambda"] = lam
+        previous = prints[f"iter{i}"] = fingerprint(previous, pool, generation, without(train, "seed_epochs"),
+                                                    stage_spa, i)  # fmt: skip
     return prints
+
+
+def without(settings: dict, *names: str) -> dict:
+    return {k: v for k, v in settings.items() if k not in names}
+
+
+def iteration_lambda(extrapolate: list[float], i: int) -> float | None:
+    """DND's lambda for iteration i (1-based); None past the list's end: no DND."""
+    return extrapolate[i - 1] if i <= len(extrapolate) else None
 
 
 def check_config(config: RunConfig) -> None:
@@ -173,7 +197,9 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError(
             f"self-refinement smooths labels, which train.loss_type={t.loss_type!r} has not: use sigmoid or robust, or spa.refine=false"
         )
-    if t.micro_batch_size < 1 or t.batch_size % t.micro_batch_size:
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ConfigError(f"train.lr must be a positive number, got {t.lr}")
+    if t.batch_size < 1 or t.micro_batch_size < 1 or t.batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) must be a positive multiple of train.micro_batch_size ({t.micro_batch_size})"
         )
@@ -198,13 +224,30 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError("generation.responses_per_prompt must be >= 2 to form a pair")
 
 
+def refuse_changed_stages(run_dir: Path, prints: dict[str, str], force: bool) -> None:
+    """Raise (unless `force`) when a stage was started or finished with another configuration."""
+    for stage, print_ in prints.items():
+        done_path, started_path = run_dir / stage / "done.json", run_dir / stage / "started.json"
+        if done_path.exists() and json.loads(done_path.read_text())["fingerprint"] == print_:
+            continue
+        recorded = json.loads(started_path.read_text())["fingerprint"] if started_path.exists() else None
+        if recorded is not None and recorded != print_ and not force:
+            raise ConfigError(
+                f"{stage} was started with another configuration ({started_path}); rerun with --force to redo "
+                "it and every stage after it, or use a new run_dir"
+            )
+        return  # the first stage still to run: the loop in run_pipeline takes it from here
+
+
 def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
     check_config(config)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
     prints = stage_fingerprints(config)
     stages = list(prints)
+    refuse_changed_stages(run_dir, prints, force)
+    # Written only once the run is accepted: a refused command leaves the run's config as it was.
+    save_config(config, run_dir / "config.yaml")
     summary = {"stages": {}}
     previous_model: Path | None = None
     redo_rest = False
@@ -481,7 +524,9 @@ def ensure_reward_model(config: RunConfig, tokenizer, log) -> Path:
 
 def step_train_iteration(config: RunConfig, i: int, model, judged: list[dict], stage_dir: Path, pad_id: int, log):
     """Train pi_i from pi_{i-1} on the judged pairs with self-refinement; return the lam used."""
-    lam = config.spa.extrapolate[i - 1] if config.spa.refine and i <= len(config.spa.extrapolate) else None
+    lam = iteration_lambda(config.spa.extrapolate, i) if config.spa.refine else None
+    if config.spa.refine and i > len(config.spa.extrapolate) and config.spa.extrapolate:
+        log(f"iter{i}: spa.extrapolate lists {len(config.spa.extrapolate)} lambdas; iteration {i} runs without DND")
     lam = lam if lam else None
     pairs = [
         TrainPair(

@@ -132,8 +132,10 @@ def test_rerun_skips_finished_stages_and_refuses_changed_config(finished_run, wo
         "iter2: finished earlier, skipped",
     ]
     assert (run_dir / "iter2" / "done.json").stat().st_mtime_ns == stamp
+    effective = (run_dir / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="started with another configuration"):
         run_pipeline(load_config(write_config(workspace, "run", train__lr=0.02)), log=lambda *_: None)
+    assert (run_dir / "config.yaml").read_text() == effective, "a refused run leaves the saved config alone"
     # An unfinished stage is held to the configuration it started with, too.
     done = run_dir / "iter1" / "done.json"
     saved = done.read_text()
@@ -153,6 +155,10 @@ def test_unknown_config_key_suggests_the_nearest(workspace):
         load_config(write_config(workspace, "bad"), ["train.batch_size=big"])
     with pytest.raises(ConfigError, match="one disjoint prompt pool per iteration"):
         run_pipeline(load_config(write_config(workspace, "bad"), ["spa.iterations=3"]))
+    with pytest.raises(ConfigError, match=r"train\.lr must be a positive number, got nan"):
+        run_pipeline(load_config(write_config(workspace, "bad"), ["train.lr=nan"]))
+    with pytest.raises(ConfigError, match=r"train\.batch_size \(0\) must be a positive multiple"):
+        run_pipeline(load_config(write_config(workspace, "bad"), ["train.batch_size=0"]))
     with pytest.raises(ConfigError, match=r"model\.attention must be one of \('auto', 'sdpa'"):
         run_pipeline(load_config(write_config(workspace, "bad"), ["model.attention=flash"]))
 
@@ -245,12 +251,22 @@ def test_stage_fingerprints_are_stable():
 
     overrides = ["model.path=/models/m", "data.seed_pairs=seed.jsonl", "data.prompt_pools=[a.jsonl,b.jsonl]",
                  "spa.iterations=2", "train.lr=1e-6"]  # fmt: skip
+    # Changed on 2026-11-27 (iterations no longer hashed): iteration prints of runs that set
+    # spa.iterations changed once; such runs need --force.
     assert stage_fingerprints(load_config(None, overrides)) == {
-        "stage0": "a5c9ee44af5fab5e", "iter1": "210fa65a80d66aaf", "iter2": "cd20b70f82b5dd15",
+        "stage0": "a5c9ee44af5fab5e", "iter1": "c3276031967a473f", "iter2": "0d3ce91dd564903e",
     }  # fmt: skip
     # Writing a default out explicitly is the same configuration.
     explicit = load_config(None, [*overrides, "train.beta=0.1", "generation.backend=hf"])
     assert stage_fingerprints(explicit) == stage_fingerprints(load_config(None, overrides))
     # How the work is laid out is not part of it: a run may switch packing or attention and resume.
-    layout = load_config(None, [*overrides, "model.packing=true", "model.attention=eager"])
+    layout = load_config(None, [*overrides, "model.packing=true", "model.attention=eager", "train.save_every=7",
+                                "generation.vllm_gpu_memory_utilization=0.5"])  # fmt: skip
     assert stage_fingerprints(layout) == stage_fingerprints(load_config(None, overrides))
+    # A finished run can be extended: a third iteration leaves the first two as they were.
+    base = stage_fingerprints(load_config(None, overrides))
+    longer = load_config(None, [*overrides, "spa.iterations=3", "data.prompt_pools=[a.jsonl,b.jsonl,c.jsonl]"])
+    assert stage_fingerprints(longer) == {**base, "iter3": stage_fingerprints(longer)["iter3"]}
+    # Each iteration hashes its own lambda: changing the second changes iter2, not iter1.
+    other_lam = stage_fingerprints(load_config(None, [*overrides, "spa.extrapolate=[0.5,0.3]"]))
+    assert other_lam["iter1"] == base["iter1"] and other_lam["iter2"] != base["iter2"]
