@@ -81,7 +81,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+                # Handed on, not raised: with skip_invalid a malformed line is counted like any bad record.
+                record = DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
             yield f"{path}:{number}", record
 
 
@@ -143,6 +144,8 @@ def _as_messages(value, location: str, name: str) -> Messages:
         for m in value:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise DataError(f"{location}: every message of {name} needs string 'role' and 'content'")
+        if not any(m["content"].strip() for m in value):
+            raise DataError(f"{location}: empty {name} (every message's content is blank)")
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise DataError(f"{location}: {name} must be a string or a non-empty list of messages, got {type(value).__name__}")
 
@@ -214,6 +217,8 @@ def _load(path, parse, skip_invalid, report):
     for location, raw in read_records(path):
         report.read += 1
         try:
+            if isinstance(raw, DataError):
+                raise raw
             records.append(parse(location, raw))
         except DataError as e:
             if not skip_invalid:

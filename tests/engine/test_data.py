@@ -67,6 +67,11 @@ def test_errors_name_file_and_line(tmp_path):
     cases = {
         "missing field 'rejected'": {"prompt": "x", "chosen": "y"},
         "empty prompt": {"prompt": " ", "chosen": "y", "rejected": "z"},
+        r"empty prompt \(every message's content is blank\)": {
+            "prompt": [{"role": "user", "content": " "}],
+            "chosen": "y",
+            "rejected": "z",
+        },
         "empty rejected response": {"prompt": "x", "chosen": "y", "rejected": ""},
         "prompt must be a string": {"prompt": 3, "chosen": "y", "rejected": "z"},
         "a record must be an object": ["x"],
@@ -83,10 +88,13 @@ def test_skip_invalid_counts_every_skip(tmp_path):
     path = write_jsonl(
         tmp_path / "p.jsonl", [PLAIN, {"prompt": "x"}, {"prompt": "", "chosen": "a", "rejected": "b"}, PLAIN]
     )
+    with path.open("a") as f:
+        f.write('{"prompt": "torn line", "chosen": \n')
     records, report = data.load_preferences(path, skip_invalid=True)
-    assert len(records) == 2 and report.read == 4 and report.used == 2
-    assert sum(report.skipped.values()) == 2
-    assert "2/4 records used" in report.summary()
+    assert len(records) == 2 and report.read == 5 and report.used == 2
+    assert sum(report.skipped.values()) == 3
+    assert any("malformed JSON" in reason for reason in report.skipped), report.skipped
+    assert "2/5 records used" in report.summary()
 
 
 def test_prompt_pools(tmp_path):
@@ -102,6 +110,9 @@ def test_prompt_pools(tmp_path):
     assert prompts[1].prompt == [{"role": "user", "content": "hi"}]
     write_jsonl(path, [{"text": "no prompt"}])
     with pytest.raises(data.DataError, match=r"pool\.jsonl:1: missing field 'prompt'"):
+        data.load_prompts(path)
+    write_jsonl(path, [{"messages": [{"role": "user", "content": "  "}]}])
+    with pytest.raises(data.DataError, match=r"pool\.jsonl:1: empty"):
         data.load_prompts(path)
 
 
