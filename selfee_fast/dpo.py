@@ -12,10 +12,15 @@ Differences, all deliberate:
 - `forward` takes SPA's extras: `spa_alpha` and `tau` (self-refinement smoothing of pairs
   flagged as noisy) and `extrapolate` (lam of de-coupled noise detection);
 - `compiled` and `chunk_size` are accepted and ignored (nothing is compiled or chunked by pairs);
-- loss types: sigmoid, robust, ipo, hinge (Liger's others raise a clear error).
+- loss types: sigmoid, robust, ipo, hinge (Liger's others raise a clear error); ipo and
+  hinge ignore `label_smoothing` with a warning, as Liger ignores it. IPO's log-probs are
+  sequence sums unless `average_log_prob=True` (TRL's IPO always length-normalises; here
+  the flag decides).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -51,7 +56,12 @@ class FusedLinearDPOLoss(torch.nn.Module):
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
         if label_smoothing > 0 and loss_type in ("ipo", "hinge"):
-            raise ValueError(f"loss_type={loss_type!r} has no label smoothing; use 'sigmoid' (cDPO) or 'robust'")
+            # Liger takes the value and ignores it; a config that ran there keeps running here.
+            warnings.warn(
+                f"loss_type={loss_type!r} has no label smoothing: label_smoothing={label_smoothing} is ignored",
+                stacklevel=2,
+            )
+            label_smoothing = 0.0
         self.ignore_index = ignore_index
         self.beta = beta
         self.alpha = alpha

@@ -7,6 +7,7 @@ what they are given.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -137,13 +138,17 @@ def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bia
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if hidden.dtype != weight.dtype or (
-        ref_hidden is not None and ref_hidden.dtype != (ref_weight if ref_weight is not None else weight).dtype
-    ):
+    if hidden.dtype != weight.dtype:
         raise TypeError(
-            f"hidden is {hidden.dtype} but weight is {weight.dtype} (and the reference likewise must match its head): "
-            "cast the hidden states to the head's dtype"
+            f"hidden is {hidden.dtype} but weight is {weight.dtype}: cast the hidden states to the head's dtype"
         )
+    if ref_hidden is not None:
+        ref_head, ref_head_name = (ref_weight, "ref_weight") if ref_weight is not None else (weight, "weight")
+        if ref_hidden.dtype != ref_head.dtype:
+            raise TypeError(
+                f"ref_hidden is {ref_hidden.dtype} but its head ({ref_head_name}) is {ref_head.dtype}: "
+                "cast the reference hidden states to that head's dtype"
+            )
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     if hidden.dtype == torch.float64 and hidden.device.type == "cuda":
@@ -160,7 +165,9 @@ def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bia
     if extrapolate is not None:
         if ref_hidden is None:
             raise ValueError("extrapolate needs the reference: pass ref_hidden")
-        if not isinstance(extrapolate, (int, float)) or not (extrapolate == extrapolate) or extrapolate < 0:
+        if isinstance(extrapolate, bool) or not isinstance(extrapolate, (int, float)):
+            raise ValueError(f"extrapolate must be a finite number >= 0, got {extrapolate!r}")
+        if not math.isfinite(extrapolate) or extrapolate < 0:
             raise ValueError(f"extrapolate must be a finite number >= 0, got {extrapolate!r}")
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")

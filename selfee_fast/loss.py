@@ -103,7 +103,12 @@ def spa_loss(
                 f"without seq_ids, policy_logps must be [2P, T] (one sequence per row), got {tuple(policy_logps.shape)}"
             )
         # Every row is a sequence, even one whose tokens are all masked.
-        num_pairs = policy_logps.shape[0] // 2 if num_pairs is None else num_pairs
+        if num_pairs not in (None, policy_logps.shape[0] // 2):
+            raise ValueError(
+                f"num_pairs={num_pairs} but policy_logps has {policy_logps.shape[0]} rows, i.e. "
+                f"{policy_logps.shape[0] // 2} pairs (one sequence per row without seq_ids)"
+            )
+        num_pairs = policy_logps.shape[0] // 2
     seq_ids = _sequence_ids(policy_logps, seq_ids, mask)
     order, offsets = _sequence_layout(seq_ids, num_pairs)
 

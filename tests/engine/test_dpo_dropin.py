@@ -348,13 +348,18 @@ def test_aux_is_liger_shaped_and_positional_call_works():
     [
         (dict(loss_type="apo_zero"), "loss_type"),
         (dict(loss_type="discopop"), "loss_type"),
-        (dict(loss_type="ipo", label_smoothing=0.1), "loss_type='ipo'"),
         (dict(label_smoothing=0.5), "label_smoothing"),
     ],
 )
 def test_unsupported_configuration_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FusedLinearDPOLoss(**kwargs)
+
+
+def test_smoothing_of_a_loss_without_it_is_ignored_with_a_warning_as_liger_does():
+    with pytest.warns(UserWarning, match=r"loss_type='hinge' has no label smoothing"):
+        module = FusedLinearDPOLoss(loss_type="hinge", label_smoothing=0.1, backend="torch")
+    assert module.label_smoothing == 0.0
 
 
 def test_bad_calls_raise():

@@ -209,6 +209,12 @@ class TestBadInput:
     def test_hidden_and_head_dtypes_must_match(self):
         with pytest.raises(TypeError, match=r"hidden is torch\.bfloat16 but weight is torch\.float32"):
             linear_logprobs(self.hidden.bfloat16(), self.weight, self.targets)
+        with pytest.raises(
+            TypeError, match=r"ref_hidden is torch\.bfloat16 but its head \(ref_weight\) is torch\.float32"
+        ):
+            linear_logprobs(
+                self.hidden, self.weight, self.targets, ref_hidden=self.ref_hidden.bfloat16(), ref_weight=self.weight
+            )
 
     def test_reference_shapes(self):
         with pytest.raises(ValueError, match="ref_hidden has shape"):
@@ -227,8 +233,9 @@ class TestBadInput:
     def test_extrapolate_needs_reference(self):
         with pytest.raises(ValueError, match="extrapolate needs the reference"):
             linear_logprobs(self.hidden, self.weight, self.targets, extrapolate=0.5)
-        with pytest.raises(ValueError, match="extrapolate must be a finite number"):
-            linear_logprobs(self.hidden, self.weight, self.targets, ref_hidden=self.ref_hidden, extrapolate=-1.0)
+        for bad in (-1.0, float("inf"), float("nan"), True):
+            with pytest.raises(ValueError, match="extrapolate must be a finite number"):
+                linear_logprobs(self.hidden, self.weight, self.targets, ref_hidden=self.ref_hidden, extrapolate=bad)
 
     def test_unknown_backend(self, monkeypatch):
         with pytest.raises(ValueError, match="backend must be one of"):

@@ -504,6 +504,8 @@ def test_bad_shapes_and_ids_raise():
         spa_loss(logps, seq_ids=torch.tensor([[0, 1, 2]] * 4))
     with pytest.raises(ValueError, match="num_pairs=1"):
         spa_loss(logps, seq_ids=torch.tensor([[0, 1, 2]] * 4), num_pairs=1)
+    with pytest.raises(ValueError, match=r"num_pairs=3 but policy_logps has 4 rows"):
+        spa_loss(logps, num_pairs=3)  # rows would be paired wrongly
     with pytest.raises(ValueError, match="reference_logps"):
         spa_loss(logps, torch.zeros(4, 2))
     with pytest.raises(ValueError, match="extrapolated_logps"):
