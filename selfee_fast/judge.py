@@ -8,8 +8,9 @@ response is chosen (ties: the first), the lowest-scoring one rejected; the confi
 sigmoid(r_w - r_l). The judge's log pi_{i-1} values are kept with the pair: pi_{i-1} is
 also the DPO reference of the next training stage, so training need not recompute them.
 
-`judge_reference`: "init" (the paper's choice), "previous" (pi_{i-1} itself: every reward
-is 0, kept for the ablation) or "none" (r = beta * log pi_{i-1}(y|x)).
+`judge_reference`: "init" (the paper's choice), "previous" (the paper's ablation: the iterate
+before pi_{i-1}, pi_{i-2}, passed in as `base_model`; the pipeline falls back to pi_init
+while there is none) or "none" (r = beta * log pi_{i-1}(y|x)).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def score_responses(
     """
     if judge_reference not in JUDGE_REFERENCES:
         raise ValueError(f"judge_reference must be one of {JUDGE_REFERENCES}, got {judge_reference!r}")
+    if judge_reference == "previous" and base_model is None:
+        raise ValueError("judge_reference='previous' scores against the iterate before pi_{i-1}: pass it as base_model")
     sequences = [prompt + r for prompt, responses in items for r in responses]
     prompt_lengths = [len(prompt) for prompt, responses in items for _ in responses]
     if packed:
@@ -51,17 +54,15 @@ def score_responses(
         batch["seq_ids"] = padded_seq_ids(batch["labels"])
     device = next(model.parameters()).device
     batch = {name: values.to(device) for name, values in batch.items()}
-    use_init = judge_reference == "init"
+    use_init = judge_reference in ("init", "previous")
     out = sequence_token_logprobs(
         model, batch["input_ids"], batch["attention_mask"], batch["labels"],
         reference="init" if use_init and base_model is None else None,
         reference_model=base_model if use_init else None, position_ids=batch.get("position_ids"),
     )  # fmt: skip
     policy = sequence_sums(out.policy, batch["seq_ids"], len(sequences))
-    if judge_reference == "init":
+    if use_init:
         ref = sequence_sums(out.reference, batch["seq_ids"], len(sequences))
-    elif judge_reference == "previous":
-        ref = policy
     else:
         ref = [0.0] * len(policy)
     scores, start = [], 0

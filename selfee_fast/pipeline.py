@@ -376,11 +376,20 @@ def frozen_copy(model, dtype: torch.dtype | None = None):
     return linear_layers_in(reference, dtype).eval()
 
 
-def load_init_model(config: RunConfig):
-    """pi_init as its own frozen model (full fine-tuning, or no-seed mode's judge_base)."""
+def load_init_model(config: RunConfig, stage_model: Path | None = None):
+    """pi_init as its own frozen model (full fine-tuning, or no-seed mode's judge_base).
+
+    `stage_model`: a saved stage's model instead (a full model, or a peft adapter on pi_init).
+    """
     device, dtype = resolve_device(config)
     compute = autocast_dtype(config)
-    path = config.model.judge_base or config.model.path
+    if stage_model is not None and (stage_model / "adapter_config.json").exists():
+        model, _ = models.load_model(
+            config.model.path, dtype=compute or dtype, device=device, adapter_path=stage_model,
+            gradient_checkpointing=False, quantization=config.model.quantization, attention=attention_for(config),
+        )  # fmt: skip
+        return model.requires_grad_(False).eval()
+    path = stage_model or config.model.judge_base or config.model.path
     if full_finetuning(config) and compute is not None:
         # As frozen_copy: fp32 from disk (on the CPU: no fp32 copy on the GPU), linear layers in bf16.
         model, _ = models.load_model(
@@ -499,12 +508,24 @@ def step_judge(
         reward_model = RewardModel(ensure_reward_model(config, tokenizer, log), device=next(model.parameters()).device)
         return judge_generations(model, tokenizer, generations, pairs_path, reward_model=reward_model, log=log)
     # pi_init is the shared model with adapters off, unless it must be a model of its own.
-    needs_own = config.model.judge_base or (full_finetuning(config) and config.spa.judge_reference == "init")
+    needs_own = config.model.judge_base or (full_finetuning(config) and config.spa.judge_reference != "none")
     base_model = load_init_model(config) if needs_own else None
+    if config.spa.judge_reference == "previous":
+        # The paper's ablation: pi_{i-1} judged against the iterate before it, pi_{i-2}
+        # (pi_init while there is none).
+        stages = list(stage_fingerprints(config))
+        index = stages.index(f"iter{i}")
+        earlier = previous_stage_model(config, stages[index - 1]) if index > 0 else None
+        if earlier is not None:
+            log(f"iter{i}: judging against the iterate before pi_{i - 1}: {earlier}")
+            base_model = load_init_model(config, earlier)
+    judge_reference = config.spa.judge_reference
+    if judge_reference == "previous" and base_model is None:
+        judge_reference = "init"  # pi_{i-2} is pi_init: the shared model with its adapters off
     # The same autocast as training: the judge's log pi_{i-1} is reused as the training reference.
     return judge_generations(
         model, tokenizer, generations, pairs_path, beta=config.train.beta,
-        judge_reference=config.spa.judge_reference, base_model=base_model, autocast_dtype=autocast_dtype(config),
+        judge_reference=judge_reference, base_model=base_model, autocast_dtype=autocast_dtype(config),
         packing=config.model.packing, log=log,
     )  # fmt: skip
 

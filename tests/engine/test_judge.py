@@ -52,8 +52,14 @@ def test_a_packed_batch_scores_like_a_padded_one(lora_model):
 def test_reference_choices(lora_model):
     model, tokenizer = lora_model
     items = [([5, 6], [[8, 2], [9, 10, 2]])]
-    ((policy, ref_previous),) = score_responses(model, items, tokenizer.pad_token_id, judge_reference="previous")
-    assert ref_previous == policy
+    ((policy, ref_init),) = score_responses(model, items, tokenizer.pad_token_id)
+    # "previous" scores against the earlier iterate handed in (here: a copy of pi_{i-1} itself).
+    with pytest.raises(ValueError, match="pass it as base_model"):
+        score_responses(model, items, tokenizer.pad_token_id, judge_reference="previous")
+    ((_, ref_previous),) = score_responses(model, items, tokenizer.pad_token_id, judge_reference="previous",
+                                           base_model=model)  # fmt: skip
+    torch.testing.assert_close(torch.tensor(ref_previous), torch.tensor(policy), rtol=1e-6, atol=1e-6)
+    assert ref_init != policy
     ((_, ref_none),) = score_responses(model, items, tokenizer.pad_token_id, judge_reference="none")
     assert ref_none == [0.0, 0.0]
     with pytest.raises(ValueError, match="judge_reference must be one of"):

@@ -241,6 +241,20 @@ def test_reward_model_judge_baseline(workspace):
         run_pipeline(load_config(write_config(workspace, "rm2"), ["spa.judge=oracle"]))
 
 
+def test_previous_iterate_judge_reference(workspace):
+    """spa.judge_reference=previous (the paper's ablation): iteration i judges pi_{i-1} against
+    pi_{i-2}; at iteration 1 that is pi_init. Rewards are not all zero."""
+    config = load_config(write_config(workspace, "previous", train__seed_epochs=1), ["spa.judge_reference=previous"])
+    messages = []
+    run_pipeline(config, log=messages.append)
+    run_dir = workspace / "previous"
+    assert not any(m.startswith("iter1: judging against") for m in messages)
+    assert f"iter2: judging against the iterate before pi_1: {run_dir / 'stage0' / 'model'}" in messages
+    for stage in ("iter1", "iter2"):
+        pairs = read_jsonl(run_dir / stage / "pairs.jsonl")
+        assert len(pairs) == 8 and any(p["chosen_score"] != 0.0 for p in pairs), stage
+
+
 def test_stage_fingerprints_are_stable():
     """Run folders remember these; a change makes every existing run refuse to resume.
 
