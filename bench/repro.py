@@ -735,7 +735,7 @@ def markdown(report: dict, arms: dict[str, Arm]) -> str:
                 f"| {reference} | {name} | {cell_final(ok, 'gold_reward')} | {cell_final(ok, 'win_rate_vs_init')} | "
                 f"{fmt_ms(iteration_values(ok, 'label_accuracy'))} |"
             )
-        lines += ["", "(`previous`: every implicit reward is 0, so the first response is always chosen.)", ""]
+        lines += ["", "(`previous`: π_{i-1} judged against the iterate before it, π_{i-2}; π_init at iteration 1.)", ""]
 
     lines += ["## What the numbers say (generated from the numbers)", ""]
     if report["comparisons"]:

@@ -101,7 +101,7 @@ class SPAConfig:
     noise_percentile: float = 0.10
     tau_window: int = 50
     extrapolate: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # lam per iteration; [] = no DND
-    judge_reference: str = "init"  # init | previous | none
+    judge_reference: str = "init"  # init | previous (the iterate before pi_{i-1}: the paper's ablation) | none
     judge: str = "implicit"  # implicit (SPA) | reward_model (the paper's baseline: a reward model fit to the seed)
     reward_model_epochs: int = 3
     reward_model_lr: float = 1e-3
