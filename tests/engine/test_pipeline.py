@@ -187,6 +187,7 @@ def test_killed_run_resumes_to_the_same_result(finished_run, workspace):
     generations = run_dir / "iter1" / "generations.jsonl"
     code = run_cli_until(config, lambda: generations.exists() and generations.stat().st_size > 0)
     assert code == -signal.SIGKILL, "the run ended before it could be killed during generation"
+    assert not (run_dir / "iter1" / "done.json").exists()
     latest = run_dir / "iter2" / "train" / "latest"
     code = run_cli_until(config, latest.exists)
     assert code == -signal.SIGKILL, "the run ended before it could be killed during training"
@@ -202,6 +203,18 @@ def test_killed_run_resumes_to_the_same_result(finished_run, workspace):
         for a, b in zip(resumed, uninterrupted, strict=True):
             assert (a["chosen_ids"], a["rejected_ids"]) == (b["chosen_ids"], b["rejected_ids"])
             assert a["chosen_score"] == pytest.approx(b["chosen_score"], abs=1e-6)
+    # Training resumed from its checkpoint ends where the uninterrupted run ended.
+    from safetensors.torch import load_file
+
+    resumed = load_file(run_dir / "iter2" / "model" / "adapter_model.safetensors")
+    uninterrupted = load_file(reference_dir / "iter2" / "model" / "adapter_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, weight in resumed.items():
+        torch.testing.assert_close(weight, uninterrupted[name], rtol=1e-6, atol=1e-7)
+    losses = [
+        [m["loss"] for m in read_jsonl(d / "iter2" / "train" / "metrics.jsonl")] for d in (run_dir, reference_dir)
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_full_finetuning_mode(workspace):
