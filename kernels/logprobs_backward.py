@@ -111,7 +111,7 @@ def _grad_hidden_kernel(
                         mask=v_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
             contribution = tile_dot(dz, w, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), DOT_PRECISION, UPCAST)
             contribution = contribution * row_scale[:, None]
-            out = grad_hidden_ptr + rows[:, None] * stride_grad + offs_k[None, :]
+            out = grad_hidden_ptr + offs_m.to(tl.int64)[:, None] * stride_grad + offs_k[None, :]
             out_ok = row_ok[:, None] & k_ok[None, :]
             if USE_ATOMICS:
                 tl.atomic_add(out, contribution, mask=out_ok)
@@ -260,9 +260,9 @@ def logprobs_backward(
 ) -> None:
     """Accumulate into the given fp32 gradient buffers (any of them may be None).
 
-    `grad_hidden` is indexed like `hidden` (rows not in `rows` are left untouched);
-    `grad_weight` is [V, H], `grad_bias` is [V]. All three must be zero-initialised or hold
-    a value to add to.
+    `grad_hidden` is [len(rows), H], compact: its row j is the gradient of hidden[rows[j]]
+    (so a caller can work through the rows in chunks with a small buffer). `grad_weight` is
+    [V, H], `grad_bias` is [V]. All three must be zero-initialised or hold a value to add to.
     """
     config = config or default_config(hidden.device, hidden.dtype)
     if deterministic:

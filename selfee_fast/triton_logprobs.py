@@ -11,6 +11,9 @@ from .kernels.logprobs_forward import logprobs_forward
 
 # The split backward's dz buffer: chunks of rows are sized to stay under this.
 SPLIT_CHUNK_BYTES = 256 * 2**20
+# The fused backward's fp32 hidden-gradient accumulator: chunks of rows are sized to stay
+# under this (at H = 4096: 4096 rows, 64 row blocks of 64 per launch).
+ACCUMULATOR_BYTES = 64 * 2**20
 BACKWARDS = ("fused", "split")
 
 
@@ -47,6 +50,31 @@ def split_grad_hidden(hidden, weight, bias, rows, targets, lse, others_lse, upst
     return grad_hidden
 
 
+def fused_grad_hidden(hidden, weight, bias, rows, targets, lse, others_lse, upstream, *, deterministic) -> torch.Tensor:
+    """grad_hidden in hidden's dtype from the fused kernel, a chunk of rows at a time.
+
+    The kernel accumulates in fp32; the fp32 buffer holds one chunk of active rows (at most
+    ACCUMULATOR_BYTES), not all of hidden, and each chunk is rounded into the result once.
+    Rows not in `rows` stay zero.
+    """
+    grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    num_rows, hidden_size = rows.numel(), hidden.shape[1]
+    if num_rows == 0:
+        return grad_hidden
+    chunk = max(1, min(num_rows, ACCUMULATOR_BYTES // (hidden_size * 4)))
+    buffer = torch.empty((chunk, hidden_size), dtype=torch.float32, device=hidden.device)
+    for begin in range(0, num_rows, chunk):
+        end = min(begin + chunk, num_rows)
+        accumulator = buffer[: end - begin].zero_()
+        part = slice(begin, end)
+        logprobs_backward(
+            hidden, weight, rows[part], targets[part], lse[part], others_lse[part], upstream[part],
+            bias=bias, grad_hidden=accumulator, deterministic=deterministic,
+        )  # fmt: skip
+        grad_hidden.index_copy_(0, rows[part], accumulator.to(hidden.dtype))
+    return grad_hidden
+
+
 class TritonLinearLogprobs(torch.autograd.Function):
     """Active rows in, per-row (policy, reference, extrapolated) log-probs out.
 
@@ -78,20 +106,21 @@ class TritonLinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, rows, targets, lse, others_lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         upstream = grad_policy.float().contiguous()
-        split = need_hidden and triton_backward() == "split"
-        if split:
+        grad_hidden = None
+        if need_hidden and triton_backward() == "split":
             grad_hidden = split_grad_hidden(hidden, weight, bias, rows, targets, lse, others_lse, upstream)
-        else:
-            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        elif need_hidden:
+            grad_hidden = fused_grad_hidden(hidden, weight, bias, rows, targets, lse, others_lse, upstream,
+                                            deterministic=ctx.deterministic)  # fmt: skip
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
-        logprobs_backward(
-            hidden, weight, rows, targets, lse, others_lse, upstream,
-            bias=bias, grad_hidden=None if split else grad_hidden, grad_weight=grad_weight, grad_bias=grad_bias,
-            deterministic=ctx.deterministic,
-        )  # fmt: skip
+        if need_weight or need_bias:
+            logprobs_backward(
+                hidden, weight, rows, targets, lse, others_lse, upstream,
+                bias=bias, grad_weight=grad_weight, grad_bias=grad_bias, deterministic=ctx.deterministic,
+            )  # fmt: skip
         return (
-            grad_hidden.to(hidden.dtype) if need_hidden else None,
+            grad_hidden,
             grad_weight.to(weight.dtype) if need_weight else None,
             grad_bias.to(bias.dtype) if need_bias else None,
             None, None, None, None, None, None, None,

@@ -270,3 +270,26 @@ def test_split_backward_matches_the_fused_one(monkeypatch, dtype, trainable_head
     monkeypatch.setenv("SELFEE_FAST_TRITON_BACKWARD", "fuse")
     with pytest.raises(ValueError, match="SELFEE_FAST_TRITON_BACKWARD must be one of"):
         grads_of(linear_logprobs(hidden, weight, targets, backend="triton").policy, upstream, wrt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_backward_accumulates_a_chunk_of_rows_at_a_time(monkeypatch, dtype):
+    """The fp32 accumulator holds ACCUMULATOR_BYTES of active rows; chunking changes nothing."""
+    import selfee_fast.triton_logprobs as triton_logprobs
+
+    hidden, _, weight, targets = make_batch(3, 11, 40, 131, dtype)
+    upstream = torch.randn(targets.shape)
+
+    real_backward, launches = triton_logprobs.logprobs_backward, []
+    monkeypatch.setattr(
+        triton_logprobs, "logprobs_backward", lambda *a, **k: launches.append(a[2].numel()) or real_backward(*a, **k)
+    )
+    monkeypatch.setattr(triton_logprobs, "ACCUMULATOR_BYTES", 40 * 4 * 5)  # 5-row chunks
+    (chunked,) = grads_of(linear_logprobs(hidden, weight, targets, backend="triton").policy, upstream, [hidden])
+    assert len(launches) > 1 and max(launches) == 5 and sum(launches) == int((targets != -100).sum())
+    h64 = hidden.detach().double().requires_grad_()
+    want, _ = naive_logprobs(h64, weight.double(), targets)
+    (expected,) = grads_of(want, upstream.double(), [h64])
+    assert chunked.dtype == dtype
+    assert_close(chunked, expected, dtype, float(expected.abs().max()))
+    assert torch.equal(chunked[targets == -100], torch.zeros_like(chunked[targets == -100]))
