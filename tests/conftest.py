@@ -36,20 +36,25 @@ _backport_interpreter_index_fix()
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 
 
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype.is_floating_point:
+        t.fill_(float("nan"))
+    elif t.dtype != torch.bool:
+        t.fill_(torch.iinfo(t.dtype).max)
+    return t
+
+
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """Make torch.empty return NaN (floats) or a huge sentinel (ints): unwritten outputs show."""
-    real_empty = torch.empty
+    """Make torch.empty and Tensor.new_empty return NaN (floats) or a huge sentinel (ints):
+    unwritten outputs show, on the Triton path and on the chunked one alike."""
+    real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
 
     def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(torch.iinfo(t.dtype).max)
-        return t
+        return _poison(real_empty(*args, **kwargs))
 
     monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(real_new_empty(self, *a, **k)))
     return poisoned
 
 
