@@ -156,6 +156,8 @@ def stage_step(args: argparse.Namespace) -> int:
         stage = args.stage
         if args.command != "train" and not stage.startswith("iter"):
             raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage!r}")
+        pipeline.previous_stage_model(config, stage)  # a stage of this config, its predecessor finished
+        pipeline.claim_stage(config, stage)
         stage_dir = Path(config.run_dir) / stage
         generated = None
         if stage.startswith("iter") and config.generation.backend == "vllm":

@@ -239,6 +239,27 @@ def refuse_changed_stages(run_dir: Path, prints: dict[str, str], force: bool) ->
         return  # the first stage still to run: the loop in run_pipeline takes it from here
 
 
+def claim_stage(config: RunConfig, stage: str) -> None:
+    """Hold `stage` to this configuration, as `run` does: refuse if it started with another, else record it.
+
+    For the single-step commands (generate / judge / train), so that a step run alone and a
+    later `selfee-fast run` cannot mix two configurations in one stage.
+    """
+    prints = stage_fingerprints(config)
+    if stage not in prints:
+        raise ConfigError(f"unknown stage {stage!r}; this config has {', '.join(prints)}")
+    stage_dir = Path(config.run_dir) / stage
+    started_path = stage_dir / "started.json"
+    recorded = json.loads(started_path.read_text())["fingerprint"] if started_path.exists() else None
+    if recorded is not None and recorded != prints[stage]:
+        raise ConfigError(
+            f"{stage} was started with another configuration ({started_path}); redo it with "
+            "`selfee-fast run --force`, or use a new run_dir"
+        )
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(started_path, {"fingerprint": prints[stage]})
+
+
 def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
     check_config(config)
     run_dir = Path(config.run_dir)

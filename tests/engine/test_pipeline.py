@@ -148,6 +148,23 @@ def test_rerun_skips_finished_stages_and_refuses_changed_config(finished_run, wo
         done.write_text(saved)
 
 
+@pytest.mark.usefixtures("finished_run")
+def test_a_single_step_is_held_to_the_stage_configuration(workspace):
+    """`selfee-fast generate/judge/train --stage` refuse a stage begun with another configuration."""
+    from selfee_fast.cli import main
+    from selfee_fast.pipeline import claim_stage
+
+    config = load_config(write_config(workspace, "run"))
+    claim_stage(config, "iter1")  # the configuration it ran with: accepted
+    changed = write_config(workspace, "run", generation__temperature=1.5)
+    with pytest.raises(ConfigError, match=r"iter1 was started with another configuration"):
+        claim_stage(load_config(changed), "iter1")
+    assert main(["generate", str(changed), "--stage", "iter1"]) == 2
+    fresh = load_config(write_config(workspace, "steps"), ["spa.iterations=1"])
+    claim_stage(fresh, "stage0")
+    assert (workspace / "steps" / "stage0" / "started.json").exists(), "recorded for a later `run`"
+
+
 def test_unknown_config_key_suggests_the_nearest(workspace):
     with pytest.raises(ConfigError, match=r"unknown config key train\.learning_rat; did you mean train\.lr"):
         load_config(write_config(workspace, "bad"), ["train.learning_rat=1"])
