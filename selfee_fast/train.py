@@ -281,7 +281,7 @@ def train_stage(
         elapsed = time.perf_counter() - started
         record = {
             "step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm),
-            **totals, "spa/alpha": alpha_t, "spa/tau": tau, "tokens_per_s": tokens / max(elapsed, 1e-9),
+            **totals, "spa/alpha": alpha_t if tau is not None else 0.0, "spa/tau": tau, "tokens_per_s": tokens / max(elapsed, 1e-9),
             "padding": 1 - tokens / positions,
             "peak_memory_mib": peak_memory_bytes(device) / 2**20,
         }  # fmt: skip
