@@ -121,3 +121,67 @@ def test_a_resumed_run_may_switch_packing(setup, tmp_path):
     model, pairs, pad_id, _ = setup
     train(model, pairs, pad_id, tmp_path / "train")
     train(model, pairs, pad_id, tmp_path / "train", packing=True)  # layout only: it resumes
+
+
+def test_schedule_warmup_of_alpha_and_checkpoint_contents(setup, tmp_path):
+    """lr: linear warm-up then cosine; alpha_t: 0 for the first alpha_warmup of the steps, then
+    alpha (once tau exists); a checkpoint holds weights, optimizer, scheduler, RNG, tau's window, step."""
+    model, _, pad_id, eos = setup
+    pairs = [TrainPair(f"p{n}", [5, 6], [7] * (1 + n % 4) + [eos], [8] * (1 + n % 3) + [eos]) for n in range(20)]
+    settings = TrainSettings(lr=1e-3, batch_size=2, micro_batch_size=1, optimizer="adamw", warmup_ratio=0.2,
+                             refine=True, alpha=0.1, alpha_warmup=0.3, tau_window=2, save_every=4)  # fmt: skip
+    out = tmp_path / "train"
+    train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=lambda *_: None)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert len(metrics) == 10
+    factor = train_module.cosine_with_warmup(10, 0.2)
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-3 * factor(s) for s in range(10)])
+    assert [m["lr"] for m in metrics[:2]] == pytest.approx([5e-4, 1e-3]) and metrics[-1]["lr"] < 1e-4
+    assert [m["spa/alpha"] for m in metrics] == [0.0] * 3 + [0.1] * 7  # 30% of 10 steps
+    # The last checkpoint (step 10) and nothing older.
+    (checkpoint,) = sorted(out.glob("checkpoint-*"))
+    assert (out / "latest").read_text().strip() == checkpoint.name == "checkpoint-0000010"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["step"] == 10 and len(state["threshold"]["margins"]) == 2
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    assert saved["scheduler"]["last_epoch"] == 10 and saved["optimizer"]["state"]
+    assert torch.equal(torch.load(checkpoint / "rng.pt", weights_only=False)["cpu"], torch.get_rng_state())
+    from safetensors.torch import load_file
+
+    weights = load_file(checkpoint / "trainable.safetensors")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert weights.keys() == trainable.keys()
+    assert all(torch.equal(weights[n], p.detach()) for n, p in trainable.items())
+
+
+def test_micro_batches_sum_to_the_batch_gradient_and_clipping_bounds_the_step(setup, tmp_path):
+    model, _, pad_id, eos = setup
+    pairs = [TrainPair(f"p{n}", [5, 6], [7] * (1 + n % 4) + [eos], [8] * (1 + n % 3) + [eos]) for n in range(4)]
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    final = {}
+    for micro, clip in ((4, 1e9), (1, 1e9), (1, 1e-3)):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in start:
+                    p.copy_(start[name])
+        out = tmp_path / f"m{micro}-c{clip}"
+        settings = TrainSettings(lr=1e-2, batch_size=4, micro_batch_size=micro, optimizer="adamw",
+                                 max_grad_norm=clip, warmup_ratio=0.0, save_every=1)  # fmt: skip
+        train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=lambda *_: None)
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        # Adam's first moment after one step is (1 - beta1) * the gradient it was given.
+        state = torch.load(out / "checkpoint-0000001" / "optimizer.pt", weights_only=False)["optimizer"]["state"]
+        given = 10 * torch.cat([s["exp_avg"].reshape(-1) for s in state.values()]).norm()
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if n in start}
+        final[(micro, clip)] = (weights, metrics, float(given))
+    (whole, whole_metrics, whole_given), (accumulated, accumulated_metrics, _), (_, clipped_metrics, clipped_given) = (
+        final.values()
+    )
+    assert accumulated_metrics[0]["loss"] == pytest.approx(whole_metrics[0]["loss"], rel=1e-6)
+    assert accumulated_metrics[0]["grad_norm"] == pytest.approx(whole_metrics[0]["grad_norm"], rel=1e-5)
+    for name, weight in accumulated.items():
+        torch.testing.assert_close(weight, whole[name], rtol=1e-5, atol=1e-7)
+    # The logged norm is the one before clipping; the optimizer got the clipped gradient.
+    assert clipped_metrics[0]["grad_norm"] == pytest.approx(whole_metrics[0]["grad_norm"], rel=1e-5)
+    assert whole_given == pytest.approx(whole_metrics[0]["grad_norm"], rel=1e-4)
+    assert clipped_given == pytest.approx(1e-3, rel=1e-3) and whole_given > 1e-2
