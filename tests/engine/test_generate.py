@@ -14,7 +14,7 @@ import json
 import random
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -80,6 +80,38 @@ def test_hf_samples_ignore_the_models_own_sampling_options(workspace, tmp_path, 
         model, tokenizer, prompts, SETTINGS, tmp_path / "penalised.jsonl", log=lambda m: None
     )
     assert [r["responses"] for r in penalised] != [r["responses"] for r in plain]
+
+
+def test_hf_samples_are_seeded_stop_at_eos_and_resume_a_torn_batch(workspace, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root, tokenizer, prompts = workspace
+    model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
+    quiet = {"log": lambda *_: None}
+    # A stop token the tiny model emits often: some samples end before max_new_tokens.
+    eos = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = [eos, *range(5, 60)]
+    first = generate_responses(model, tokenizer, prompts, SETTINGS, tmp_path / "a.jsonl", **quiet)
+    again = generate_responses(model, tokenizer, prompts, SETTINGS, tmp_path / "b.jsonl", **quiet)
+    other = generate_responses(model, tokenizer, prompts, replace(SETTINGS, seed=8), tmp_path / "c.jsonl", **quiet)
+    assert [r["responses"] for r in first] == [r["responses"] for r in again], "same seed, same samples"
+    assert [r["responses"] for r in first] != [r["responses"] for r in other], "the seed matters"
+    assert [r["index"] for r in first] == list(range(len(prompts)))
+    stops = {eos, *range(5, 60)}
+    for record in first:
+        assert len(record["responses"]) == SETTINGS.responses_per_prompt
+        for response, finished in zip(record["responses"], record["finished"], strict=True):
+            assert finished == (response[-1] in stops), "finished: ended on a stop token"
+            assert not any(t in stops for t in response[:-1]), "nothing after the first stop token"
+            assert finished or len(response) == SETTINGS.max_new_tokens
+    assert any(f for r in first for f in r["finished"]) and not all(f for r in first for f in r["finished"])
+    # A run killed inside batch 2: whole batches are kept, the torn one is regenerated.
+    path = tmp_path / "a.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:7]) + lines[7][: len(lines[7]) // 2])
+    resumed = generate_responses(model, tokenizer, prompts, SETTINGS, path, **quiet)
+    assert [r["responses"] for r in resumed] == [r["responses"] for r in first]
+    assert len(path.read_text().splitlines()) == len(prompts), "no record lost or duplicated"
 
 
 # --------------------------------------------------------------------------- stand-in vLLM
