@@ -130,6 +130,30 @@ def test_tokenization_masks_prompt_and_appends_eos_once(tokenizer):
     assert again.count(tokenizer.eos_token_id) == 1
 
 
+@pytest.mark.parametrize("template", ["bos in template", "no template"])
+def test_a_llama_style_tokenizer_gets_one_bos(tokenizer, template):
+    """A tokenizer whose post-processor adds BOS, and a template that writes {{ bos_token }}
+    too (Llama's layout): the prompt starts with exactly one BOS, the responses with none."""
+    import copy
+
+    from tokenizers import processors
+
+    llama_like = copy.deepcopy(tokenizer)
+    bos = llama_like.bos_token_id
+    llama_like.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    assert llama_like("hello there").input_ids[0] == bos, "the post-processor adds BOS: the test can fail"
+    if template == "bos in template":
+        llama_like.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    else:
+        llama_like.chat_template = None
+    record = data.preference_record("x:1", PLAIN)
+    (pair,), _ = data.tokenize_pairs(llama_like, [record])
+    assert pair.prompt[0] == bos and pair.prompt.count(bos) == 1
+    assert bos not in pair.chosen and bos not in pair.rejected
+
+
 def test_collate_keeps_eos_when_pad_is_eos(tokenizer):
     pairs = [
         data.TokenizedPair("a", [5, 6], [7, 2], [8, 9, 10, 2]),
