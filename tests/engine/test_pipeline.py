@@ -148,6 +148,31 @@ def test_rerun_skips_finished_stages_and_refuses_changed_config(finished_run, wo
         done.write_text(saved)
 
 
+def test_no_seed_mode_starts_from_the_model_and_judges_against_a_base(workspace, tmp_path):
+    """data.seed_pairs null: no stage 0; the judge's reference is model.judge_base, another model."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(workspace / "model", base)
+    other = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other.save_pretrained(base)
+    config = load_config(
+        write_config(workspace, "noseed", data__seed_pairs=None), ["spa.iterations=1", f"model.judge_base={base}"]
+    )
+    summary = run_pipeline(config, log=lambda *_: None)
+    assert list(summary["stages"]) == ["iter1"] and not (workspace / "noseed" / "stage0").exists()
+    pairs = read_jsonl(workspace / "noseed" / "iter1" / "pairs.jsonl")
+    assert len(pairs) == 8 and any(p["chosen_score"] != 0 for p in pairs), "scored against a different model"
+    with pytest.raises(ConfigError, match=r"set model\.judge_base"):
+        run_pipeline(load_config(write_config(workspace, "noseed2", data__seed_pairs=None), ["spa.iterations=1"]))
+
+
 @pytest.mark.usefixtures("finished_run")
 def test_a_single_step_is_held_to_the_stage_configuration(workspace):
     """`selfee-fast generate/judge/train --stage` refuse a stage begun with another configuration."""
