@@ -14,8 +14,9 @@ with the batch (vLLM is batch-invariant only with VLLM_BATCH_INVARIANT=1), so a 
 run can differ from an uninterrupted one in an occasional token.
 
 A record: {"index", "location", "prompt", "prompt_ids", "responses": [ids...],
-"texts": [...], "finished": [bool...], "batch"}. `finished` is False when a response hit
-max_new_tokens before EOS.
+"texts": [...], "finished": [bool...], "prompt_truncated", "batch"}. `finished` is False when
+a response hit max_new_tokens before EOS; `prompt_truncated` when the prompt kept only its
+last max_prompt_length tokens.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def generate_responses(
     master weights of full fine-tuning would otherwise generate in fp32).
     """
     out_path = Path(out_path)
-    all_prompt_ids, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
+    all_prompt_ids, truncated, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
     stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
     report_ignored_model_sampling(getattr(model, "generation_config", None), log)
     pad_id = padding_id(tokenizer)
@@ -134,7 +135,8 @@ def generate_responses(
             records = []
             for row, index in enumerate(indices):
                 samples = samples_per_prompt[row]
-                record = make_record(prompts[index], index, batch_ids[row], samples, stop_ids, batch_index, tokenizer)
+                record = make_record(prompts[index], index, batch_ids[row], samples, stop_ids, batch_index, tokenizer,
+                                     prompt_truncated=index in truncated)  # fmt: skip
                 new_tokens += sum(len(r) for r in record["responses"])
                 records.append(record)
             append_batch(out, records)
@@ -180,19 +182,22 @@ def sample_batch(
 
 
 def prepare(tokenizer, prompts: list[PromptRecord], settings: GenerationSettings, out_path: Path, log):
-    """(prompt ids, batch plan, batches already complete on disk): the part both backends share."""
+    """(prompt ids, indices of truncated prompts, batch plan, batches already complete on disk).
+
+    The part both backends share.
+    """
     out_path.parent.mkdir(parents=True, exist_ok=True)
     all_prompt_ids = [prompt_ids(tokenizer, p.prompt) for p in prompts]
     limit = settings.max_prompt_length
-    truncated = sum(limit is not None and len(ids) > limit for ids in all_prompt_ids)
+    truncated = {i for i, ids in enumerate(all_prompt_ids) if limit is not None and len(ids) > limit}
     if truncated:
         all_prompt_ids = [ids[-limit:] for ids in all_prompt_ids]
-        log(f"generation: {truncated} prompts longer than {limit} tokens keep their last {limit}")
+        log(f"generation: {len(truncated)} prompts longer than {limit} tokens keep their last {limit}")
     plan = plan_batches(all_prompt_ids, settings.batch_size)
     done = complete_batches(out_path, plan)
     if done:
         log(f"generation: resuming, {len(done)}/{len(plan)} batches already on disk")
-    return all_prompt_ids, plan, done
+    return all_prompt_ids, truncated, plan, done
 
 
 def make_record(
@@ -203,6 +208,8 @@ def make_record(
     stop_ids: set[int],
     batch: int,
     tokenizer,
+    *,
+    prompt_truncated: bool = False,
 ) -> dict:
     """One prompt's record; each sample is cut after its first stop token (kept: training appends none)."""
     responses, finished = [], []
@@ -218,6 +225,7 @@ def make_record(
         "responses": responses,
         "texts": [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
         "finished": finished,
+        "prompt_truncated": prompt_truncated,
         "batch": batch,
     }
 
@@ -280,7 +288,7 @@ def generate_responses_vllm(
     from transformers import GenerationConfig
 
     out_path, model_path = Path(out_path), Path(model_path)
-    all_prompt_ids, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
+    all_prompt_ids, truncated, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
     try:
         generation_config = GenerationConfig.from_pretrained(model_path, local_files_only=True)
     except OSError:  # no generation_config.json: the tokenizer's EOS is the only stop token
@@ -354,7 +362,8 @@ def generate_responses_vllm(
                     records = []
                     for i in plan[b]:
                         samples = [list(completion.token_ids) for completion in by_index[i].outputs]
-                        record = make_record(prompts[i], i, all_prompt_ids[i], samples, stop_ids, b, tokenizer)
+                        record = make_record(prompts[i], i, all_prompt_ids[i], samples, stop_ids, b, tokenizer,
+                                             prompt_truncated=i in truncated)  # fmt: skip
                         new_tokens += sum(len(r) for r in record["responses"])
                         records.append(record)
                     append_batch(out, records)

@@ -460,6 +460,7 @@ def run_iteration(
 ) -> dict:
     """Generate (unless `generated` holds vLLM's output already), judge, train."""
     generations, report = generated or step_generate(config, i, model, tokenizer, stage_dir, log)
+    report.truncated_prompts += sum(bool(r.get("prompt_truncated")) for r in generations)
     judged = step_judge(config, i, model, tokenizer, generations, stage_dir, log)
     lam = step_train_iteration(config, i, model, judged, stage_dir, pad_id, log)
     return {

@@ -114,6 +114,22 @@ def test_hf_samples_are_seeded_stop_at_eos_and_resume_a_torn_batch(workspace, tm
     assert len(path.read_text().splitlines()) == len(prompts), "no record lost or duplicated"
 
 
+def test_long_prompts_keep_their_end_and_are_counted(workspace, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from selfee_fast.data import prompt_ids
+
+    root, tokenizer, prompts = workspace
+    model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
+    full = [prompt_ids(tokenizer, p.prompt) for p in prompts]
+    limit = sorted(len(ids) for ids in full)[len(full) // 2]  # about half the prompts are longer
+    settings = replace(SETTINGS, max_prompt_length=limit)
+    records = generate_responses(model, tokenizer, prompts, settings, tmp_path / "g.jsonl", log=lambda *_: None)
+    assert [r["prompt_truncated"] for r in records] == [len(ids) > limit for ids in full]
+    assert 0 < sum(r["prompt_truncated"] for r in records) < len(records)
+    assert all(r["prompt_ids"] == ids[-limit:] for r, ids in zip(records, full, strict=True))
+
+
 # --------------------------------------------------------------------------- stand-in vLLM
 
 
