@@ -8,12 +8,17 @@ import pytest
 from selfee_fast.cli import main
 
 
-@pytest.mark.parametrize("command", ["run", "generate", "judge", "train", "bench", "demo", "kernel-demo"])
+@pytest.mark.parametrize("command", ["run", "generate", "judge", "train", "demo", "kernel-demo"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: selfee-fast" in capsys.readouterr().out
+
+
+def test_bench_hands_its_arguments_to_the_benchmark_script(capfd):
+    assert main(["bench", "--help"]) == 0
+    assert "usage: kernels.py" in capfd.readouterr().out
 
 
 def test_python_dash_m_works():
