@@ -20,6 +20,7 @@ Differences, all deliberate:
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -96,14 +97,18 @@ class FusedLinearDPOLoss(torch.nn.Module):
         if extrapolate is not None and not self.use_ref_model:
             raise ValueError("extrapolate needs the reference model (use_ref_model=True)")
         use_ref = self.use_ref_model
-        logps = linear_logprobs(
-            _input, lin_weight, target, bias=bias,
-            ref_hidden=ref_input if use_ref else None,
-            ref_weight=ref_weight if use_ref else None,
-            ref_bias=ref_bias if use_ref else None,
-            extrapolate=extrapolate if use_ref else None,
-            ignore_index=self.ignore_index, deterministic=self.deterministic, backend=self.backend,
-        )  # fmt: skip
+        try:
+            logps = linear_logprobs(
+                _input, lin_weight, target, bias=bias,
+                ref_hidden=ref_input if use_ref else None,
+                ref_weight=ref_weight if use_ref else None,
+                ref_bias=ref_bias if use_ref else None,
+                extrapolate=extrapolate if use_ref else None,
+                ignore_index=self.ignore_index, deterministic=self.deterministic, backend=self.backend,
+            )  # fmt: skip
+        except (TypeError, ValueError) as error:
+            # linear_logprobs names its own arguments; a Liger user passed these.
+            raise type(error)(_LIGER_NAMES.sub(lambda m: _AS_LIGER[m.group(0)], str(error))) from None
         mask = target != self.ignore_index
         out: SPALossOutput = spa_loss(
             logps.policy, logps.reference, mask=mask, extrapolated_logps=logps.extrapolated,
@@ -125,6 +130,11 @@ class FusedLinearDPOLoss(torch.nn.Module):
             nll_loss, out.chosen_rewards, out.rejected_rewards,
         )  # fmt: skip
         return (loss, aux, out) if return_output else (loss, aux)
+
+
+_AS_LIGER = {"ref_hidden": "ref_input", "hidden": "_input", "weight": "lin_weight", "targets": "target"}
+# Argument names where a message uses them as names (before "has", "is", "must", "[", "(", ")", "," or ";").
+_LIGER_NAMES = re.compile(r"(?<![\w.])(ref_hidden|hidden|weight|targets)(?=(?: has| is| must|\[| \(|\)|,|;))")
 
 
 def _logits_means(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_pairs: int):

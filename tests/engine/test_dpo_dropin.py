@@ -362,6 +362,18 @@ def test_smoothing_of_a_loss_without_it_is_ignored_with_a_warning_as_liger_does(
     assert module.label_smoothing == 0.0
 
 
+def test_errors_name_the_drop_in_arguments():
+    """A Liger user passed lin_weight, _input, target, ref_input: the messages say so."""
+    batch = make_batch(seed=14)
+    module = FusedLinearDPOLoss(backend="torch")
+    with pytest.raises(TypeError, match=r"^_input is torch\.bfloat16 but lin_weight is torch\.float32"):
+        call(module, dict(batch, _input=batch["_input"].bfloat16()))
+    with pytest.raises(ValueError, match=r"^target\[0, 0\] = 10000 is outside the vocabulary .* of lin_weight;"):
+        call(module, dict(batch, target=torch.full_like(batch["target"], 10_000)))
+    with pytest.raises(ValueError, match=r"^ref_input has shape"):
+        call(module, dict(batch, ref_input=batch["ref_input"][:1]))
+
+
 def test_bad_calls_raise():
     batch = make_batch(seed=14)
     module = FusedLinearDPOLoss(backend="torch")
