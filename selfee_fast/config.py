@@ -47,7 +47,8 @@ class ModelConfig:
     # none | 4bit: QLoRA, the frozen base stored in NF4 by bitsandbytes (4 bits per weight plus
     # its quantisation constants); the adapter, the LM head and the norms stay in 16/32 bits.
     quantization: str = "none"
-    # auto: flash_attention_2 on a GPU with flash-attn installed, else sdpa | sdpa | eager | flash_attention_2
+    # auto: flash_attention_2 on a GPU with flash-attn where the architecture has it, else transformers' choice
+    # (sdpa, or eager where sdpa is missing) | sdpa | eager | flash_attention_2
     attention: str = "auto"
     # Each training micro-batch and judge batch as one packed row: no padding tokens. Pays
     # off with flash-attention; under sdpa the row's block-diagonal mask costs attention work

@@ -338,7 +338,9 @@ def pack(sequences: list[list[int]], prompt_lengths: list[int]) -> dict[str, tor
     mask under sdpa/eager) when no attention_mask is passed. `labels` are -100 on prompts and
     on each sequence's first token, so the shifted targets never cross a boundary.
     `seq_ids` is aligned with the per-token log-probs (position t scores token t + 1): the
-    sequence whose response token position t predicts, -1 elsewhere.
+    sequence whose response token position t predicts, -1 elsewhere. `cu_seq_lens` (int32,
+    [S + 1]) are the sequences' boundaries, which flash-attention's variable-length kernel
+    takes directly (no per-layer search of position_ids on the device).
     """
     input_ids, position_ids, labels, seq_ids = [], [], [], []
     for index, (seq, start) in enumerate(zip(sequences, prompt_lengths, strict=True)):
@@ -349,7 +351,12 @@ def pack(sequences: list[list[int]], prompt_lengths: list[int]) -> dict[str, tor
         seq_ids += [-1] * (scored - 1) + [index] * (len(seq) - scored) + [-1]
     columns = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "seq_ids": seq_ids}
     batch = {name: torch.tensor([values], dtype=torch.long) for name, values in columns.items()}
-    return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+    lengths = torch.tensor([0] + [len(seq) for seq in sequences], dtype=torch.int32)
+    return {
+        **batch,
+        "attention_mask": torch.ones_like(batch["input_ids"]),
+        "cu_seq_lens": lengths.cumsum(0, dtype=torch.int32),
+    }
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, packed: bool = False) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ sigmoid(r_w - r_l). The judge's log pi_{i-1} values are kept with the pair: pi_{
 also the DPO reference of the next training stage, so training need not recompute them.
 
 `judge_reference`: "init" (the paper's choice), "previous" (the paper's ablation: the iterate
-before pi_{i-1}, pi_{i-2}, passed in as `base_model`; the pipeline falls back to pi_init
-while there is none) or "none" (r = beta * log pi_{i-1}(y|x)).
+before pi_{i-1}, which the caller loads as the shared model's "reference" adapter or passes
+as `base_model`) or "none" (r = beta * log pi_{i-1}(y|x)).
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ def score_responses(
     """
     if judge_reference not in JUDGE_REFERENCES:
         raise ValueError(f"judge_reference must be one of {JUDGE_REFERENCES}, got {judge_reference!r}")
-    if judge_reference == "previous" and base_model is None:
-        raise ValueError("judge_reference='previous' scores against the iterate before pi_{i-1}: pass it as base_model")
     sequences = [prompt + r for prompt, responses in items for r in responses]
     prompt_lengths = [len(prompt) for prompt, responses in items for _ in responses]
     if packed:
@@ -53,15 +51,18 @@ def score_responses(
         batch = right_pad(sequences, prompt_lengths, pad_id)
         batch["seq_ids"] = padded_seq_ids(batch["labels"])
     device = next(model.parameters()).device
+    cu_seq_lens = batch.pop("cu_seq_lens", None)  # stays on the CPU: see models.final_hidden_states
     batch = {name: values.to(device) for name, values in batch.items()}
-    use_init = judge_reference in ("init", "previous")
+    use_reference = judge_reference != "none"
+    role = "init" if judge_reference == "init" else "reference"
     out = sequence_token_logprobs(
         model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-        reference="init" if use_init and base_model is None else None,
-        reference_model=base_model if use_init else None, position_ids=batch.get("position_ids"),
+        reference=role if use_reference and base_model is None else None,
+        reference_model=base_model if use_reference else None, position_ids=batch.get("position_ids"),
+        cu_seq_lens=cu_seq_lens,
     )  # fmt: skip
     policy = sequence_sums(out.policy, batch["seq_ids"], len(sequences))
-    if use_init:
+    if use_reference:
         ref = sequence_sums(out.reference, batch["seq_ids"], len(sequences))
     else:
         ref = [0.0] * len(policy)

@@ -65,7 +65,7 @@ def load_model(
     adapter_path: str | Path | None = None,
     gradient_checkpointing: bool = True,
     quantization: str = "none",
-    attention: str = "auto",
+    attention: str | None = "auto",
 ):
     """Load (model, tokenizer) from a local folder; with `lora`, add a trainable policy adapter.
 
@@ -82,7 +82,10 @@ def load_model(
 
     path = check_model_dir(path)
     dtype = dtype or torch.float32
-    attention = attention_implementation(attention, device, half_precision=dtype in (torch.float16, torch.bfloat16))
+    if attention is not None:  # None: transformers' own choice
+        attention = attention_implementation(
+            attention, device, half_precision=dtype in (torch.float16, torch.bfloat16), model_path=path
+        )
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if quantization == "4bit":
@@ -127,21 +130,49 @@ def load_model(
     return model, tokenizer
 
 
-def attention_implementation(requested: str, device: str | torch.device, *, half_precision: bool) -> str:
+def attention_implementation(
+    requested: str, device: str | torch.device, *, half_precision: bool, model_path: str | Path | None = None
+) -> str | None:
     """transformers' `attn_implementation` for `requested` (one of ATTENTIONS).
 
     "auto" takes flash-attention 2 where it can run: a CUDA device, the flash-attn package,
-    and 16-bit activations (`half_precision`: 16-bit weights or bf16 autocast).
+    16-bit activations (`half_precision`: 16-bit weights or bf16 autocast) and an
+    architecture that supports it (checked from `model_path`'s config when given); else None,
+    transformers' own choice (sdpa where the architecture has it, eager otherwise).
     """
     if requested not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {requested!r}")
-    has_flash = importlib.util.find_spec("flash_attn") is not None
+    has_flash = _flash_attention_available()
     if requested == "flash_attention_2" and not has_flash:
         raise ValueError("attention='flash_attention_2' needs the flash-attn package: pip install 'selfee-fast[flash]'")
-    if requested == "auto":
-        usable = has_flash and half_precision and torch.device(device).type == "cuda"
-        return "flash_attention_2" if usable else "sdpa"
-    return requested
+    if requested != "auto":
+        return requested
+    usable = has_flash and half_precision and torch.device(device).type == "cuda"
+    if usable and model_path is not None:
+        usable = _supports_flash_attention(model_path)
+    return "flash_attention_2" if usable else None
+
+
+def _flash_attention_available() -> bool:
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        from transformers.utils import is_flash_attn_2_available
+    except ImportError:  # an older transformers: the package being there is what it checks too
+        return True
+    return is_flash_attn_2_available()
+
+
+def _supports_flash_attention(path: str | Path) -> bool:
+    """Whether the causal-LM class of the model in `path` implements flash-attention 2."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return bool(
+        getattr(model_class, "_supports_flash_attn", False) or getattr(model_class, "_supports_flash_attn_2", False)
+    )
 
 
 def freeze_reference_adapter(model) -> None:
@@ -161,6 +192,17 @@ def freeze_reference_adapter(model) -> None:
         if f".{REFERENCE_ADAPTER}." in name:
             p.requires_grad_(False)
     model.set_adapter(POLICY_ADAPTER)
+
+
+def load_reference_adapter(model, path: str | Path) -> None:
+    """Load a saved policy adapter (an earlier iterate) as the frozen "reference" adapter."""
+    if REFERENCE_ADAPTER in model.peft_config:
+        model.delete_adapter(REFERENCE_ADAPTER)
+    model.load_adapter(str(path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.set_adapter(POLICY_ADAPTER)
+    for name, p in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            p.requires_grad_(False)
 
 
 def is_peft(model) -> bool:
@@ -207,17 +249,71 @@ def acting_as(model, role: str):
 
 
 def final_hidden_states(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The transformer body's last hidden states [B, T, H] (no LM head, no logits).
 
     `position_ids` marks a packed batch (`data.pack`): the body then gets no attention mask
-    and finds the sequences from the position restarts.
+    and finds the sequences from the position restarts. Under flash-attention its
+    `cu_seq_lens` (on the CPU) go to the variable-length kernel as they are: transformers
+    would otherwise search position_ids for the boundaries on the device in every layer.
     """
     body = model.get_base_model().get_decoder() if is_peft(model) else model.get_decoder()
-    if position_ids is not None:
-        return body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    if position_ids is None:
+        return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    boundaries = {}
+    if cu_seq_lens is not None and getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
+        longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
+        cu = cu_seq_lens.to(input_ids.device, non_blocking=True)
+        boundaries = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **boundaries).last_hidden_state
+
+
+def packing_problem(model) -> str | None:
+    """Why `model` would score packed rows wrongly, or None when it keeps packed sequences apart.
+
+    Packing relies on the architecture reading sequence boundaries from position_ids; some
+    do not (OPT, Bloom, MPT under any attention; GPTBigCode under flash-attention) and would
+    attend across sequences. The probe: a short sequence's hidden states packed behind
+    another one against the same sequence alone.
+    """
+    from .data import pack
+
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (7, 5))
+    packed = pack([first, second], [1, 1])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            together = final_hidden_states(
+                model, packed["input_ids"].to(device), packed["attention_mask"].to(device),
+                packed["position_ids"].to(device), packed["cu_seq_lens"],
+            )[0, len(first) :].float()  # fmt: skip
+            ids = torch.tensor([second], device=device)
+            alone = final_hidden_states(model, ids, torch.ones_like(ids))[0].float()
+    finally:
+        model.train(was_training)
+    difference = float((together - alone).norm() / alone.norm().clamp(min=1e-12))
+    tolerance = (
+        1e-3
+        if together.dtype == alone.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32
+        else 5e-2
+    )
+    if difference <= tolerance:
+        return None
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    implementation = getattr(model.config, "_attn_implementation", None)
+    return (
+        f"{kind} ({implementation} attention) does not keep packed sequences apart: a packed sequence's hidden "
+        f"states differ from the same sequence alone by {difference:.2g} (relative)"
+    )
 
 
 def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -236,24 +332,25 @@ def sequence_token_logprobs(
     policy_role: str = "policy",
     reference_model=None,
     position_ids: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
 ) -> LogProbs:
     """Per-token log-probs of `labels` (-100: not scored) under the policy and a reference.
 
     `reference` is a role ("reference" or "init") of the same shared model, or None; a full
     fine-tuning run passes its separate `reference_model` instead. The reference runs
     without gradient. Labels are shifted here: position t scores token t + 1. A packed batch
-    (`data.pack`) passes its `position_ids`.
+    (`data.pack`) passes its `position_ids` and `cu_seq_lens`.
     """
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
     with acting_as(model, policy_role):
-        hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+        hidden = final_hidden_states(model, input_ids, attention_mask, position_ids, cu_seq_lens)
     ref_hidden = None
     if reference_model is not None:
         with torch.no_grad():
-            ref_hidden = final_hidden_states(reference_model, input_ids, attention_mask, position_ids)
+            ref_hidden = final_hidden_states(reference_model, input_ids, attention_mask, position_ids, cu_seq_lens)
     elif reference is not None:
         with torch.no_grad(), acting_as(model, reference):
-            ref_hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+            ref_hidden = final_hidden_states(model, input_ids, attention_mask, position_ids, cu_seq_lens)
     weight, bias = lm_head(model)
     ref_weight, ref_bias = lm_head(reference_model) if reference_model is not None else (None, None)
     device_type = hidden.device.type

@@ -73,11 +73,13 @@ def autocast_dtype(config: RunConfig) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def attention_for(config: RunConfig) -> str:
+def attention_for(config: RunConfig) -> str | None:
     """The attention implementation every model of the run loads with (model.attention resolved)."""
     device, dtype = resolve_device(config)
     half_precision = autocast_dtype(config) is not None or dtype in (torch.float16, torch.bfloat16)
-    return models.attention_implementation(config.model.attention, device, half_precision=half_precision)
+    return models.attention_implementation(
+        config.model.attention, device, half_precision=half_precision, model_path=config.model.path or None
+    )
 
 
 def fingerprint(*parts) -> str:
@@ -148,6 +150,8 @@ def check_config(config: RunConfig) -> None:
         )
     try:
         attention_for(config)
+    except ConfigError:
+        raise
     except ValueError as error:
         raise ConfigError(f"model.{error}") from None
     if config.model.quantization != "none":
@@ -162,7 +166,7 @@ def check_config(config: RunConfig) -> None:
             f"spa.iterations is {config.spa.iterations} but data.prompt_pools lists {len(config.data.prompt_pools)} "
             "files: one disjoint prompt pool per iteration"
         )
-    if not config.data.seed_pairs and not config.model.judge_base and config.spa.judge_reference == "init":
+    if not config.data.seed_pairs and not config.model.judge_base and config.spa.judge_reference != "none":
         raise ConfigError(
             "no-seed mode (data.seed_pairs is null) judges against a base model: set model.judge_base to its folder"
         )
@@ -332,6 +336,7 @@ def load_policy(config: RunConfig, previous_model: Path | None, log=print):
             gradient_checkpointing=config.model.gradient_checkpointing, attention=attention_for(config),
         )  # fmt: skip
         log(full_finetuning_memory(model, config))
+        check_packing(config, model)
         return model, tokenizer
     lora = models.LoraSettings(
         r=config.model.lora_r, alpha=config.model.lora_alpha, dropout=config.model.lora_dropout,
@@ -344,7 +349,16 @@ def load_policy(config: RunConfig, previous_model: Path | None, log=print):
     )  # fmt: skip
     if config.model.quantization != "none":
         log(f"QLoRA: {config.model.quantization} base, {model.get_memory_footprint() / 2**30:.2f} GiB of weights")
+    check_packing(config, model)
     return model, tokenizer
+
+
+def check_packing(config: RunConfig, model) -> None:
+    """With model.packing on, refuse a model that would attend across packed sequences."""
+    if config.model.packing:
+        problem = models.packing_problem(model)
+        if problem:
+            raise ConfigError(f"model.packing: {problem}; set model.packing=false for this model")
 
 
 def full_finetuning_memory(model, config: RunConfig) -> str:
@@ -409,6 +423,7 @@ def load_init_model(config: RunConfig, stage_model: Path | None = None):
             config.model.path, dtype=compute or dtype, device=device, adapter_path=stage_model,
             gradient_checkpointing=False, quantization=config.model.quantization, attention=attention_for(config),
         )  # fmt: skip
+        check_packing(config, model)
         return model.requires_grad_(False).eval()
     path = stage_model or config.model.judge_base or config.model.path
     if full_finetuning(config) and compute is not None:
@@ -422,6 +437,7 @@ def load_init_model(config: RunConfig, stage_model: Path | None = None):
             path, dtype=compute or dtype, device=device, gradient_checkpointing=False,
             quantization=config.model.quantization, attention=attention_for(config),
         )  # fmt: skip
+    check_packing(config, model)
     return model.requires_grad_(False).eval()
 
 
@@ -529,27 +545,47 @@ def step_judge(
     if config.spa.judge == "reward_model":
         reward_model = RewardModel(ensure_reward_model(config, tokenizer, log), device=next(model.parameters()).device)
         return judge_generations(model, tokenizer, generations, pairs_path, reward_model=reward_model, log=log)
-    # pi_init is the shared model with adapters off, unless it must be a model of its own.
-    needs_own = config.model.judge_base or (full_finetuning(config) and config.spa.judge_reference != "none")
-    base_model = load_init_model(config) if needs_own else None
-    if config.spa.judge_reference == "previous":
-        # The paper's ablation: pi_{i-1} judged against the iterate before it, pi_{i-2}
-        # (pi_init while there is none).
-        stages = list(stage_fingerprints(config))
-        index = stages.index(f"iter{i}")
-        earlier = previous_stage_model(config, stages[index - 1]) if index > 0 else None
-        if earlier is not None:
-            log(f"iter{i}: judging against the iterate before pi_{i - 1}: {earlier}")
-            base_model = load_init_model(config, earlier)
-    judge_reference = config.spa.judge_reference
-    if judge_reference == "previous" and base_model is None:
-        judge_reference = "init"  # pi_{i-2} is pi_init: the shared model with its adapters off
+    judge_reference, base_model = judge_reference_model(config, i, model, log)
     # The same autocast as training: the judge's log pi_{i-1} is reused as the training reference.
-    return judge_generations(
+    judged = judge_generations(
         model, tokenizer, generations, pairs_path, beta=config.train.beta,
         judge_reference=judge_reference, base_model=base_model, autocast_dtype=autocast_dtype(config),
         packing=config.model.packing, log=log,
     )  # fmt: skip
+    if models.is_peft(model) and models.REFERENCE_ADAPTER in model.peft_config:
+        model.delete_adapter(models.REFERENCE_ADAPTER)  # pi_{i-2}, loaded for the judge only
+    return judged
+
+
+def judge_reference_model(config: RunConfig, i: int, model, log) -> tuple[str, object | None]:
+    """(judge_reference, base_model) for iteration i's judge; loads what the reference needs.
+
+    base_model None: the shared model plays the reference, with its adapters off for "init",
+    with an earlier iterate loaded as its "reference" adapter for "previous". Otherwise a
+    frozen model of its own: no-seed mode's judge_base, or any reference of full fine-tuning.
+    """
+    reference = config.spa.judge_reference
+    if reference == "none":
+        return "none", None
+    if reference == "init":
+        needs_own = config.model.judge_base or full_finetuning(config)
+        return "init", load_init_model(config) if needs_own else None
+    # "previous", the paper's ablation: pi_{i-1} judged against the iterate before it.
+    stages = list(stage_fingerprints(config))
+    index = stages.index(f"iter{i}")
+    if index >= 2:
+        earlier = Path(config.run_dir) / stages[index - 2] / "model"  # pi_{i-2}
+    elif index == 1:
+        earlier = Path(config.model.path)  # pi_init, the model the run started from
+    else:
+        earlier = Path(config.model.judge_base)  # no-seed iteration 1: before the instruct model, its base
+    log(f"iter{i}: judging against the iterate before pi_{i - 1}: {earlier}")
+    if index == 1 and not full_finetuning(config):
+        return "init", None  # pi_init: the shared model with its adapters off
+    if models.is_peft(model) and (earlier / "adapter_config.json").exists():
+        models.load_reference_adapter(model, earlier)
+        return "previous", None
+    return "previous", load_init_model(config, earlier)
 
 
 def ensure_reward_model(config: RunConfig, tokenizer, log) -> Path:

@@ -234,7 +234,7 @@ def train_stage(
                 logps = sequence_token_logprobs(
                     model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                     reference=reference, reference_model=reference_model, extrapolate=extrapolate,
-                    position_ids=batch.get("position_ids"),
+                    position_ids=batch.get("position_ids"), cu_seq_lens=cpu_batch.get("cu_seq_lens"),
                 )  # fmt: skip
             layout = {"seq_ids": batch["seq_ids"], "num_pairs": len(micro)}
             ref_tokens = logps.reference

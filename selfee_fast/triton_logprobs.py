@@ -54,14 +54,18 @@ def fused_grad_hidden(hidden, weight, bias, rows, targets, lse, others_lse, upst
     """grad_hidden in hidden's dtype from the fused kernel, a chunk of rows at a time.
 
     The kernel accumulates in fp32; the fp32 buffer holds one chunk of active rows (at most
-    ACCUMULATOR_BYTES), not all of hidden, and each chunk is rounded into the result once.
-    Rows not in `rows` stay zero.
+    ACCUMULATOR_BYTES; all of them in deterministic mode), not all of hidden, and each chunk
+    is rounded into the result once. Rows not in `rows` stay zero.
     """
     grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     num_rows, hidden_size = rows.numel(), hidden.shape[1]
     if num_rows == 0:
         return grad_hidden
     chunk = max(1, min(num_rows, ACCUMULATOR_BYTES // (hidden_size * 4)))
+    if deterministic:
+        # One split per row block: the grid is the row blocks alone, and a chunk of 64 of
+        # them would leave half an H100 idle. All rows at once, as before the chunking.
+        chunk = num_rows
     buffer = torch.empty((chunk, hidden_size), dtype=torch.float32, device=hidden.device)
     for begin in range(0, num_rows, chunk):
         end = min(begin + chunk, num_rows)

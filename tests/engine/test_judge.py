@@ -49,17 +49,25 @@ def test_a_packed_batch_scores_like_a_padded_one(lora_model):
         torch.testing.assert_close(torch.tensor(ref), torch.tensor(want_ref), rtol=1e-5, atol=1e-5)
 
 
-def test_reference_choices(lora_model):
+def test_reference_choices(lora_model, tmp_path):
     model, tokenizer = lora_model
     items = [([5, 6], [[8, 2], [9, 10, 2]])]
     ((policy, ref_init),) = score_responses(model, items, tokenizer.pad_token_id)
-    # "previous" scores against the earlier iterate handed in (here: a copy of pi_{i-1} itself).
-    with pytest.raises(ValueError, match="pass it as base_model"):
-        score_responses(model, items, tokenizer.pad_token_id, judge_reference="previous")
-    ((_, ref_previous),) = score_responses(model, items, tokenizer.pad_token_id, judge_reference="previous",
-                                           base_model=model)  # fmt: skip
-    torch.testing.assert_close(torch.tensor(ref_previous), torch.tensor(policy), rtol=1e-6, atol=1e-6)
     assert ref_init != policy
+    # "previous" scores against the earlier iterate: a model handed in, or the "reference"
+    # adapter (here both are a copy of pi_{i-1} itself, so the rewards vanish).
+    ((_, ref_given),) = score_responses(model, items, tokenizer.pad_token_id, judge_reference="previous",
+                                        base_model=model)  # fmt: skip
+    torch.testing.assert_close(torch.tensor(ref_given), torch.tensor(policy), rtol=1e-6, atol=1e-6)
+    model.save_pretrained(tmp_path / "earlier")
+    models.load_reference_adapter(model, tmp_path / "earlier")
+    try:
+        ((_, ref_adapter),) = score_responses(model, items, tokenizer.pad_token_id, judge_reference="previous")
+        frozen = [not p.requires_grad for n, p in model.named_parameters() if ".reference." in n]
+    finally:
+        model.delete_adapter(models.REFERENCE_ADAPTER)
+    torch.testing.assert_close(torch.tensor(ref_adapter), torch.tensor(policy), rtol=1e-6, atol=1e-6)
+    assert frozen and all(frozen)
     ((_, ref_none),) = score_responses(model, items, tokenizer.pad_token_id, judge_reference="none")
     assert ref_none == [0.0, 0.0]
     with pytest.raises(ValueError, match="judge_reference must be one of"):

@@ -1,5 +1,7 @@
 """Loading local models and running body + fused head, against transformers' own logits."""
 
+import types
+
 import pytest
 import torch
 
@@ -178,8 +180,69 @@ def test_a_packed_row_matches_padded_rows(family, attention, tmp_path):
     assert not torch.allclose(leaky, want[0], rtol=1e-3, atol=1e-3)
 
 
-def test_attention_choice():
-    assert models.attention_implementation("auto", "cpu", half_precision=True) == "sdpa"
+def test_attention_choice(tmp_path, monkeypatch):
+    # auto leaves the choice to transformers (sdpa where the architecture has it) unless flash can run.
+    assert models.attention_implementation("auto", "cpu", half_precision=True) is None
     assert models.attention_implementation("eager", "cuda", half_precision=False) == "eager"
     with pytest.raises(ValueError, match="attention must be one of"):
         models.attention_implementation("flash", "cpu", half_precision=True)
+    monkeypatch.setattr(models, "_flash_attention_available", lambda: True)
+    assert models.attention_implementation("auto", "cuda", half_precision=True) == "flash_attention_2"
+    assert models.attention_implementation("auto", "cuda", half_precision=False) is None  # fp32 activations
+    assert models.attention_implementation("auto", "cpu", half_precision=True) is None
+    build_family("llama", tmp_path / "llama")
+    assert models.attention_implementation("auto", "cuda", half_precision=True, model_path=tmp_path / "llama") == (
+        "flash_attention_2"
+    )
+    import transformers
+
+    opt = transformers.OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                 word_embed_proj_dim=16)  # fmt: skip
+    transformers.OPTForCausalLM(opt).save_pretrained(tmp_path / "opt")
+    supported = models._supports_flash_attention(tmp_path / "opt")
+    assert models.attention_implementation("auto", "cuda", half_precision=True, model_path=tmp_path / "opt") == (
+        "flash_attention_2" if supported else None
+    )
+
+
+def test_packing_probe_refuses_architectures_that_attend_across_sequences(tmp_path):
+    """OPT builds its mask without position_ids: packed sequences would see each other."""
+    import transformers
+
+    build_family("llama", tmp_path / "llama")
+    llama, _ = models.load_model(tmp_path / "llama", gradient_checkpointing=False)
+    assert models.packing_problem(llama) is None
+    opt = transformers.OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                 word_embed_proj_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.OPTForCausalLM(opt).save_pretrained(tmp_path / "opt")
+    opt_model = transformers.OPTForCausalLM.from_pretrained(tmp_path / "opt")
+    problem = models.packing_problem(opt_model)
+    assert problem is not None and problem.startswith("opt (") and "does not keep packed sequences apart" in problem
+    from selfee_fast.config import ConfigError, load_config
+    from selfee_fast.pipeline import check_packing
+
+    with pytest.raises(ConfigError, match=r"model\.packing: opt .* set model\.packing=false"):
+        check_packing(load_config(None, ["model.packing=true"]), opt_model)
+    check_packing(load_config(None, []), opt_model)  # packing off: nothing to check
+
+
+def test_flash_attention_gets_the_packed_boundaries_directly(model_dir, monkeypatch):
+    """Under flash-attention the body receives cu_seq_lens / max_length: no per-layer search on the device."""
+    from selfee_fast.data import pack
+
+    model, _ = models.load_model(model_dir, gradient_checkpointing=False)
+    seen = {}
+
+    def spy(*args, **kwargs):  # records what the body is given; nothing is computed
+        seen.update(kwargs)
+        return types.SimpleNamespace(last_hidden_state=torch.zeros(1, kwargs["input_ids"].shape[1], 32))
+
+    monkeypatch.setattr(model.get_decoder(), "forward", spy)
+    batch = pack([[3, 4, 5, 6], [7, 8, 9]], [1, 1])
+    args = (batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["cu_seq_lens"])
+    models.final_hidden_states(model, *args)
+    assert "cu_seq_lens_q" not in seen, "sdpa: transformers finds the boundaries itself"
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    models.final_hidden_states(model, *args)
+    assert seen["cu_seq_lens_q"].tolist() == [0, 4, 7] and seen["max_length_q"] == 4 == seen["max_length_k"]

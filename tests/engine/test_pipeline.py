@@ -169,8 +169,10 @@ def test_no_seed_mode_starts_from_the_model_and_judges_against_a_base(workspace,
     assert list(summary["stages"]) == ["iter1"] and not (workspace / "noseed" / "stage0").exists()
     pairs = read_jsonl(workspace / "noseed" / "iter1" / "pairs.jsonl")
     assert len(pairs) == 8 and any(p["chosen_score"] != 0 for p in pairs), "scored against a different model"
-    with pytest.raises(ConfigError, match=r"set model\.judge_base"):
-        run_pipeline(load_config(write_config(workspace, "noseed2", data__seed_pairs=None), ["spa.iterations=1"]))
+    for reference in ("init", "previous"):
+        with pytest.raises(ConfigError, match=r"set model\.judge_base"):
+            overrides = ["spa.iterations=1", f"spa.judge_reference={reference}"]
+            run_pipeline(load_config(write_config(workspace, "noseed2", data__seed_pairs=None), overrides))
 
 
 @pytest.mark.usefixtures("finished_run")
@@ -303,11 +305,22 @@ def test_previous_iterate_judge_reference(workspace):
     messages = []
     run_pipeline(config, log=messages.append)
     run_dir = workspace / "previous"
-    assert not any(m.startswith("iter1: judging against") for m in messages)
+    assert f"iter1: judging against the iterate before pi_0: {workspace / 'model'}" in messages
     assert f"iter2: judging against the iterate before pi_1: {run_dir / 'stage0' / 'model'}" in messages
     for stage in ("iter1", "iter2"):
         pairs = read_jsonl(run_dir / stage / "pairs.jsonl")
         assert len(pairs) == 8 and any(p["chosen_score"] != 0.0 for p in pairs), stage
+
+
+def test_a_packed_run_trains_without_padding(workspace):
+    config = load_config(
+        write_config(workspace, "packed", train__seed_epochs=1), ["spa.iterations=1", "model.packing=true"]
+    )
+    run_pipeline(config, log=lambda *_: None)
+    for stage in ("stage0", "iter1"):
+        metrics = read_jsonl(workspace / "packed" / stage / "train" / "metrics.jsonl")
+        assert metrics and all(m["padding"] == 0.0 and math.isfinite(m["loss"]) for m in metrics), stage
+    assert len(read_jsonl(workspace / "packed" / "iter1" / "pairs.jsonl")) == 8
 
 
 def test_stage_fingerprints_are_stable():
