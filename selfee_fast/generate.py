@@ -60,6 +60,14 @@ MODEL_SAMPLING_FIELDS = (
 )  # fmt: skip
 
 
+# Values that switch an option off (transformers 5 writes None for "off", older versions these).
+NO_OP_VALUES = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "typical_p": 1.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "guidance_scale": 1.0,
+}  # fmt: skip
+
+
 def ignored_model_sampling(generation_config) -> dict:
     """The model's own sampling options that selfee_fast overrides: {field: the model's value}."""
     if generation_config is None:
@@ -67,11 +75,12 @@ def ignored_model_sampling(generation_config) -> dict:
     from transformers import GenerationConfig
 
     neutral = GenerationConfig()
-    return {
-        field: getattr(generation_config, field)
-        for field in MODEL_SAMPLING_FIELDS
-        if hasattr(neutral, field) and getattr(generation_config, field, None) != getattr(neutral, field)
-    }
+    ignored = {}
+    for field in MODEL_SAMPLING_FIELDS:
+        value = getattr(generation_config, field, None)
+        if hasattr(neutral, field) and value != getattr(neutral, field) and value != NO_OP_VALUES.get(field):
+            ignored[field] = value
+    return ignored
 
 
 def neutral_model_sampling() -> dict:
