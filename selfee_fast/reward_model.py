@@ -9,6 +9,7 @@ fine for the demo's small models; a 7B reward model would want LoRA.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import TokenizedPair, collate_pairs, padding_id, right_pad
-from .files import write_json_atomic
+from .files import folder_written_atomically, write_json_atomic
 from .models import check_model_dir
 
 
@@ -36,13 +37,21 @@ def _scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
 def train_reward_model(
     base_path: str | Path, pairs: list[TokenizedPair], out_dir: str | Path, settings: RewardModelSettings, *, log=print
 ) -> Path:
-    """Fit r(x, y) with -log sigmoid(r(chosen) - r(rejected)) on `pairs`; save it to `out_dir` (skipped if there)."""
+    """Fit r(x, y) with -log sigmoid(r(chosen) - r(rejected)) on `pairs`; save it to `out_dir`.
+
+    Skipped when `out_dir` holds one fit with the same settings to the same number of pairs;
+    one fit otherwise is replaced (the folder is swapped in whole).
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out_dir = Path(out_dir)
-    if (out_dir / "reward_model.json").exists():
-        log(f"reward model: found in {out_dir}")
-        return out_dir
+    found = out_dir / "reward_model.json"
+    if found.exists():
+        meta = json.loads(found.read_text())
+        if meta.get("settings") == asdict(settings) and meta.get("pairs") == len(pairs):
+            log(f"reward model: found in {out_dir}")
+            return out_dir
+        log(f"reward model: the one in {out_dir} was fit with other settings or pairs; fitting it again")
     if not pairs:
         raise ValueError("no pairs to train the reward model on")
     base_path = check_model_dir(base_path)
@@ -69,13 +78,13 @@ def train_reward_model(
             optimizer.zero_grad(set_to_none=True)
             correct += int((margin > 0).sum())
         log(f"reward model: epoch {epoch + 1}/{settings.epochs}, training accuracy {correct / len(pairs):.3f}")
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    # Written last: its presence means the model is complete.
-    write_json_atomic(
-        out_dir / "reward_model.json",
-        {"settings": asdict(settings), "pairs": len(pairs), "last_epoch_accuracy": correct / len(pairs)},
-    )
+    with folder_written_atomically(out_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(
+            staging / "reward_model.json",
+            {"settings": asdict(settings), "pairs": len(pairs), "last_epoch_accuracy": correct / len(pairs)},
+        )
     return out_dir
 
 

@@ -294,6 +294,21 @@ def test_reward_model_judge_baseline(workspace):
     assert all(p["chosen_score"] >= p["rejected_score"] and p["chosen_logp_policy"] is None for p in pairs)
     losses = [r["loss"] for r in read_jsonl(run_dir / "iter1" / "train" / "metrics.jsonl")]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # the reference forward is pi_{i-1} itself
+    # The fitted model is reused while its settings hold, and fit again when they change.
+    from transformers import AutoTokenizer
+
+    from selfee_fast.pipeline import ensure_reward_model
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    messages = []
+    ensure_reward_model(config, tokenizer, messages.append)
+    assert messages[-1].startswith("reward model: found in")
+    changed = load_config(write_config(workspace, "rm", train__seed_epochs=1),
+                          ["spa.iterations=1", "spa.judge=reward_model", "spa.refine=false",
+                           "spa.reward_model_epochs=1"])  # fmt: skip
+    ensure_reward_model(changed, tokenizer, messages.append)
+    assert any("fitting it again" in m for m in messages)
+    assert json.loads((run_dir / "reward_model" / "reward_model.json").read_text())["settings"]["epochs"] == 1
     with pytest.raises(ConfigError, match=r"spa\.judge must be"):
         run_pipeline(load_config(write_config(workspace, "rm2"), ["spa.judge=oracle"]))
 
