@@ -122,7 +122,10 @@ def generate_responses(
     was_training = model.training
     model.eval()
     new_tokens, start = 0, time.perf_counter()
-    limit = BatchLimit()  # what fitted for one batch is where the next one starts
+    # What fitted for one batch is where the next one starts; a resumed run starts where the
+    # last finished batch left it, so its pieces (and their seeds) are the uninterrupted run's.
+    limit = BatchLimit()
+    limit.items = resumed_batch_limit(out_path, done)
     with out_path.open("a", encoding="utf-8") as out:
         progress = tqdm(total=len(plan), initial=len(done), desc="generate", unit="batch", disable=None)
         for batch_index, indices in enumerate(plan):
@@ -146,6 +149,7 @@ def generate_responses(
                 samples = samples_per_prompt[row]
                 record = make_record(prompts[index], index, batch_ids[row], samples, stop_ids, batch_index, tokenizer,
                                      prompt_truncated=index in truncated)  # fmt: skip
+                record["batch_limit"] = limit.items  # after this batch: where a resumed run restarts
                 new_tokens += sum(len(r) for r in record["responses"])
                 records.append(record)
             append_batch(out, records)
@@ -237,6 +241,19 @@ def make_record(
         "prompt_truncated": prompt_truncated,
         "batch": batch,
     }
+
+
+def resumed_batch_limit(path: Path, done: set[int]) -> int | None:
+    """The out-of-memory batch limit the last finished batch left (None: none, or nothing done)."""
+    if not done:
+        return None
+    last = max(done)
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record["batch"] == last:
+                return record.get("batch_limit")
+    return None
 
 
 def stop_token_ids(generation_config, tokenizer) -> set[int]:

@@ -111,6 +111,40 @@ def test_generation_batch_that_runs_out_of_memory_is_finished_in_halves(tiny, tm
     assert sum("out of GPU memory with 4 items" in m for m in messages) == 1
 
 
+def test_a_resumed_generation_splits_its_batches_as_the_uninterrupted_run_did(tiny, tmp_path, monkeypatch):
+    """Batches of 5 and 3 on a card that fits 2: the 3 is cut as 2 + 1 after the 5 taught the
+    limit. A run killed after the first batch restarts with that limit, so the pieces, their
+    seeds and the samples are the same (a fresh limit would try 3, fail, and cut 1 + 2)."""
+    from selfee_fast import generate as generate_module
+
+    model, tokenizer, prompts = tiny
+    real_generate = model.generate
+
+    def generate(**kwargs):
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    settings = GenerationSettings(max_new_tokens=6, batch_size=5, seed=3, temperature=1.0)
+    quiet = {"log": lambda *_: None}
+    path = tmp_path / "g.jsonl"
+    whole = generate_responses(model, tokenizer, prompts, settings, path, **quiet)
+
+    def killed_after_the_first_batch():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if '"batch": 0' in line))
+
+    killed_after_the_first_batch()
+    resumed = generate_responses(model, tokenizer, prompts, settings, path, **quiet)
+    assert [r["responses"] for r in resumed] == [r["responses"] for r in whole]
+    # Forgetting the limit changes the second batch's pieces: the check can fail.
+    killed_after_the_first_batch()
+    monkeypatch.setattr(generate_module, "resumed_batch_limit", lambda *_: None)
+    forgetful = generate_responses(model, tokenizer, prompts, settings, path, **quiet)
+    assert [r["responses"] for r in forgetful] != [r["responses"] for r in whole]
+
+
 def test_judge_batch_that_runs_out_of_memory_scores_the_same(tiny, tmp_path, monkeypatch):
     model, tokenizer, prompts = tiny
     settings = GenerationSettings(max_new_tokens=4, batch_size=8, seed=2)
