@@ -185,3 +185,36 @@ def test_micro_batches_sum_to_the_batch_gradient_and_clipping_bounds_the_step(se
     assert clipped_metrics[0]["grad_norm"] == pytest.approx(whole_metrics[0]["grad_norm"], rel=1e-5)
     assert whole_given == pytest.approx(whole_metrics[0]["grad_norm"], rel=1e-4)
     assert clipped_given == pytest.approx(1e-3, rel=1e-3) and whole_given > 1e-2
+
+
+def test_every_metric_goes_to_tensorboard_when_it_is_installed(setup, tmp_path, monkeypatch):
+    """TensorBoard is an optional extra (not in CI): a stand-in writer receives what it would."""
+    model, pairs, pad_id, _ = setup
+
+    class Writer:
+        def __init__(self):
+            self.scalars, self.closed = [], False
+
+        def add_scalar(self, name, value, step):
+            self.scalars.append((name, value, step))
+
+        def close(self):
+            self.closed = True
+
+    writer = Writer()
+    monkeypatch.setattr(train_module, "tensorboard_writer", lambda out_dir: writer)
+    train(model, pairs, pad_id, tmp_path / "train")
+    metrics = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").open()]
+    logged = {(name, step) for name, _, step in writer.scalars}
+    for record in metrics:
+        for name in (
+            "loss",
+            "lr",
+            "grad_norm",
+            "rewards/margins",
+            "rewards/accuracies",
+            "tokens_per_s",
+            "peak_memory_mib",
+        ):
+            assert (name, record["step"]) in logged, (name, record["step"])
+    assert writer.closed
