@@ -298,13 +298,15 @@ def generate_responses_vllm(
     dtype: str = "auto",
     gpu_memory_utilization: float = 0.9,
     prompts_per_call: int = 512,
+    quantization: str = "none",
     log=print,
 ) -> list[dict]:
     """`generate_responses` with a vLLM engine: same records, same resume, same stop tokens.
 
     `model_path` is a full model folder; `adapter_path` a peft adapter on top of it (the
     policy pi_{i-1}), sent with every request. The engine lives for this call only and is
-    deleted before returning, so that training gets its GPU memory back.
+    deleted before returning, so that training gets its GPU memory back. `quantization="4bit"`
+    (QLoRA) has vLLM quantize the base in flight with bitsandbytes, as training holds it.
     """
     try:
         from vllm import LLM, SamplingParams
@@ -326,6 +328,9 @@ def generate_responses_vllm(
         return load_generations(out_path)
 
     lora_request, engine_options = None, {}
+    if quantization == "4bit":
+        # In-flight NF4 (vllm docs: features/quantization/bnb); LoRA requests work on top of it.
+        engine_options["quantization"] = "bitsandbytes"
     if adapter_path is not None:
         if dtype in ("float32", "float"):
             # vLLM's LoRA kernels take fp16/bf16 only (vllm/lora/ops/triton_ops/lora_shrink_op.py);
@@ -337,7 +342,8 @@ def generate_responses_vllm(
         rank = max([adapter_config["r"], *(adapter_config.get("rank_pattern") or {}).values()])
         if rank > VLLM_LORA_RANKS[-1]:
             raise ValueError(f"{adapter_path}: LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
-        engine_options = {"enable_lora": True, "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= rank)}
+        engine_options["enable_lora"] = True
+        engine_options["max_lora_rank"] = next(r for r in VLLM_LORA_RANKS if r >= rank)
         lora_request = LoRARequest(lora_name="policy", lora_int_id=1, lora_path=str(adapter_path))
     longest_prompt = max(len(all_prompt_ids[i]) for b in todo for i in plan[b])
     # vLLM (its own process) starts only if 0.9 of the card is free: hand back what this

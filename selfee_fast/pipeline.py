@@ -159,8 +159,6 @@ def check_config(config: RunConfig) -> None:
             raise ConfigError("model.quantization=4bit trains LoRA adapters on a frozen base: set model.lora_r > 0")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("model.quantization=4bit needs bitsandbytes: pip install bitsandbytes")
-        if config.generation.backend == "vllm":
-            raise ConfigError("generation.backend=vllm with model.quantization=4bit is not supported yet: use hf")
     if len(config.data.prompt_pools) < config.spa.iterations:
         raise ConfigError(
             f"spa.iterations is {config.spa.iterations} but data.prompt_pools lists {len(config.data.prompt_pools)} "
@@ -528,7 +526,7 @@ def step_generate_vllm(
     generations = generate_responses_vllm(
         model_path, tokenizer, prompts, settings, stage_dir / "generations.jsonl", adapter_path=adapter_path,
         dtype=str(dtype).removeprefix("torch."), gpu_memory_utilization=config.generation.vllm_gpu_memory_utilization,
-        log=log,
+        quantization=config.model.quantization, log=log,
     )  # fmt: skip
     return generations, report
 

@@ -294,6 +294,17 @@ def test_the_adapter_reaches_the_vllm_engine(workspace, fake_vllm, tmp_path):
     assert [r["responses"] for r in with_adapter] != [r["responses"] for r in without]
 
 
+def test_a_qlora_policy_samples_from_an_nf4_base_in_vllm(workspace, fake_vllm, tmp_path):
+    """model.quantization=4bit: vLLM quantizes the base in flight (bitsandbytes) under the adapter."""
+    root, tokenizer, prompts = workspace
+    generate_responses_vllm(root / "model", tokenizer, prompts, SETTINGS, tmp_path / "q.jsonl",
+                            adapter_path=root / "adapter", quantization="4bit", log=lambda *_: None)  # fmt: skip
+    engine = fake_vllm[0][1]
+    assert engine["quantization"] == "bitsandbytes" and engine["enable_lora"] is True
+    generate_responses_vllm(root / "model", tokenizer, prompts, SETTINGS, tmp_path / "p.jsonl", log=lambda *_: None)
+    assert "quantization" not in [e for e in fake_vllm if e[0] == "engine"][-1][1]
+
+
 def test_pipeline_generates_with_vllm_before_loading_the_policy(workspace, fake_vllm, tmp_path, monkeypatch):
     from selfee_fast import pipeline
 

@@ -81,7 +81,6 @@ def test_qlora_runs_the_loop_and_its_adapter_loads_on_the_plain_base(workspace):
     ("overrides", "message"),
     [
         (["model.lora_r=0"], "trains LoRA adapters on a frozen base"),
-        (["generation.backend=vllm"], "not supported yet"),
         (["model.quantization=8bit"], r"must be one of \('none', '4bit'\)"),
     ],
 )
