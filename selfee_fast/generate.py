@@ -14,9 +14,10 @@ with the batch (vLLM is batch-invariant only with VLLM_BATCH_INVARIANT=1), so a 
 run can differ from an uninterrupted one in an occasional token.
 
 A record: {"index", "location", "prompt", "prompt_ids", "responses": [ids...],
-"texts": [...], "finished": [bool...], "prompt_truncated", "batch"}. `finished` is False when
-a response hit max_new_tokens before EOS; `prompt_truncated` when the prompt kept only its
-last max_prompt_length tokens.
+"texts": [...], "finished": [bool...], "prompt_truncated", "batch", "batch_limit"}. `finished`
+is False when a response hit max_new_tokens before EOS; `prompt_truncated` when the prompt
+kept only its last max_prompt_length tokens; `batch_limit` is the out-of-memory batch limit
+after the record's batch (hf only; None: no split so far).
 """
 
 from __future__ import annotations
@@ -147,9 +148,9 @@ def generate_responses(
             records = []
             for row, index in enumerate(indices):
                 samples = samples_per_prompt[row]
+                # batch_limit: the out-of-memory limit after this batch, where a resumed run restarts.
                 record = make_record(prompts[index], index, batch_ids[row], samples, stop_ids, batch_index, tokenizer,
-                                     prompt_truncated=index in truncated)  # fmt: skip
-                record["batch_limit"] = limit.items  # after this batch: where a resumed run restarts
+                                     prompt_truncated=index in truncated, batch_limit=limit.items)  # fmt: skip
                 new_tokens += sum(len(r) for r in record["responses"])
                 records.append(record)
             append_batch(out, records)
@@ -223,6 +224,7 @@ def make_record(
     tokenizer,
     *,
     prompt_truncated: bool = False,
+    batch_limit: int | None = None,
 ) -> dict:
     """One prompt's record; each sample is cut after its first stop token (kept: training appends none)."""
     responses, finished = [], []
@@ -240,6 +242,7 @@ def make_record(
         "finished": finished,
         "prompt_truncated": prompt_truncated,
         "batch": batch,
+        "batch_limit": batch_limit,
     }
 
 
