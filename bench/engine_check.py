@@ -17,8 +17,11 @@ step's |rewards/chosen| and |rewards/rejected| measure nothing but that shape no
 (beta * the sequence log-prob difference). With DND on, the reference is recomputed in the
 same fused pass and the same numbers measure the in-pass noise.
 
+Then the DND iteration once more with packed rows (`model.packing`), for the tokens/s of
+packing against the padded rows.
+
 Checks (PASS/FAIL lines; exit 1 on a FAIL): every loss finite, a judged pair per prompt,
-the seed loss decreasing. Results go to DIR/engine_check-<cuda|cpu-smoke>.json.
+the seed loss decreasing, no padding in packed rows. Results go to DIR/engine_check-<cuda|cpu-smoke>.json.
 """
 
 from __future__ import annotations
@@ -195,7 +198,29 @@ def main(argv=None) -> int:
             f"judge's stored reference {reuse['first_step_abs_reward_chosen']:.2e}/{reuse['first_step_abs_reward_rejected']:.2e} "
             f"(chosen/rejected, beta-scaled, mean over the first batch)"
         )
-        for stage, numbers in (("stage0", stage0), ("iter1 DND", iter1), ("iter1 no DND", reuse)):
+        # 3. Iteration 1 with DND again, as packed rows (model.packing; sdpa unless flash-attn is
+        # installed): train tokens/s against the padded rows of step 1.
+        shutil.copytree(work / "dnd" / "stage0", work / "packed" / "stage0")
+        (work / "packed" / "iter1").mkdir(parents=True)
+        for name in ("generations.jsonl", "pairs.jsonl"):
+            shutil.copy(work / "dnd" / "iter1" / name, work / "packed" / "iter1" / name)
+        config = load_config(run_config(work, "packed", scale, optimizer), ["model.packing=true"])
+        summary = run_pipeline(config, log=log)
+        packed = stage_numbers(work / "packed", "iter1", summary)
+        result["packed"] = packed
+        check("losses finite with packing", packed["losses_finite"])
+        check("packed rows hold no padding", packed["padding_mean"] == 0.0, padding=packed["padding_mean"])
+        log(
+            f"packing: {packed['tokens_per_s_median']:.0f} train tok/s packed vs {iter1['tokens_per_s_median']:.0f} "
+            f"padded (ratio {packed['tokens_per_s_median'] / iter1['tokens_per_s_median']:.2f}; padded rows were "
+            f"{iter1['padding_mean']:.0%} padding)"
+        )
+        for stage, numbers in (
+            ("stage0", stage0),
+            ("iter1 DND", iter1),
+            ("iter1 no DND", reuse),
+            ("iter1 packed", packed),
+        ):
             log(
                 f"{stage}: {numbers['seconds']:.1f} s, {numbers['steps']} steps, "
                 f"{numbers['tokens_per_s_median']:.0f} train tok/s (median), peak {numbers['peak_memory_mib']:.0f} MiB, "

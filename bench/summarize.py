@@ -64,6 +64,7 @@ def engine_section(result: dict) -> list[str]:
         ("stage 0", result.get("dnd", {}).get("stage0")),
         ("iter 1, DND", result.get("dnd", {}).get("iter1")),
         ("iter 1, judge's reference", result.get("judge_reuse")),
+        ("iter 1, DND, packed", result.get("packed")),
     ):
         if numbers:
             rows.append(
