@@ -168,7 +168,10 @@ def _supports_flash_attention(path: str | Path) -> bool:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):  # no readable config: loading the model will say what is missing
+        return False
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     return bool(
         getattr(model_class, "_supports_flash_attn", False) or getattr(model_class, "_supports_flash_attn_2", False)

@@ -361,7 +361,7 @@ def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, thresh
     saved = {**asdict(TrainSettings()), **meta["settings"]}
     current = asdict(settings)
     for name in LAYOUT_SETTINGS:  # they change how the math is laid out, not its result
-        saved.pop(name), current.pop(name)
+        del saved[name], current[name]
     if saved != current:
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         raise ValueError(
