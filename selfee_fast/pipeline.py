@@ -226,18 +226,27 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError("generation.responses_per_prompt must be >= 2 to form a pair")
 
 
+def recorded_fingerprint(path: Path) -> str | None:
+    """The fingerprint in a stage's started.json or done.json (None: no such file)."""
+    return json.loads(path.read_text())["fingerprint"] if path.exists() else None
+
+
+def changed_stage(stage: str, started_path: Path, remedy: str) -> ConfigError:
+    return ConfigError(f"{stage} was started with another configuration ({started_path}); {remedy}")
+
+
+FORCE_REMEDY = "rerun with --force to redo it and every stage after it, or use a new run_dir"
+
+
 def refuse_changed_stages(run_dir: Path, prints: dict[str, str], force: bool) -> None:
     """Raise (unless `force`) when a stage was started or finished with another configuration."""
     for stage, print_ in prints.items():
-        done_path, started_path = run_dir / stage / "done.json", run_dir / stage / "started.json"
-        if done_path.exists() and json.loads(done_path.read_text())["fingerprint"] == print_:
+        if recorded_fingerprint(run_dir / stage / "done.json") == print_:
             continue
-        recorded = json.loads(started_path.read_text())["fingerprint"] if started_path.exists() else None
+        started_path = run_dir / stage / "started.json"
+        recorded = recorded_fingerprint(started_path)
         if recorded is not None and recorded != print_ and not force:
-            raise ConfigError(
-                f"{stage} was started with another configuration ({started_path}); rerun with --force to redo "
-                "it and every stage after it, or use a new run_dir"
-            )
+            raise changed_stage(stage, started_path, FORCE_REMEDY)
         return  # the first stage still to run: the loop in run_pipeline takes it from here
 
 
@@ -252,12 +261,9 @@ def claim_stage(config: RunConfig, stage: str) -> None:
         raise ConfigError(f"unknown stage {stage!r}; this config has {', '.join(prints)}")
     stage_dir = Path(config.run_dir) / stage
     started_path = stage_dir / "started.json"
-    recorded = json.loads(started_path.read_text())["fingerprint"] if started_path.exists() else None
+    recorded = recorded_fingerprint(started_path)
     if recorded is not None and recorded != prints[stage]:
-        raise ConfigError(
-            f"{stage} was started with another configuration ({started_path}); redo it with "
-            "`selfee-fast run --force`, or use a new run_dir"
-        )
+        raise changed_stage(stage, started_path, "redo it with `selfee-fast run --force`, or use a new run_dir")
     stage_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(started_path, {"fingerprint": prints[stage]})
 
@@ -285,13 +291,10 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
                 previous_model = stage_dir / "model"
                 continue
         # A started (or finished) stage may only be continued with the configuration it began with.
-        recorded = json.loads(started_path.read_text())["fingerprint"] if started_path.exists() else None
+        recorded = recorded_fingerprint(started_path)
         if redo_rest or (recorded is not None and recorded != prints[stage]):
             if not force and not redo_rest:
-                raise ConfigError(
-                    f"{stage} was started with another configuration ({started_path}); rerun with --force to redo "
-                    "it and every stage after it, or use a new run_dir"
-                )
+                raise changed_stage(stage, started_path, FORCE_REMEDY)
             shutil.rmtree(stage_dir, ignore_errors=True)
             redo_rest = True
         stage_dir.mkdir(parents=True, exist_ok=True)
