@@ -3,7 +3,7 @@
     python bench/engine_check.py --out DIR        # on a CUDA machine (budgeted 100 s in gpu_check.sh; never timed)
     python bench/engine_check.py --cpu-smoke      # tiny model on the CPU, to check this script
 
-Builds a ~100M-parameter Llama and a byte-level BPE tokenizer locally (no hub access),
+Builds a ~47M-parameter Llama and a byte-level BPE tokenizer locally (no hub access),
 writes a synthetic seed set and prompt pool, and runs `selfee_fast.pipeline.run_pipeline`
 exactly as `selfee-fast run` does: stage 0 (seed DPO) and one SPA iteration (hf
 generation, fused-kernel judge, self-refinement training with DND), LoRA, bf16 on the GPU,
@@ -33,6 +33,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,8 @@ def stage_numbers(run_dir: Path, stage: str, summary: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    # `timeout` stops a step with SIGTERM: as SystemExit, it still runs the finally blocks that save.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="folder for the JSON")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU (torch backend)")

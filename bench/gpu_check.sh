@@ -5,9 +5,10 @@
 #
 #   bash bench/gpu_check.sh OUTDIR          # kernels, engine, benchmarks (the first call of a GPU session)
 #   bash bench/gpu_check.sh OUTDIR 7b       # same set-up, then only bench/memory_7b.py (a second call)
+#   bash bench/gpu_check.sh OUTDIR 7b 220   # the same within 220 s: keep it 10-20 s under the call's timeout
 set -u
 
-OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [7b]}
+OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [all|7b] [SECONDS]}
 MODE=${2:-all}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -17,6 +18,7 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 TOTAL=480 # seconds for the whole script
 [ "$MODE" = "7b" ] && TOTAL=290 # the second call of a session: run(..., timeout_s=300)
+TOTAL=${3:-$TOTAL}             # what the device time left allows (status: budget_left_s)
 SECONDS=0
 
 left() { echo $((TOTAL - SECONDS - ${1:-0})); }
@@ -106,7 +108,7 @@ else
     log "setup took too long: no time left for gpu_check.py"
 fi
 
-# 5. The engine end to end in bf16 (stage 0 + one SPA iteration on a ~100M Llama): at most
+# 5. The engine end to end in bf16 (stage 0 + one SPA iteration on a ~47M Llama): at most
 #    100 s, keeping 200 s for kernels.py.
 BUDGET=$(($(left 200) < 100 ? $(left 200) : 100))
 if [ "$BUDGET" -gt 30 ]; then

@@ -28,6 +28,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -79,22 +80,32 @@ def random_pairs(count: int, prompt_len: int, response_len: int, vocab: int, eos
             for i in range(count)]  # fmt: skip
 
 
-def run_variant(folder: Path, quantization: str, micro: int, steps: int, args, device, work: Path, log) -> dict:
+def load_variant(folder: Path, quantization: str, device):
+    """(model, tokenizer, seconds): the engine's own loading path, LoRA r=16 on every linear layer."""
     from selfee_fast import models
-    from selfee_fast.train import TrainSettings, train_stage
 
     # A peft model sits in reference cycles: after an OOM (whose traceback held the previous
     # variant's model while main's except block ran gc) only a collection frees it.
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     model, tokenizer = models.load_model(
         folder, dtype=dtype, device=device, lora=models.LoraSettings(r=16, alpha=32), quantization=quantization,
     )  # fmt: skip
-    load_seconds = time.perf_counter() - started
+    return model, tokenizer, time.perf_counter() - started
+
+
+def run_variant(model, tokenizer, load_seconds: float, quantization: str, micro: int, steps: int, args, device,
+                work: Path, log) -> dict:  # fmt: skip
+    """One training stage of `steps` steps at `micro` pairs per micro-batch, on a loaded model."""
+    from selfee_fast import models
+    from selfee_fast.train import TrainSettings, train_stage
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the previous micro-batch size's cached blocks do not count here
     weights_gib = model.get_memory_footprint() / 2**30
     models.freeze_reference_adapter(model)  # SPA iteration: pi_{i-1} as a frozen adapter copy
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -109,19 +120,27 @@ def run_variant(folder: Path, quantization: str, micro: int, steps: int, args, d
     train_stage(model, pairs, settings, out_dir, pad_id=tokenizer.pad_token_id, reference="reference", log=log)
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     timed = sorted(m["tokens_per_s"] for m in metrics[1:]) or [metrics[0]["tokens_per_s"]]  # step 1 compiles
+    # Allocated memory leaves out the allocator's cache and fragmentation and the CUDA context:
+    # what a 24 GB card must hold is the peak reserved plus what the process holds beyond it.
+    reserved = held_outside = None
+    if device.type == "cuda":
+        reserved = torch.cuda.max_memory_reserved(device) / 2**30
+        free, total = torch.cuda.mem_get_info(device)
+        held_outside = max(0.0, (total - free) / 2**30 - torch.cuda.memory_reserved(device) / 2**30)
     result = {
         "variant": "qlora" if quantization == "4bit" else "lora", "micro_batch_pairs": micro,
         "tokens_per_step": 2 * micro * (args.prompt_len + args.response_len),
         "peak_memory_gib": max(m["peak_memory_mib"] for m in metrics) / 1024,
+        "peak_reserved_gib": reserved, "context_and_other_gib": held_outside,
         "weights_gib": weights_gib, "tokens_per_s_median": timed[len(timed) // 2], "load_seconds": load_seconds,
         "steps": len(metrics), "optimizer": optimizer, "losses": [m["loss"] for m in metrics],
     }  # fmt: skip
-    del model
-    gc.collect()
     return result
 
 
 def main(argv=None) -> int:
+    # `timeout` stops a step with SIGTERM: as SystemExit, it still runs the finally blocks that save.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU (chunked torch head)")
@@ -165,10 +184,13 @@ def main(argv=None) -> int:
         result["parameters"] = build_model(work / "model", result["shape"], device)
         log(f"built and saved {result['parameters'] / 1e9:.2f}B parameters in {time.perf_counter() - started:.0f} s")
         for variant in args.variants:
+            quantization = "4bit" if variant == "qlora" else "none"
+            # Loaded once per variant: a 7B load is seconds the one GPU window cannot spare.
+            model, tokenizer, load_seconds = load_variant(work / "model", quantization, device)
             for micro in args.micro:
-                quantization = "4bit" if variant == "qlora" else "none"
                 try:
-                    run = run_variant(work / "model", quantization, micro, args.steps, args, device, work, log)
+                    run = run_variant(model, tokenizer, load_seconds, quantization, micro, args.steps, args, device,
+                                      work, log)  # fmt: skip
                 except torch.OutOfMemoryError as error:
                     run = {"variant": variant, "micro_batch_pairs": micro, "error": f"OOM: {str(error)[:200]}"}
                     gc.collect()
@@ -182,6 +204,8 @@ def main(argv=None) -> int:
                         f"{run['peak_memory_gib']:.2f} GiB, weights {run['weights_gib']:.2f} GiB, "
                         f"{run['tokens_per_s_median']:.0f} tokens/s, load {run['load_seconds']:.0f} s"
                     )
+            del model, tokenizer  # the next variant loads its own
+            gc.collect()
     finally:
         out_path.write_text(json.dumps(result, indent=2))
         shutil.rmtree(work, ignore_errors=True)

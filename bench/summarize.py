@@ -58,7 +58,9 @@ def gpu_check_section(result: dict) -> list[str]:
 
 def engine_section(result: dict) -> list[str]:
     lines = ["**Engine** (`engine_check.py`: stage 0 + one SPA iteration, LoRA, bf16):", ""]
-    lines += [f"- {'PASS' if c['passed'] else 'FAIL'} {c['name']}" for c in result["checks"]]
+    for c in result["checks"]:
+        details = {k: v for k, v in c.items() if k not in ("name", "passed")}
+        lines.append(f"- {'PASS' if c['passed'] else 'FAIL'} {c['name']}" + ("" if c["passed"] else f": {details}"))
     rows = []
     for label, numbers in (
         ("stage 0", result.get("dnd", {}).get("stage0")),
@@ -88,15 +90,21 @@ def memory_section(result: dict) -> list[str]:
     lines = [
         f"**7B step** (`memory_7b.py`: {result.get('parameters', 0) / 1e9:.2f}B parameters, random weights):",
         "",
-        "| variant | pairs/micro-batch | tokens/step | peak GiB | weights GiB | tok/s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | pairs/micro-batch | tokens/step | peak allocated GiB | peak reserved GiB | context + other GiB "
+        "| weights GiB | tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def gib(value) -> str:
+        return "—" if value is None else f"{value:.2f}"
+
     for r in result["runs"]:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['micro_batch_pairs']} | — | {r['error'][:60]} | — | — |")
+            lines.append(f"| {r['variant']} | {r['micro_batch_pairs']} | — | {r['error'][:60]} | — | — | — | — |")
         else:
             lines.append(
                 f"| {r['variant']} | {r['micro_batch_pairs']} | {r['tokens_per_step']} | {r['peak_memory_gib']:.2f} | "
+                f"{gib(r.get('peak_reserved_gib'))} | {gib(r.get('context_and_other_gib'))} | "
                 f"{r['weights_gib']:.2f} | {r['tokens_per_s_median']:.0f} |"
             )
     return lines
