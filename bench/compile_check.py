@@ -243,9 +243,7 @@ def scenarios(dtype: torch.dtype, config: LaunchConfig) -> list[tuple[str, Calla
         (f"backward trainable head + bias, vocab splits {tag}", lambda: backward(True, split, True)),
         (
             f"split backward: dz of a row chunk {tag}",
-            lambda: logit_gradients(
-                hidden, weight, active, targets, stat, stat, stat, 3, rows, bias=bias, config=config
-            ),
+            lambda: logit_gradients(hidden, weight, active, targets, stat, stat, 3, rows, bias=bias, config=config),
         ),
         ("spa loss", loss),
     ]

@@ -65,14 +65,13 @@ def _logit_gradient_tile(
 
 
 @triton.jit
-def _load_row_block(rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok):
-    """Per-row inputs of a block of active rows: (row index, target, lse, others' lse, upstream gradient)."""
+def _load_row_block(rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, offs_m, row_ok):
+    """Per-row inputs of a block of active rows: (row index, target, lse, others' lse)."""
     rows = tl.load(rows_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
     targets = tl.load(targets_ptr + offs_m, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=0.0)
     others_lse = tl.load(others_lse_ptr + offs_m, mask=row_ok, other=0.0)
-    upstream = tl.load(upstream_ptr + offs_m, mask=row_ok, other=0.0)
-    return rows, targets, lse, others_lse, upstream
+    return rows, targets, lse, others_lse
 
 
 @triton.jit
@@ -88,9 +87,8 @@ def _grad_hidden_kernel(
     split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < num_rows
-    rows, targets, lse, others_lse, upstream = _load_row_block(
-        rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok
-    )
+    rows, targets, lse, others_lse = _load_row_block(rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, offs_m, row_ok)
+    upstream = tl.load(upstream_ptr + offs_m, mask=row_ok, other=0.0)
 
     row_scale = upstream / GRAD_SCALE
     v_begin = split * tiles_per_split * BLOCK_V
@@ -139,9 +137,8 @@ def _grad_weight_kernel(
     for m0 in range(m_begin, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < m_end
-        rows, targets, lse, others_lse, upstream = _load_row_block(
-            rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok
-        )
+        rows, targets, lse, others_lse = _load_row_block(rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, offs_m, row_ok)
+        upstream = tl.load(upstream_ptr + offs_m, mask=row_ok, other=0.0)
         dz = _logit_gradient_tile(
             hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse,
             hidden_size, stride_hidden, stride_weight,
@@ -177,7 +174,7 @@ def _grad_weight_kernel(
 
 @triton.jit
 def _logit_gradient_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, dz_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, dz_ptr,
     row_begin, row_end, vocab, hidden_size, stride_hidden, stride_weight, stride_dz,
     HAS_BIAS: tl.constexpr, GRAD_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -187,9 +184,7 @@ def _logit_gradient_kernel(
     row_ok = offs_m < row_end
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = offs_v < vocab
-    rows, targets, lse, others_lse, _upstream = _load_row_block(
-        rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, upstream_ptr, offs_m, row_ok
-    )
+    rows, targets, lse, others_lse = _load_row_block(rows_ptr, targets_ptr, lse_ptr, others_lse_ptr, offs_m, row_ok)
     dz = _logit_gradient_tile(
         hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, v_ok, targets, lse, others_lse,
         hidden_size, stride_hidden, stride_weight,
@@ -211,7 +206,6 @@ def logit_gradients(
     targets: torch.Tensor,
     lse: torch.Tensor,
     others_lse: torch.Tensor,
-    upstream: torch.Tensor,
     row_begin: int,
     row_end: int,
     *,
@@ -224,15 +218,15 @@ def logit_gradients(
     A [rows, V] tensor in weight's dtype; `gradient_scale(weight.dtype)` is GRAD_SCALE. The
     first half of the split backward: the logits are recomputed tile by tile and only their
     gradient leaves the chip; the caller multiplies it by W with cuBLAS and the result's rows
-    by upstream / GRAD_SCALE. `out` (at least [row_end - row_begin, V]) is reused across
-    chunks when given.
+    by their upstream gradient / GRAD_SCALE. `out` (at least [row_end - row_begin, V]) is
+    reused across chunks when given.
     """
     config = config or default_config(hidden.device, hidden.dtype)
     count, vocab = row_end - row_begin, weight.shape[0]
     dz = out[:count] if out is not None else torch.empty((count, vocab), dtype=weight.dtype, device=weight.device)
     if count > 0:
         _logit_gradient_kernel[(triton.cdiv(count, config.block_m), triton.cdiv(vocab, config.block_v))](
-            hidden, weight, bias if bias is not None else weight, rows, targets, lse, others_lse, upstream, dz,
+            hidden, weight, bias if bias is not None else weight, rows, targets, lse, others_lse, dz,
             row_begin, row_end, vocab, weight.shape[1], hidden.stride(0), weight.stride(0), dz.stride(0),
             HAS_BIAS=bias is not None, GRAD_SCALE=gradient_scale(weight.dtype), BLOCK_M=config.block_m,
             BLOCK_V=config.block_v, BLOCK_K=config.block_k, DOT_PRECISION=dot_precision(weight.dtype),

@@ -43,8 +43,7 @@ def split_grad_hidden(hidden, weight, bias, rows, targets, lse, others_lse, upst
     buffer = torch.empty((chunk, vocab), dtype=weight.dtype, device=weight.device) if num_rows else None
     for begin in range(0, num_rows, chunk):
         end = min(begin + chunk, num_rows)
-        dz = logit_gradients(hidden, weight, rows, targets, lse, others_lse, upstream, begin, end, bias=bias,
-                             out=buffer)  # fmt: skip
+        dz = logit_gradients(hidden, weight, rows, targets, lse, others_lse, begin, end, bias=bias, out=buffer)
         row_scale = (upstream[begin:end] / gradient_scale(weight.dtype))[:, None]
         grad_hidden.index_copy_(0, rows[begin:end], ((dz @ weight).float() * row_scale).to(hidden.dtype))
     return grad_hidden
