@@ -373,8 +373,13 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, packed: bool
     return batch
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """What each position is scored on: position t predicts labels[t + 1] (-100: not scored)."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+
+
 def padded_seq_ids(labels: torch.Tensor) -> torch.Tensor:
     """`seq_ids` of a padded batch: the row where position t scores a label, -1 elsewhere."""
-    scored = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1) != -100
+    scored = next_token_targets(labels) != -100
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
     return torch.where(scored, rows, -1)

@@ -96,9 +96,13 @@ def changed_settings(section) -> dict:
     return {k: v for k, v in asdict(section).items() if v != defaults[k]}
 
 
-# Model settings that change how the work is laid out, not what it computes: a run may
-# switch them and resume.
-LAYOUT_SETTINGS = ("attention", "packing")
+# Settings that change how the work is laid out, not what it computes: not hashed, so a run
+# may switch them and resume.
+UNHASHED = {
+    "model": ("attention", "packing"),
+    "train": ("save_every",),
+    "generation": ("vllm_gpu_memory_utilization",),
+}
 
 
 def stage_fingerprints(config: RunConfig) -> dict[str, str]:
@@ -107,9 +111,9 @@ def stage_fingerprints(config: RunConfig) -> dict[str, str]:
     A stage hashes only what it uses, so a finished run can be extended (spa.iterations=4
     with a fourth pool and lambda) and its checkpoint cadence changed without --force.
     """
-    model = without(changed_settings(config.model), *LAYOUT_SETTINGS)
-    train = without(changed_settings(config.train), "save_every")
-    generation = without(changed_settings(config.generation), "vllm_gpu_memory_utilization")
+    model = without(changed_settings(config.model), *UNHASHED["model"])
+    train = without(changed_settings(config.train), *UNHASHED["train"])
+    generation = without(changed_settings(config.generation), *UNHASHED["generation"])
     spa = without(changed_settings(config.spa), "iterations", "extrapolate")
     if config.spa.judge != "reward_model":
         spa = without(spa, "reward_model_epochs", "reward_model_lr")
@@ -238,18 +242,6 @@ def changed_stage(stage: str, started_path: Path, remedy: str) -> ConfigError:
 FORCE_REMEDY = "rerun with --force to redo it and every stage after it, or use a new run_dir"
 
 
-def refuse_changed_stages(run_dir: Path, prints: dict[str, str], force: bool) -> None:
-    """Raise (unless `force`) when a stage was started or finished with another configuration."""
-    for stage, print_ in prints.items():
-        if recorded_fingerprint(run_dir / stage / "done.json") == print_:
-            continue
-        started_path = run_dir / stage / "started.json"
-        recorded = recorded_fingerprint(started_path)
-        if recorded is not None and recorded != print_ and not force:
-            raise changed_stage(stage, started_path, FORCE_REMEDY)
-        return  # the first stage still to run: the loop in run_pipeline takes it from here
-
-
 def claim_stage(config: RunConfig, stage: str) -> None:
     """Hold `stage` to this configuration, as `run` does: refuse if it started with another, else record it.
 
@@ -274,9 +266,6 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     prints = stage_fingerprints(config)
     stages = list(prints)
-    refuse_changed_stages(run_dir, prints, force)
-    # Written only once the run is accepted: a refused command leaves the run's config as it was.
-    save_config(config, run_dir / "config.yaml")
     summary = {"stages": {}}
     previous_model: Path | None = None
     redo_rest = False
@@ -297,6 +286,8 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
                 raise changed_stage(stage, started_path, FORCE_REMEDY)
             shutil.rmtree(stage_dir, ignore_errors=True)
             redo_rest = True
+        # Saved as a stage is accepted, not before: a refused command leaves the run's config as it was.
+        save_config(config, run_dir / "config.yaml")
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(started_path, {"fingerprint": prints[stage]})
         started = time.time()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .data import padding_id, prompt_ids, response_ids, right_pad
+from .data import next_token_targets, padding_id, prompt_ids, response_ids, right_pad
 from .files import folder_written_atomically
 from .logprobs import linear_logprobs
 from .models import lm_head
@@ -57,7 +57,7 @@ def sft(model, tokenizer, demonstrations: list[dict], settings: SFTSettings, *, 
         input_ids, attention_mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         body = model.get_decoder()
         hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.to(weight.dtype)
-        targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        targets = next_token_targets(labels)
         logps = linear_logprobs(hidden, weight, targets, bias=bias).policy
         mask = response_mask(labels)
         loss = -(logps * mask).sum() / mask.sum()

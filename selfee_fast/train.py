@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import TokenizedPair, collate_pairs
+from .data import TokenizedPair, collate_pairs, next_token_targets
 from .files import write_text_atomic
 from .loss import NoiseThreshold, spa_loss
 from .models import sequence_token_logprobs
@@ -124,8 +124,7 @@ def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
 
 def response_mask(labels: torch.Tensor) -> torch.Tensor:
     """Which per-token log-probs are scored: position t scores labels[t + 1]."""
-    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    return shifted != -100
+    return next_token_targets(labels) != -100
 
 
 def precomputed_reference(seq_ids: torch.Tensor, values: list[float]) -> torch.Tensor:
@@ -229,12 +228,13 @@ def train_stage(
             cpu_batch = collate_pairs(micro, pad_id, packed=settings.packing)
             tokens += int(cpu_batch["attention_mask"].sum())
             positions += cpu_batch["attention_mask"].numel()
+            cu_seq_lens = cpu_batch.pop("cu_seq_lens", None)  # stays on the CPU: see models.final_hidden_states
             batch = {k: v.to(device) for k, v in cpu_batch.items()}
             with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
                 logps = sequence_token_logprobs(
                     model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                     reference=reference, reference_model=reference_model, extrapolate=extrapolate,
-                    position_ids=batch.get("position_ids"), cu_seq_lens=cpu_batch.get("cu_seq_lens"),
+                    position_ids=batch.get("position_ids"), cu_seq_lens=cu_seq_lens,
                 )  # fmt: skip
             layout = {"seq_ids": batch["seq_ids"], "num_pairs": len(micro)}
             ref_tokens = logps.reference
