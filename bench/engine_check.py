@@ -58,7 +58,7 @@ def text(rng: random.Random, n: int) -> str:
 
 def build_workspace(root: Path, scale: dict, log) -> dict:
     """Model, tokenizer, seed pairs and prompt pool, all made here."""
-    from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+    from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
 
     rng = random.Random(0)
     corpus = [text(rng, rng.randint(3, 30)) for _ in range(4000)]

@@ -46,7 +46,7 @@ def build_model(folder: Path, shape: dict, device: torch.device) -> int:
     """A randomly initialised Llama of `shape`, saved with a small tokenizer; returns its parameter count."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from selfee_fast.tiny import build_tokenizer
+    from selfee_fast.demo.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(["the cat sat on the mat"] * 20, folder, vocab_size=100)
     config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False,

@@ -72,7 +72,7 @@ from pathlib import Path
 import torch
 
 from selfee_fast import models
-from selfee_fast.demo import (
+from selfee_fast.demo.run import (
     DEFAULT,
     QUICK,
     DemoScale,
@@ -83,9 +83,10 @@ from selfee_fast.demo import (
     sample,
     write_pools,
 )
+from selfee_fast.demo.tasks import gold_label_pairs, load_task
 from selfee_fast.files import write_json_atomic
 from selfee_fast.pipeline import run_pipeline
-from selfee_fast.tasks import gold_label_pairs, load_task
+from selfee_fast.records import Generation, read_generations
 
 SWEEP_FRACTIONS = (0.008, 0.017, 0.033, 0.10)
 MIN_SEED_PAIRS = 4
@@ -225,11 +226,11 @@ def nonempty(pairs: list[dict]) -> tuple[list[dict], int]:
     return kept, len(pairs) - len(kept)
 
 
-def gold_pairs_of(task, generations: list[dict], limit: int | None = None) -> tuple[list[dict], object, int]:
+def gold_pairs_of(task, generations: list[Generation], limit: int | None = None) -> tuple[list[dict], object, int]:
     records = [
-        {"prompt": g["prompt"][-1]["content"], "response_a": g["texts"][0], "response_b": g["texts"][1]}
+        {"prompt": g.prompt_text, "response_a": g.texts[0], "response_b": g.texts[1]}
         for g in generations
-        if limit is None or g["index"] < limit
+        if limit is None or g.index < limit
     ]
     pairs, report = gold_label_pairs(task, records)
     pairs, empty = nonempty(pairs)
@@ -263,12 +264,12 @@ def prepare_seed(task, scale: DemoScale, seed: int, seed_dir: Path, counts: list
     seed_max = data / "seed_max"
     seed_max.mkdir(exist_ok=True)
     make_seed_pairs(task, pi_init, pool[:largest], seed_max, scale, seed, log)
-    generations = read_jsonl(seed_max / "seed_generations.jsonl")
+    generations = read_generations(seed_max / "seed_generations.jsonl")
     if len(generations) < largest:  # an older, smaller seed_max: redo it for the larger seed
         for f in ("seed.jsonl", "seed_generations.jsonl"):
             (seed_max / f).unlink(missing_ok=True)
         make_seed_pairs(task, pi_init, pool[:largest], seed_max, scale, seed, log)
-        generations = read_jsonl(seed_max / "seed_generations.jsonl")
+        generations = read_generations(seed_max / "seed_generations.jsonl")
     seed_paths, seed_pairs = {}, {}
     for n in sorted(set(counts)):
         pairs, report, empty = gold_pairs_of(task, generations, limit=n)
@@ -288,7 +289,7 @@ def prepare_seed(task, scale: DemoScale, seed: int, seed_dir: Path, counts: list
     iter_dir.mkdir(exist_ok=True)
     iter_prompts = [p for lst in lists for p in lst]
     make_seed_pairs(task, pi_init, iter_prompts, iter_dir, scale, seed, log)
-    iter_pairs, report, empty = gold_pairs_of(task, read_jsonl(iter_dir / "seed_generations.jsonl"))
+    iter_pairs, report, empty = gold_pairs_of(task, read_generations(iter_dir / "seed_generations.jsonl"))
     log(f"gold labels of the iteration prompts: {report.summary()}")
     if empty:
         notes.append(f"all-gold: {empty} gold pairs with an empty response dropped")
@@ -342,9 +343,7 @@ def fingerprint(*parts) -> str:
 
 def stage_gold(task, path: Path) -> list[float]:
     """Per-prompt gold of one evaluated model, in prompt order (as demo.evaluate computes it)."""
-    return [
-        task.gold(g["prompt"][-1]["content"], g["texts"][0]) for g in sorted(read_jsonl(path), key=lambda g: g["index"])
-    ]
+    return [task.gold(g.prompt_text, g.texts[0]) for g in read_generations(path)]
 
 
 def eval_pi_init(task, sd: SeedData, arm_dir: Path, scale: DemoScale) -> list[dict]:
@@ -360,13 +359,13 @@ def eval_pi_init(task, sd: SeedData, arm_dir: Path, scale: DemoScale) -> list[di
         seed=sd.seed + 17,  # demo.evaluate's sampling seed: the same samples as its pi_init row
         log=lambda *_: None,
     )
-    gold = [task.gold(g["prompt"][-1]["content"], g["texts"][0]) for g in generations]
+    gold = [task.gold(g.prompt_text, g.texts[0]) for g in generations]
     return [
         {
             "model": "pi_init",
             "gold_reward": sum(gold) / len(gold),
             "win_rate_vs_init": 0.5,
-            "response_tokens": sum(len(g["responses"][0]) for g in generations) / len(generations),
+            "response_tokens": sum(len(g.responses[0]) for g in generations) / len(generations),
         }
     ]
 

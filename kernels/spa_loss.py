@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOSS_CODES = {"sigmoid": 0, "robust": 1, "ipo": 2, "hinge": 3}
+# The one list of loss types; the engine's config, loss API and drop-in read it from here.
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+LOSS_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}
 
 
 class PairLossResult(NamedTuple):

@@ -115,7 +115,7 @@ def kernel_demo(args: argparse.Namespace) -> int:
 
 def spa_demo(args: argparse.Namespace) -> int:
     from .demo import DEFAULT, QUICK, run_demo
-    from .tasks import TaskError
+    from .demo.tasks import TaskError
 
     try:
         result = run_demo(args.out, task_spec=args.task, scale=QUICK if args.quick else DEFAULT, seed=args.seed)
@@ -146,51 +146,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def stage_step(args: argparse.Namespace) -> int:
-    """One step of one stage, as `run` would do it, for running or redoing a step alone."""
+    """One step of one stage, through the same stage runner as `run`, for running or redoing a step alone."""
     from . import pipeline
-    from .config import ConfigError, load_config
-    from .data import DataError, padding_id
+    from .config import ConfigError, check_values, load_config
+    from .data import DataError
+    from .preflight import preflight
 
     try:
         config = load_config(args.config, args.overrides)
-        stage = args.stage
-        if args.command != "train" and not stage.startswith("iter"):
-            raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage!r}")
-        pipeline.previous_stage_model(config, stage)  # a stage of this config, its predecessor finished
-        pipeline.claim_stage(config, stage)
-        stage_dir = Path(config.run_dir) / stage
-        generated = None
-        if stage.startswith("iter") and config.generation.backend == "vllm":
-            # As in `run`: vLLM generates (and frees its engine) before the policy is loaded.
-            previous = pipeline.previous_stage_model(config, stage)
-            generated = pipeline.step_generate_vllm(config, int(stage[4:]), previous, stage_dir, print)
-            if args.command == "generate":
-                return 0
-        model, tokenizer = pipeline.load_stage_model(config, stage)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        pad_id = padding_id(tokenizer)
-        if stage == "stage0":
-            pipeline.run_seed_stage(config, model, tokenizer, stage_dir, pad_id, print)
-            return _save_stage_model(model, tokenizer, stage_dir)
-        i = int(stage[4:])
-        generations, _ = generated or pipeline.step_generate(config, i, model, tokenizer, stage_dir, print)
-        if args.command == "generate":
-            return 0
-        judged = pipeline.step_judge(config, i, model, tokenizer, generations, stage_dir, print)
-        if args.command == "judge":
-            return 0
-        pipeline.step_train_iteration(config, i, model, judged, stage_dir, pad_id, print)
-        return _save_stage_model(model, tokenizer, stage_dir)
+        stage = pipeline.parse_stage(config, args.stage)
+        if args.command != "train" and not stage.iteration:
+            raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage.name!r}")
+        check_values(config)
+        pipeline.previous_stage_model(config, stage)  # its predecessor finished: said before any other check
+        runtime = preflight(config)
+        remedy = "redo it with `selfee-fast run --force`, or use a new run_dir"
+        pipeline.run_stage(config, runtime, stage, until=args.command, remedy=remedy, log=print)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"selfee-fast: {e}", file=sys.stderr)
         return 2
-
-
-def _save_stage_model(model, tokenizer, stage_dir: Path) -> int:
-    from .pipeline import save_policy
-
-    save_policy(model, tokenizer, stage_dir / "model")
-    print(f"saved {stage_dir / 'model'} (done.json is written by `selfee-fast run` only)")
+    if args.command == "train":
+        print(f"saved {Path(config.run_dir) / stage.name / 'model'} (done.json is written by `selfee-fast run` only)")
     return 0
 
 

@@ -1,19 +1,24 @@
 """Run configuration: a typed schema whose defaults are the paper's.
 
 A YAML file plus `section.key=value` overrides. Unknown keys are rejected with the nearest
-valid name; values are checked against the field's type.
+valid name; values are checked against the field's type (`load_config`), then against the
+choices, ranges and cross-field rules below (`check_values`), all before anything loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .kernels.spa_loss import LOSS_TYPES
 
 
 class ConfigError(ValueError):
@@ -117,6 +122,129 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     spa: SPAConfig = field(default_factory=SPAConfig)
+
+
+# --------------------------------------------------------------------------- what a valid config is
+
+# Settings that change how the work is laid out, not what it computes: not part of a stage's
+# fingerprint, so a run may switch them and resume; a training checkpoint ignores them too.
+LAYOUT_SETTINGS = {
+    "model": ("attention", "packing"),
+    "train": ("save_every",),
+    "generation": ("vllm_gpu_memory_utilization",),
+}
+
+# The allowed values of every setting that is a choice.
+CHOICES = {
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "model.quantization": ("none", "4bit"),
+    "model.attention": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "generation.backend": ("hf", "vllm"),
+    "train.optimizer": ("adamw8bit", "paged_adamw8bit", "adamw"),
+    "train.loss_type": LOSS_TYPES,
+    "spa.judge_reference": ("init", "previous", "none"),
+    "spa.judge": ("implicit", "reward_model"),
+}
+
+
+def _finite(low: float | None = None, high: float | None = None, *, open_low=False, open_high=False):
+    def ok(v) -> bool:
+        if not math.isfinite(v):
+            return False
+        if low is not None and (v <= low if open_low else v < low):
+            return False
+        return not (high is not None and (v >= high if open_high else v > high))
+
+    return ok
+
+
+def _at_least(n: int) -> Callable[[int], bool]:
+    return lambda v: v >= n
+
+
+# Numeric ranges: the same ones the loss, the noise threshold and the samplers enforce, so a
+# bad value is refused in seconds instead of after generation and judging have run.
+RANGES: dict[str, tuple[Callable, str]] = {
+    "model.lora_r": (_at_least(0), ">= 0 (0: full fine-tuning)"),
+    "model.lora_alpha": (_at_least(1), ">= 1"),
+    "model.lora_dropout": (_finite(0, 1, open_high=True), "in [0, 1)"),
+    "data.max_length": (_at_least(2), ">= 2"),
+    "data.max_prompt_length": (_at_least(1), ">= 1"),
+    "generation.vllm_gpu_memory_utilization": (_finite(0, 1, open_low=True), "in (0, 1]"),
+    # vLLM's own limits (vllm/sampling_params.py _verify_args); hf refuses temperature 0 with sampling too.
+    "generation.temperature": (_finite(0, 2, open_low=True), "in (0, 2]"),
+    "generation.top_p": (_finite(0, 1, open_low=True), "in (0, 1]"),
+    "generation.top_k": (_at_least(0), ">= 0 (0: off)"),
+    "generation.max_new_tokens": (_at_least(1), ">= 1"),
+    "generation.responses_per_prompt": (_at_least(2), ">= 2 to form a pair"),
+    "generation.batch_size": (_at_least(1), ">= 1"),
+    "train.beta": (_finite(0, open_low=True), "> 0 (the judge's labels and the loss both scale by it)"),
+    "train.lr": (_finite(0, open_low=True), "a positive number"),
+    "train.warmup_ratio": (_finite(0, 1), "in [0, 1]"),
+    "train.batch_size": (_at_least(1), ">= 1"),
+    "train.micro_batch_size": (_at_least(1), ">= 1"),
+    "train.seed_epochs": (_at_least(1), ">= 1"),
+    "train.iteration_epochs": (_at_least(1), ">= 1"),
+    "train.max_grad_norm": (_finite(0, open_low=True), "> 0"),
+    "train.weight_decay": (_finite(0), ">= 0"),
+    "train.save_every": (_at_least(1), ">= 1"),
+    "spa.iterations": (_at_least(0), ">= 0"),
+    "spa.alpha": (_finite(0, 0.5, open_high=True), "in [0, 0.5) (a smoothed label must still prefer the chosen)"),
+    "spa.alpha_warmup": (_finite(0, 1), "in [0, 1]"),
+    "spa.noise_percentile": (_finite(0, 1, open_low=True, open_high=True), "in (0, 1)"),
+    "spa.tau_window": (_at_least(2), ">= 2 (a percentile of one margin is no threshold)"),
+    "spa.reward_model_epochs": (_at_least(1), ">= 1"),
+    "spa.reward_model_lr": (_finite(0, open_low=True), "> 0"),
+}
+
+
+def setting(config: RunConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def check_values(config: RunConfig) -> None:
+    """Every choice, range and cross-field rule of the config; files and hardware are `preflight`'s."""
+    if not config.model.path:
+        raise ConfigError("model.path is required: the local folder of the SFT model (pi_init)")
+    for key, options in CHOICES.items():
+        if setting(config, key) not in options:
+            raise ConfigError(f"{key} must be one of {options}, got {setting(config, key)!r}")
+    for key, (ok, rule) in RANGES.items():
+        if not ok(setting(config, key)):
+            raise ConfigError(f"{key} must be {rule}, got {setting(config, key)}")
+    for i, lam in enumerate(config.spa.extrapolate):
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ConfigError(f"spa.extrapolate[{i}] must be a finite number >= 0 (DND's lambda), got {lam}")
+    t, d, spa = config.train, config.data, config.spa
+    if t.batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be a positive multiple of train.micro_batch_size ({t.micro_batch_size})"
+        )
+    if d.max_prompt_length + config.generation.max_new_tokens > d.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length ({d.max_prompt_length}) + generation.max_new_tokens "
+            f"({config.generation.max_new_tokens}) exceeds data.max_length ({d.max_length})"
+        )
+    if len(d.prompt_pools) < spa.iterations:
+        raise ConfigError(
+            f"spa.iterations is {spa.iterations} but data.prompt_pools lists {len(d.prompt_pools)} "
+            "files: one disjoint prompt pool per iteration"
+        )
+    if not d.seed_pairs and not config.model.judge_base and spa.judge_reference != "none":
+        raise ConfigError(
+            "no-seed mode (data.seed_pairs is null) judges against a base model: set model.judge_base to its folder"
+        )
+    if not d.seed_pairs and spa.iterations == 0:
+        raise ConfigError("nothing to do: no data.seed_pairs and spa.iterations=0")
+    if spa.judge == "reward_model" and not d.seed_pairs:
+        raise ConfigError("spa.judge=reward_model fits the reward model to data.seed_pairs: set them")
+    if config.model.quantization != "none" and config.model.lora_r == 0:
+        raise ConfigError("model.quantization=4bit trains LoRA adapters on a frozen base: set model.lora_r > 0")
+    if spa.refine and t.loss_type in ("ipo", "hinge"):
+        raise ConfigError(
+            f"self-refinement smooths labels, which train.loss_type={t.loss_type!r} has not: use sigmoid or robust, or spa.refine=false"
+        )
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -74,8 +74,14 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            # Decoded per line, so a stray byte names its line (and, with skip_invalid, costs only that line).
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{number}", DataError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line)")
+                continue
             if not line.strip():
                 continue
             try:
@@ -87,8 +93,14 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):

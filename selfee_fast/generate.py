@@ -25,15 +25,17 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .batching import BatchLimit, split_on_oom
+from .config import RunConfig
 from .data import PromptRecord, padding_id, prompt_ids
 from .files import append_batch, complete_batches
+from .records import Generation, read_generations
 
 
 @dataclass
@@ -46,6 +48,14 @@ class GenerationSettings:
     batch_size: int = 16
     seed: int = 0
     max_prompt_length: int | None = None  # longer prompts keep their last tokens (counted)
+
+    @classmethod
+    def for_iteration(cls, config: RunConfig, iteration: int) -> GenerationSettings:
+        """The sampling of iteration `iteration`: generation.* by name, a seed per run and iteration."""
+        section = {
+            f.name: getattr(config.generation, f.name) for f in fields(cls) if hasattr(config.generation, f.name)
+        }
+        return cls(**section, seed=config.seed * 1000 + iteration, max_prompt_length=config.data.max_prompt_length)
 
 
 # Fields of a model's generation_config.json that change what `model.generate` samples
@@ -108,7 +118,7 @@ def generate_responses(
     *,
     autocast_dtype: torch.dtype | None = None,
     log=print,
-) -> list[dict]:
+) -> list[Generation]:
     """Sample `responses_per_prompt` responses per prompt into `out_path`; resume if it exists.
 
     `autocast_dtype`: sample under torch.autocast, as training and the judge compute (fp32
@@ -151,9 +161,9 @@ def generate_responses(
                 # batch_limit: the out-of-memory limit after this batch, where a resumed run restarts.
                 record = make_record(prompts[index], index, batch_ids[row], samples, stop_ids, batch_index, tokenizer,
                                      prompt_truncated=index in truncated, batch_limit=limit.items)  # fmt: skip
-                new_tokens += sum(len(r) for r in record["responses"])
+                new_tokens += sum(len(r) for r in record.responses)
                 records.append(record)
-            append_batch(out, records)
+            append_batch(out, [r.to_json() for r in records])
             elapsed = time.perf_counter() - start
             progress.update(1)
             progress.set_postfix_str(f"{new_tokens / max(elapsed, 1e-9):.0f} new tok/s")
@@ -162,7 +172,7 @@ def generate_responses(
         f"generation: {len(plan)} batches in {out_path}, {new_tokens} new tokens in {time.perf_counter() - start:.1f} s"
     )
     model.train(was_training)
-    return load_generations(out_path)
+    return read_generations(out_path)
 
 
 def sample_batch(
@@ -225,25 +235,25 @@ def make_record(
     *,
     prompt_truncated: bool = False,
     batch_limit: int | None = None,
-) -> dict:
+) -> Generation:
     """One prompt's record; each sample is cut after its first stop token (kept: training appends none)."""
     responses, finished = [], []
     for generated in samples:
         end = next((t for t, token in enumerate(generated) if token in stop_ids), None)
         finished.append(end is not None)
         responses.append(generated if end is None else generated[: end + 1])
-    return {
-        "index": index,
-        "location": prompt.location,
-        "prompt": prompt.prompt,
-        "prompt_ids": ids,
-        "responses": responses,
-        "texts": [tokenizer.decode(r, skip_special_tokens=True) for r in responses],
-        "finished": finished,
-        "prompt_truncated": prompt_truncated,
-        "batch": batch,
-        "batch_limit": batch_limit,
-    }
+    return Generation(
+        index=index,
+        location=prompt.location,
+        prompt=prompt.prompt,
+        prompt_ids=ids,
+        responses=responses,
+        texts=[tokenizer.decode(r, skip_special_tokens=True) for r in responses],
+        finished=finished,
+        prompt_truncated=prompt_truncated,
+        batch=batch,
+        batch_limit=batch_limit,
+    )
 
 
 def resumed_batch_limit(path: Path, done: set[int]) -> int | None:
@@ -279,12 +289,6 @@ def report_ignored_model_sampling(generation_config, log) -> None:
         log(f"generation: the model's generation_config sets {settings}; ignored, samples follow generation.*")
 
 
-def load_generations(path: str | Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return sorted(records, key=lambda r: r["index"])
-
-
 # vLLM's allowed max_lora_rank values (vllm/config/lora.py MaxLoRARanks); an adapter's rank
 # is rounded up to one of them.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -303,7 +307,7 @@ def generate_responses_vllm(
     prompts_per_call: int = 512,
     quantization: str = "none",
     log=print,
-) -> list[dict]:
+) -> list[Generation]:
     """`generate_responses` with a vLLM engine: same records, same resume, same stop tokens.
 
     `model_path` is a full model folder; `adapter_path` a peft adapter on top of it (the
@@ -316,37 +320,18 @@ def generate_responses_vllm(
         from vllm.lora.request import LoRARequest
     except ImportError as error:
         raise ImportError("generation.backend='vllm' needs vLLM: pip install 'selfee-fast[vllm]'") from error
-    from transformers import GenerationConfig
-
     out_path, model_path = Path(out_path), Path(model_path)
     all_prompt_ids, truncated, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_path, local_files_only=True)
-    except OSError:  # no generation_config.json: the tokenizer's EOS is the only stop token
-        generation_config = None
+    generation_config = saved_generation_config(model_path)
     stop_ids = stop_token_ids(generation_config, tokenizer)
     report_ignored_model_sampling(generation_config, log)
     todo = [b for b in range(len(plan)) if b not in done]
     if not todo:
-        return load_generations(out_path)
+        return read_generations(out_path)
 
-    lora_request, engine_options = None, {}
-    if quantization == "4bit":
-        # In-flight NF4 (vllm docs: features/quantization/bnb); LoRA requests work on top of it.
-        engine_options["quantization"] = "bitsandbytes"
+    engine_options, dtype = vllm_engine_options(adapter_path, dtype, quantization, log)
+    lora_request = None
     if adapter_path is not None:
-        if dtype in ("float32", "float"):
-            # vLLM's LoRA kernels take fp16/bf16 only (vllm/lora/ops/triton_ops/lora_shrink_op.py);
-            # "auto" makes vLLM cast an fp32 checkpoint to the card's half type.
-            log("generation (vllm): LoRA runs in 16 bits in vLLM; sampling with dtype='auto', not float32")
-            dtype = "auto"
-        adapter_path = Path(adapter_path)
-        adapter_config = json.loads((adapter_path / "adapter_config.json").read_text())
-        rank = max([adapter_config["r"], *(adapter_config.get("rank_pattern") or {}).values()])
-        if rank > VLLM_LORA_RANKS[-1]:
-            raise ValueError(f"{adapter_path}: LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
-        engine_options["enable_lora"] = True
-        engine_options["max_lora_rank"] = next(r for r in VLLM_LORA_RANKS if r >= rank)
         lora_request = LoRARequest(lora_name="policy", lora_int_id=1, lora_path=str(adapter_path))
     longest_prompt = max(len(all_prompt_ids[i]) for b in todo for i in plan[b])
     # vLLM (its own process) starts only if 0.9 of the card is free: hand back what this
@@ -361,64 +346,134 @@ def generate_responses_vllm(
     )  # fmt: skip
 
     def sampling(index: int):
-        # One seed per prompt: the samples do not depend on which prompts share a call. vLLM
-        # gives sample k of a request the seed `seed + k` (vllm/v1/engine/parallel_sampling.py),
-        # so the prompts' seeds are n apart: no two samples of the call share a random stream.
-        n = settings.responses_per_prompt
-        return SamplingParams(
-            n=n, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-            max_tokens=settings.max_new_tokens, seed=(settings.seed * 1_000_003 + index) * n,
-            stop_token_ids=sorted(stop_ids), detokenize=False,
-        )  # fmt: skip
+        return vllm_sampling(SamplingParams, settings, stop_ids, index)
 
     new_tokens, start = 0, time.perf_counter()
     try:
         with out_path.open("a", encoding="utf-8") as out:
             progress = tqdm(total=len(plan), initial=len(done), desc="generate (vllm)", unit="batch", disable=None)
-            # Several plan batches per call keep vLLM's scheduler full; records are still
-            # appended one plan batch at a time, so resume works exactly as with hf.
-            calls, call = [], []
-            for b in todo:
-                call.append(b)
-                if sum(len(plan[c]) for c in call) >= prompts_per_call:
-                    calls.append(call)
-                    call = []
-            calls += [call] if call else []
-            for call in calls:
+            for call in group_batches(plan, todo, prompts_per_call):
                 indices = [i for b in call for i in plan[b]]
+                requests = [{"prompt_token_ids": all_prompt_ids[i]} for i in indices]
                 outputs = llm.generate(
-                    [{"prompt_token_ids": all_prompt_ids[i]} for i in indices],
-                    [sampling(i) for i in indices],
-                    use_tqdm=False,
-                    lora_request=lora_request,
+                    requests, [sampling(i) for i in indices], use_tqdm=False, lora_request=lora_request
                 )
                 by_index = dict(zip(indices, outputs, strict=True))
                 for b in call:
-                    records = []
-                    for i in plan[b]:
-                        samples = [list(completion.token_ids) for completion in by_index[i].outputs]
-                        record = make_record(prompts[i], i, all_prompt_ids[i], samples, stop_ids, b, tokenizer,
-                                             prompt_truncated=i in truncated)  # fmt: skip
-                        new_tokens += sum(len(r) for r in record["responses"])
-                        records.append(record)
-                    append_batch(out, records)
+                    records = [
+                        make_record(prompts[i], i, all_prompt_ids[i], [list(c.token_ids) for c in by_index[i].outputs],
+                                    stop_ids, b, tokenizer, prompt_truncated=i in truncated)
+                        for i in plan[b]
+                    ]  # fmt: skip
+                    new_tokens += sum(len(r) for record in records for r in record.responses)
+                    append_batch(out, [r.to_json() for r in records])
                     progress.update(1)
                 progress.set_postfix_str(f"{new_tokens / max(time.perf_counter() - start, 1e-9):.0f} new tok/s")
             progress.close()
     finally:
-        # Stop the engine now rather than whenever its last reference goes: with vLLM's
-        # default multiprocess engine this terminates and joins the EngineCore process (its
-        # GPU memory is gone when it returns); in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
-        # it undoes the engine's gc.freeze(), without which `del` frees nothing.
-        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if engine_core is not None:
-            engine_core.shutdown()
-        del llm, engine_core
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        shut_down(llm)
+        del llm
     log(
         f"generation (vllm): {len(plan)} batches in {out_path}, {new_tokens} new tokens in "
         f"{time.perf_counter() - start:.1f} s"
     )
-    return load_generations(out_path)
+    return read_generations(out_path)
+
+
+def vllm_engine_options(adapter_path, dtype: str, quantization: str, log) -> tuple[dict, str]:
+    """(engine options, dtype) for a vLLM engine serving the base with an optional LoRA adapter."""
+    engine_options = {}
+    if quantization == "4bit":
+        # In-flight NF4 (vllm docs: features/quantization/bnb); LoRA requests work on top of it.
+        engine_options["quantization"] = "bitsandbytes"
+    if adapter_path is None:
+        return engine_options, dtype
+    if dtype in ("float32", "float"):
+        # vLLM's LoRA kernels take fp16/bf16 only (vllm/lora/ops/triton_ops/lora_shrink_op.py);
+        # "auto" makes vLLM cast an fp32 checkpoint to the card's half type.
+        log("generation (vllm): LoRA runs in 16 bits in vLLM; sampling with dtype='auto', not float32")
+        dtype = "auto"
+    adapter_path = Path(adapter_path)
+    adapter_config = json.loads((adapter_path / "adapter_config.json").read_text())
+    rank = max([adapter_config["r"], *(adapter_config.get("rank_pattern") or {}).values()])
+    if rank > VLLM_LORA_RANKS[-1]:
+        raise ValueError(f"{adapter_path}: LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+    engine_options["enable_lora"] = True
+    engine_options["max_lora_rank"] = next(r for r in VLLM_LORA_RANKS if r >= rank)
+    return engine_options, dtype
+
+
+def group_batches(plan: list[list[int]], todo: list[int], prompts_per_call: int) -> list[list[int]]:
+    """Plan batches grouped into engine calls of about `prompts_per_call` prompts.
+
+    Several plan batches per call keep vLLM's scheduler full; records are still appended one
+    plan batch at a time, so resume works exactly as with hf.
+    """
+    calls, call = [], []
+    for b in todo:
+        call.append(b)
+        if sum(len(plan[c]) for c in call) >= prompts_per_call:
+            calls.append(call)
+            call = []
+    return calls + ([call] if call else [])
+
+
+def shut_down(llm) -> None:
+    """Stop the engine now rather than whenever its last reference goes.
+
+    With vLLM's default multiprocess engine this terminates and joins the EngineCore process
+    (its GPU memory is gone when it returns); in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    it undoes the engine's gc.freeze(), without which `del` frees nothing.
+    """
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()
+    del engine_core
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def vllm_sampling(sampling_params_class, settings: GenerationSettings, stop_ids: set[int], index: int):
+    """Prompt `index`'s sampling parameters.
+
+    One seed per prompt: the samples do not depend on which prompts share a call. vLLM gives
+    sample k of a request the seed `seed + k` (vllm/v1/engine/parallel_sampling.py), so the
+    prompts' seeds are n apart: no two samples of the call share a random stream.
+    """
+    n = settings.responses_per_prompt
+    return sampling_params_class(
+        n=n, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+        max_tokens=settings.max_new_tokens, seed=(settings.seed * 1_000_003 + index) * n,
+        stop_token_ids=sorted(stop_ids), detokenize=False,
+    )  # fmt: skip
+
+
+def saved_generation_config(model_path: Path):
+    """The model folder's generation config; None without one (the tokenizer's EOS is then the only stop token)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path, local_files_only=True)
+    except OSError:
+        return None
+
+
+def generate_stage_vllm(config: RunConfig, runtime, prompts, iteration: int, previous: Path | None, out_path, log):
+    """Sample an iteration's prompts from pi_{i-1} with vLLM: the base plus the previous adapter, or its full model."""
+    from transformers import AutoTokenizer
+
+    from .models import check_model_dir
+
+    if runtime.full_finetuning:
+        model_path, adapter_path = previous or Path(config.model.path), None
+    else:
+        model_path, adapter_path = Path(config.model.path), previous
+    tokenizer = AutoTokenizer.from_pretrained(check_model_dir(model_path), local_files_only=True)
+    return generate_responses_vllm(
+        model_path, tokenizer, prompts, GenerationSettings.for_iteration(config, iteration), out_path,
+        adapter_path=adapter_path,
+        dtype=str(runtime.compute_dtype).removeprefix("torch."),  # fp32 master weights sample in bf16, as they compute
+        gpu_memory_utilization=config.generation.vllm_gpu_memory_utilization,
+        quantization=config.model.quantization, log=log,
+    )  # fmt: skip

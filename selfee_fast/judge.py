@@ -15,18 +15,19 @@ as `base_model`) or "none" (r = beta * log pi_{i-1}(y|x)).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from .batching import BatchLimit, split_on_oom
+from .config import CHOICES
 from .data import pack, padded_seq_ids, padding_id, right_pad
-from .files import append_batch, complete_batches, write_jsonl_atomic
+from .files import append_batch, complete_batches
 from .models import sequence_token_logprobs
+from .records import Generation, JudgedPair, read_jsonl, write_pairs
 
-JUDGE_REFERENCES = ("init", "previous", "none")
+JUDGE_REFERENCES = CHOICES["spa.judge_reference"]
 
 
 @torch.no_grad()
@@ -84,7 +85,7 @@ def sequence_sums(token_values: torch.Tensor, seq_ids: torch.Tensor, count: int)
 def judge_generations(
     model,
     tokenizer,
-    generations: list[dict],
+    generations: list[Generation],
     out_path: str | Path,
     *,
     beta: float = 0.1,
@@ -95,7 +96,7 @@ def judge_generations(
     autocast_dtype: torch.dtype | None = None,
     packing: bool = False,
     log=print,
-) -> list[dict]:
+) -> list[JudgedPair]:
     """Turn generations into preference pairs; write them (TRL format plus scores) atomically.
 
     `autocast_dtype`: run the scoring under torch.autocast, as training does (its stored
@@ -108,13 +109,13 @@ def judge_generations(
     out_path = Path(out_path)
     partial_path = out_path.with_name(out_path.name + ".partial")
     padding = padding_id(tokenizer)
-    usable = [r for r in generations if len(r["responses"]) >= 2]
+    usable = [g for g in generations if len(g.responses) >= 2]
     dropped = len(generations) - len(usable)
     # Batches of similar length pad less. The order is a pure function of the input, so a
     # resumed judgment still finds the same batches; pairs are written back in index order.
-    usable.sort(key=lambda r: (len(r["prompt_ids"]) + max(len(x) for x in r["responses"]), r["index"]))
+    usable.sort(key=lambda g: (len(g.prompt_ids) + max(len(x) for x in g.responses), g.index))
     batches = [usable[i : i + batch_prompts] for i in range(0, len(usable), batch_prompts)]
-    finished = complete_batches(partial_path, [[r["index"] for r in b] for b in batches])
+    finished = complete_batches(partial_path, [[g.index for g in b] for b in batches])
     if finished:
         log(f"judge: resuming, {len(finished)}/{len(batches)} batches already judged")
     was_training = model.training
@@ -132,7 +133,7 @@ def judge_generations(
         for number, batch in enumerate(batches):
             if number in finished:
                 continue
-            items = [(r["prompt_ids"], r["responses"]) for r in batch]
+            items = [(g.prompt_ids, g.responses) for g in batch]
             if reward_model is not None:
                 # An external judge: its scores are the rewards; the policy's log-probs stay unknown.
                 judged = [
@@ -142,11 +143,10 @@ def judge_generations(
             else:
                 scores = split_on_oom(score, items, what=f"judge batch {number}", log=log, limit=limit)
                 judged = [_pair_of(r, policy, ref, beta) for r, (policy, ref) in zip(batch, scores, strict=True)]
-            append_batch(out, [{**pair, "batch": number} for pair in judged])
+            append_batch(out, [{**pair.to_json(), "batch": number} for pair in judged])
     model.train(was_training)
-    judged = [json.loads(line) for line in partial_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    pairs = sorted(({k: v for k, v in p.items() if k != "batch"} for p in judged), key=lambda p: p["index"])
-    write_jsonl_atomic(out_path, pairs)
+    pairs = sorted(read_jsonl(partial_path, JudgedPair.from_json), key=lambda p: p.index)
+    write_pairs(out_path, pairs)
     partial_path.unlink()
     log(
         f"judge: {len(pairs)} pairs written to {out_path}"
@@ -155,23 +155,25 @@ def judge_generations(
     return pairs
 
 
-def _pair_of(record: dict, policy: list[float], ref: list[float], beta: float, *, policy_known: bool = True) -> dict:
+def _pair_of(
+    generation: Generation, policy: list[float], ref: list[float], beta: float, *, policy_known: bool = True
+) -> JudgedPair:
     rewards = [beta * (p - r) for p, r in zip(policy, ref, strict=True)]
     best = max(range(len(rewards)), key=lambda k: (rewards[k], -k))  # ties: the first response
     worst = min((k for k in range(len(rewards)) if k != best), key=lambda k: (rewards[k], k))
     margin = rewards[best] - rewards[worst]
-    return {
-        "prompt": record["prompt"],
-        "chosen": [{"role": "assistant", "content": record["texts"][best]}],
-        "rejected": [{"role": "assistant", "content": record["texts"][worst]}],
-        "prompt_ids": record["prompt_ids"],
-        "chosen_ids": record["responses"][best],
-        "rejected_ids": record["responses"][worst],
-        "chosen_score": rewards[best],
-        "rejected_score": rewards[worst],
-        "confidence": 1.0 / (1.0 + math.exp(-margin)),
-        "chosen_logp_policy": policy[best] if policy_known else None,
-        "rejected_logp_policy": policy[worst] if policy_known else None,
-        "index": record["index"],
-        "location": record["location"],
-    }
+    return JudgedPair(
+        index=generation.index,
+        location=generation.location,
+        prompt=generation.prompt,
+        prompt_ids=generation.prompt_ids,
+        chosen_ids=generation.responses[best],
+        rejected_ids=generation.responses[worst],
+        chosen_text=generation.texts[best],
+        rejected_text=generation.texts[worst],
+        chosen_score=rewards[best],
+        rejected_score=rewards[worst],
+        confidence=1.0 / (1.0 + math.exp(-margin)),
+        chosen_logp_policy=policy[best] if policy_known else None,
+        rejected_logp_policy=policy[worst] if policy_known else None,
+    )

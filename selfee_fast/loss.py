@@ -15,9 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .backend import Backend, use_triton
-from .kernels.spa_loss import PairLossResult
-
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+from .kernels.spa_loss import LOSS_TYPES, PairLossResult
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .config import CHOICES
 from .data import next_token_targets, pack
 from .logprobs import LogProbs, linear_logprobs
 
@@ -30,8 +31,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-QUANTIZATIONS = ("none", "4bit")
-ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+QUANTIZATIONS = CHOICES["model.quantization"]
+ATTENTIONS = CHOICES["model.attention"]
 UNSUPPORTED_HEAD_OPTIONS = ("final_logit_softcapping", "logit_scale")
 
 

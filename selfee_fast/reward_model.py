@@ -108,3 +108,18 @@ class RewardModel:
             out.append(flat[start : start + len(responses)])
             start += len(responses)
         return out
+
+
+def fit_to_seed(config, tokenizer, log=print) -> Path:
+    """The baseline's judge for a run: a reward model fit to its seed pairs, trained once per run."""
+    from .data import load_preferences, tokenize_pairs
+
+    records, report = load_preferences(config.data.seed_pairs, skip_invalid=config.data.skip_invalid)
+    pairs, report = tokenize_pairs(
+        tokenizer, records, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
+        report=report,
+    )  # fmt: skip
+    settings = RewardModelSettings(
+        epochs=config.spa.reward_model_epochs, lr=config.spa.reward_model_lr, seed=config.seed
+    )
+    return train_reward_model(config.model.path, pairs, Path(config.run_dir) / "reward_model", settings, log=log)

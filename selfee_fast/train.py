@@ -21,21 +21,22 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .config import CHOICES, LAYOUT_SETTINGS, RunConfig
 from .data import TokenizedPair, collate_pairs, next_token_targets
 from .files import write_text_atomic
 from .loss import NoiseThreshold, spa_loss
 from .models import sequence_token_logprobs
 
-OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw")
+OPTIMIZERS = CHOICES["train.optimizer"]
 # Settings a resumed run may change: they decide how the work is laid out, not what it computes.
-LAYOUT_SETTINGS = ("packing", "save_every")
+RESUMABLE_CHANGES = tuple(name for names in LAYOUT_SETTINGS.values() for name in names)
 
 
 @dataclass
@@ -63,6 +64,19 @@ class TrainSettings:
     autocast_dtype: str | None = None
     # One packed row per micro-batch instead of padded rows (`data.pack`): no padding tokens.
     packing: bool = False
+
+    @classmethod
+    def for_stage(
+        cls, config: RunConfig, *, epochs: int, refine: bool, extrapolate: float | None, autocast_dtype: str | None
+    ) -> TrainSettings:
+        """A stage's training: train.* and spa.* by name, then what the stage decides."""
+        named = {}
+        for section in (config.train, config.spa):
+            named.update({f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
+        return cls(
+            **{**named, "epochs": epochs, "refine": refine, "extrapolate": extrapolate},
+            seed=config.seed, autocast_dtype=autocast_dtype, packing=config.model.packing,
+        )  # fmt: skip
 
 
 @dataclass
@@ -360,8 +374,8 @@ def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, thresh
     # leaves a run's behaviour as it was does not orphan its checkpoints.
     saved = {**asdict(TrainSettings()), **meta["settings"]}
     current = asdict(settings)
-    for name in LAYOUT_SETTINGS:  # they change how the math is laid out, not its result
-        del saved[name], current[name]
+    for name in RESUMABLE_CHANGES:  # they change how the math is laid out, not its result
+        saved.pop(name, None), current.pop(name, None)
     if saved != current:
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         raise ValueError(
@@ -399,3 +413,9 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         except (json.JSONDecodeError, KeyError):
             break
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def last_metrics(metrics_path: Path) -> dict:
+    """The last step's metrics of a stage (empty before its first step)."""
+    lines = [line for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.exists() else []
+    return json.loads(lines[-1]) if lines else {}

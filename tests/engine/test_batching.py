@@ -9,9 +9,9 @@ from selfee_fast import judge as judge_module
 from selfee_fast import models
 from selfee_fast.batching import BatchLimit, split_on_oom
 from selfee_fast.data import PromptRecord
+from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
 from selfee_fast.generate import GenerationSettings, generate_responses
 from selfee_fast.judge import judge_generations
-from selfee_fast.tiny import build_tiny_llama, build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("chunked_backend")
 
@@ -106,7 +106,7 @@ def test_generation_batch_that_runs_out_of_memory_is_finished_in_halves(tiny, tm
     monkeypatch.setattr(model, "generate", generate)
     settings = GenerationSettings(max_new_tokens=4, batch_size=4, seed=1)
     records = generate_responses(model, tokenizer, prompts, settings, tmp_path / "g.jsonl", log=messages.append)
-    assert [r["index"] for r in records] == list(range(8)), "nothing lost"
+    assert [r.index for r in records] == list(range(8)), "nothing lost"
     assert sizes == [4, 2, 2, 2, 2], "the second batch starts at the size that fitted"
     assert sum("out of GPU memory with 4 items" in m for m in messages) == 1
 
@@ -137,12 +137,12 @@ def test_a_resumed_generation_splits_its_batches_as_the_uninterrupted_run_did(ti
 
     killed_after_the_first_batch()
     resumed = generate_responses(model, tokenizer, prompts, settings, path, **quiet)
-    assert [r["responses"] for r in resumed] == [r["responses"] for r in whole]
+    assert [r.responses for r in resumed] == [r.responses for r in whole]
     # Forgetting the limit changes the second batch's pieces: the check can fail.
     killed_after_the_first_batch()
     monkeypatch.setattr(generate_module, "resumed_batch_limit", lambda *_: None)
     forgetful = generate_responses(model, tokenizer, prompts, settings, path, **quiet)
-    assert [r["responses"] for r in forgetful] != [r["responses"] for r in whole]
+    assert [r.responses for r in forgetful] != [r.responses for r in whole]
 
 
 def test_judge_batch_that_runs_out_of_memory_scores_the_same(tiny, tmp_path, monkeypatch):
@@ -161,7 +161,7 @@ def test_judge_batch_that_runs_out_of_memory_scores_the_same(tiny, tmp_path, mon
     messages = []
     halves = judge_generations(model, tokenizer, generations, tmp_path / "b.jsonl", log=messages.append)
     assert any("judge batch 0: out of GPU memory with 8 items" in m for m in messages)
-    assert [p["index"] for p in halves] == [p["index"] for p in whole]
+    assert [p.index for p in halves] == [p.index for p in whole]
     for a, b in zip(halves, whole, strict=True):
-        assert (a["chosen_ids"], a["rejected_ids"]) == (b["chosen_ids"], b["rejected_ids"])
-        assert a["chosen_score"] == pytest.approx(b["chosen_score"], abs=1e-5)
+        assert (a.chosen_ids, a.rejected_ids) == (b.chosen_ids, b.rejected_ids)
+        assert a.chosen_score == pytest.approx(b.chosen_score, abs=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from selfee_fast import data
-from selfee_fast.tiny import build_tokenizer
+from selfee_fast.demo.tiny import build_tokenizer
 
 CORPUS = ["the cat sat on the mat", "what is two plus two", "four", "five", "hello there"] * 10
 

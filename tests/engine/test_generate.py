@@ -25,8 +25,9 @@ import yaml
 from selfee_fast import generate
 from selfee_fast.config import ConfigError, load_config
 from selfee_fast.data import PromptRecord
-from selfee_fast.generate import GenerationSettings, generate_responses, generate_responses_vllm, load_generations
-from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.generate import GenerationSettings, generate_responses, generate_responses_vllm
+from selfee_fast.records import read_generations as load_generations
 
 WORDS = "the cat dog sat ran on a mat log big small red blue one two three".split()
 
@@ -72,14 +73,14 @@ def test_hf_samples_ignore_the_models_own_sampling_options(workspace, tmp_path, 
     opinionated = generate_responses(
         model, tokenizer, prompts, SETTINGS, tmp_path / "opinionated.jsonl", log=messages.append
     )
-    assert [r["responses"] for r in opinionated] == [r["responses"] for r in plain]
+    assert [r.responses for r in opinionated] == [r.responses for r in plain]
     assert any("no_repeat_ngram_size=1" in m and "repetition_penalty=50.0" in m for m in messages), messages
     # Without the override the options do change the samples: the test can fail.
     monkeypatch.setattr(generate, "neutral_model_sampling", dict)
     penalised = generate_responses(
         model, tokenizer, prompts, SETTINGS, tmp_path / "penalised.jsonl", log=lambda m: None
     )
-    assert [r["responses"] for r in penalised] != [r["responses"] for r in plain]
+    assert [r.responses for r in penalised] != [r.responses for r in plain]
 
 
 def test_hf_samples_are_seeded_stop_at_eos_and_resume_a_torn_batch(workspace, tmp_path):
@@ -94,23 +95,23 @@ def test_hf_samples_are_seeded_stop_at_eos_and_resume_a_torn_batch(workspace, tm
     first = generate_responses(model, tokenizer, prompts, SETTINGS, tmp_path / "a.jsonl", **quiet)
     again = generate_responses(model, tokenizer, prompts, SETTINGS, tmp_path / "b.jsonl", **quiet)
     other = generate_responses(model, tokenizer, prompts, replace(SETTINGS, seed=8), tmp_path / "c.jsonl", **quiet)
-    assert [r["responses"] for r in first] == [r["responses"] for r in again], "same seed, same samples"
-    assert [r["responses"] for r in first] != [r["responses"] for r in other], "the seed matters"
-    assert [r["index"] for r in first] == list(range(len(prompts)))
+    assert [r.responses for r in first] == [r.responses for r in again], "same seed, same samples"
+    assert [r.responses for r in first] != [r.responses for r in other], "the seed matters"
+    assert [r.index for r in first] == list(range(len(prompts)))
     stops = {eos, *range(5, 60)}
     for record in first:
-        assert len(record["responses"]) == SETTINGS.responses_per_prompt
-        for response, finished in zip(record["responses"], record["finished"], strict=True):
+        assert len(record.responses) == SETTINGS.responses_per_prompt
+        for response, finished in zip(record.responses, record.finished, strict=True):
             assert finished == (response[-1] in stops), "finished: ended on a stop token"
             assert not any(t in stops for t in response[:-1]), "nothing after the first stop token"
             assert finished or len(response) == SETTINGS.max_new_tokens
-    assert any(f for r in first for f in r["finished"]) and not all(f for r in first for f in r["finished"])
+    assert any(f for r in first for f in r.finished) and not all(f for r in first for f in r.finished)
     # A run killed inside batch 2: whole batches are kept, the torn one is regenerated.
     path = tmp_path / "a.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:7]) + lines[7][: len(lines[7]) // 2])
     resumed = generate_responses(model, tokenizer, prompts, SETTINGS, path, **quiet)
-    assert [r["responses"] for r in resumed] == [r["responses"] for r in first]
+    assert [r.responses for r in resumed] == [r.responses for r in first]
     assert len(path.read_text().splitlines()) == len(prompts), "no record lost or duplicated"
 
 
@@ -125,9 +126,9 @@ def test_long_prompts_keep_their_end_and_are_counted(workspace, tmp_path):
     limit = sorted(len(ids) for ids in full)[len(full) // 2]  # about half the prompts are longer
     settings = replace(SETTINGS, max_prompt_length=limit)
     records = generate_responses(model, tokenizer, prompts, settings, tmp_path / "g.jsonl", log=lambda *_: None)
-    assert [r["prompt_truncated"] for r in records] == [len(ids) > limit for ids in full]
-    assert 0 < sum(r["prompt_truncated"] for r in records) < len(records)
-    assert all(r["prompt_ids"] == ids[-limit:] for r, ids in zip(records, full, strict=True))
+    assert [r.prompt_truncated for r in records] == [len(ids) > limit for ids in full]
+    assert 0 < sum(r.prompt_truncated for r in records) < len(records)
+    assert all(r.prompt_ids == ids[-limit:] for r, ids in zip(records, full, strict=True))
 
 
 # --------------------------------------------------------------------------- stand-in vLLM
@@ -240,12 +241,12 @@ def test_vllm_records_have_the_hf_layout_and_the_prompt_ids_reach_the_engine(wor
 
     model = AutoModelForCausalLM.from_pretrained(root / "model")
     hf_records = generate_responses(model, tokenizer, prompts, SETTINGS, tmp_path / "hf.jsonl", log=lambda *_: None)
-    assert [r["index"] for r in records] == list(range(len(prompts)))
+    assert [r.index for r in records] == list(range(len(prompts)))
     for ours, hf in zip(records, hf_records, strict=True):
-        assert set(ours) == set(hf)
-        assert ours["prompt_ids"] == hf["prompt_ids"] and ours["location"] == hf["location"]
-        assert len(ours["responses"]) == SETTINGS.responses_per_prompt
-        for response, finished in zip(ours["responses"], ours["finished"], strict=True):
+        assert set(ours.to_json()) == set(hf.to_json())
+        assert ours.prompt_ids == hf.prompt_ids and ours.location == hf.location
+        assert len(ours.responses) == SETTINGS.responses_per_prompt
+        for response, finished in zip(ours.responses, ours.finished, strict=True):
             assert 1 <= len(response) <= SETTINGS.max_new_tokens
             assert finished == (response[-1] == tokenizer.eos_token_id)
     engine, *calls, shutdown, deleted = fake_vllm
@@ -254,7 +255,7 @@ def test_vllm_records_have_the_hf_layout_and_the_prompt_ids_reach_the_engine(wor
     # 10 prompts in batches of 3; calls of >= 4 prompts: batches {0,1}, {2,3}.
     assert [len(c[1]) for c in calls] == [6, 4]
     sent = {tuple(ids) for c in calls for ids in c[1]}
-    assert sent == {tuple(r["prompt_ids"]) for r in records}
+    assert sent == {tuple(r.prompt_ids) for r in records}
     params = [p for c in calls for p in c[2]]
     assert len({p.seed for p in params}) == len(prompts), "one seed per prompt"
     child_seeds = [p.seed + k for p in params for k in range(p.n)]  # vLLM's seeds for the n samples
@@ -291,7 +292,7 @@ def test_the_adapter_reaches_the_vllm_engine(workspace, fake_vllm, tmp_path):
     assert requests == {str(root / "adapter")}
     without = generate_responses_vllm(root / "model", tokenizer, prompts, SETTINGS, tmp_path / "b.jsonl",
                                       log=lambda *_: None)  # fmt: skip
-    assert [r["responses"] for r in with_adapter] != [r["responses"] for r in without]
+    assert [r.responses for r in with_adapter] != [r.responses for r in without]
 
 
 def test_a_qlora_policy_samples_from_an_nf4_base_in_vllm(workspace, fake_vllm, tmp_path):
@@ -323,9 +324,11 @@ def test_pipeline_generates_with_vllm_before_loading_the_policy(workspace, fake_
         "spa": {"iterations": 1, "tau_window": 4, "alpha_warmup": 0.0},
     }  # fmt: skip
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    real_load_policy = pipeline.load_policy
+    from selfee_fast import roles
+
+    real_load_policy = roles.load_policy
     monkeypatch.setattr(
-        pipeline, "load_policy", lambda *a, **k: (fake_vllm.append(("load_policy",)), real_load_policy(*a, **k))[1]
+        roles, "load_policy", lambda *a, **k: (fake_vllm.append(("load_policy",)), real_load_policy(*a, **k))[1]
     )
     monkeypatch.setenv("SELFEE_FAST_BACKEND", "torch")
     pipeline.run_pipeline(load_config(tmp_path / "run.yaml"), log=lambda *_: None)
@@ -351,7 +354,7 @@ def test_pipeline_generates_with_vllm_before_loading_the_policy(workspace, fake_
 
 
 def test_vllm_backend_without_vllm_is_refused_up_front(workspace, tmp_path, monkeypatch):
-    from selfee_fast.pipeline import check_config
+    from selfee_fast.preflight import preflight as check_config
 
     root, _, _ = workspace
     real_find_spec = importlib.util.find_spec
@@ -366,7 +369,7 @@ def test_vllm_backend_without_vllm_is_refused_up_front(workspace, tmp_path, monk
         check_config(load_config(tmp_path / "c.yaml"))
     config["generation"]["backend"] = "sglang"
     (tmp_path / "d.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(ConfigError, match="'hf' or 'vllm'"):
+    with pytest.raises(ConfigError, match=r"generation\.backend must be one of \('hf', 'vllm'\)"):
         check_config(load_config(tmp_path / "d.yaml"))
 
 
@@ -381,5 +384,5 @@ def test_real_vllm_adapter_changes_samples(workspace, tmp_path):
     again = generate_responses_vllm(root / "model", tokenizer, prompts, settings, tmp_path / "b2.jsonl", **kwargs)
     tuned = generate_responses_vllm(root / "model", tokenizer, prompts, settings, tmp_path / "t.jsonl",
                                     adapter_path=root / "adapter", **kwargs)  # fmt: skip
-    assert [r["responses"] for r in base] == [r["responses"] for r in again], "seeded per prompt: reproducible"
-    assert [r["responses"] for r in tuned] != [r["responses"] for r in base], "the adapter changed the samples"
+    assert [r.responses for r in base] == [r.responses for r in again], "seeded per prompt: reproducible"
+    assert [r.responses for r in tuned] != [r.responses for r in base], "the adapter changed the samples"

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from selfee_fast import models
+from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
 from selfee_fast.judge import _pair_of, score_responses
-from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.records import Generation
 
 pytestmark = pytest.mark.usefixtures("chunked_backend")
 
@@ -75,13 +76,13 @@ def test_reference_choices(lora_model, tmp_path):
 
 
 def test_pair_choice_and_ties():
-    record = {"prompt": [], "prompt_ids": [1], "responses": [[2], [3], [4]], "texts": ["a", "b", "c"],
-              "index": 0, "location": "x:1"}  # fmt: skip
+    record = Generation(index=0, location="x:1", prompt=[], prompt_ids=[1], responses=[[2], [3], [4]],
+                        texts=["a", "b", "c"], finished=[True] * 3)  # fmt: skip
     pair = _pair_of(record, policy=[-1.0, -3.0, -2.0], ref=[0.0, 0.0, 0.0], beta=0.1)
-    assert (pair["chosen_ids"], pair["rejected_ids"]) == ([2], [3])
-    assert pair["confidence"] == pytest.approx(1 / (1 + math.exp(-0.2)))
+    assert (pair.chosen_ids, pair.rejected_ids) == ([2], [3])
+    assert pair.confidence == pytest.approx(1 / (1 + math.exp(-0.2)))
     tie = _pair_of(record, policy=[-1.0, -1.0, -1.0], ref=[0.0, 0.0, 0.0], beta=0.1)
-    assert (tie["chosen_ids"], tie["rejected_ids"]) == ([2], [3]) and tie["confidence"] == 0.5
+    assert (tie.chosen_ids, tie.rejected_ids) == ([2], [3]) and tie.confidence == 0.5
 
 
 def test_judge_resumes_from_a_partial_file(lora_model, tmp_path):
@@ -89,15 +90,16 @@ def test_judge_resumes_from_a_partial_file(lora_model, tmp_path):
 
     model, tokenizer = lora_model
     generations = [
-        {"index": i, "location": f"p:{i}", "prompt": [{"role": "user", "content": "x"}], "prompt_ids": [5, 6 + i],
-         "responses": [[8, 9, 2], [10 + i, 2]], "texts": ["a", "b"]}
+        Generation(index=i, location=f"p:{i}", prompt=[{"role": "user", "content": "x"}], prompt_ids=[5, 6 + i],
+                   responses=[[8, 9, 2], [10 + i, 2]], texts=["a", "b"], finished=[True, True])
         for i in range(7)
     ]  # fmt: skip
     whole = judge_generations(model, tokenizer, generations, tmp_path / "whole.jsonl", batch_prompts=3, log=print)
     assert not (tmp_path / "whole.jsonl.partial").exists()
     # A kill after the first batch, mid-way through writing the second: one complete batch and a torn line.
     partial = tmp_path / "resumed.jsonl.partial"
-    lines = [json.dumps({**p, "batch": 0}) for p in whole[:3]] + [json.dumps({**whole[3], "batch": 1})[:25]]
+    lines = [json.dumps({**p.to_json(), "batch": 0}) for p in whole[:3]]
+    lines.append(json.dumps({**whole[3].to_json(), "batch": 1})[:25])
     partial.write_text("\n".join(lines))
     messages = []
     resumed = judge_generations(model, tokenizer, generations, tmp_path / "resumed.jsonl", batch_prompts=3,

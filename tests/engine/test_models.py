@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from selfee_fast import models
-from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
 
 CORPUS = ["the cat sat on the mat", "add 2 and 3 to get 5", "hello world", "a list: 1, 2, 3"] * 10
 
@@ -218,7 +218,7 @@ def test_packing_probe_refuses_architectures_that_attend_across_sequences(tmp_pa
     problem = models.packing_problem(opt_model)
     assert problem is not None and problem.startswith("opt (") and "does not keep packed sequences apart" in problem
     from selfee_fast.config import ConfigError, load_config
-    from selfee_fast.pipeline import check_packing
+    from selfee_fast.roles import check_packing
 
     with pytest.raises(ConfigError, match=r"model\.packing: opt .* set model\.packing=false"):
         check_packing(load_config(None, ["model.packing=true"]), opt_model)

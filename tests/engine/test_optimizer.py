@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from selfee_fast.config import ConfigError, load_config
-from selfee_fast.pipeline import check_config
+from selfee_fast.preflight import check_libraries
+from selfee_fast.runtime import resolve_runtime
 from selfee_fast.train import eight_bit_optimizer_problem
 
 bnb = pytest.importorskip("bitsandbytes", reason="the 8-bit optimizers come from bitsandbytes")
@@ -31,5 +32,7 @@ def test_config_refuses_an_unusable_8bit_optimizer_on_a_gpu(tmp_path, monkeypatc
     overrides = ["model.path=/m", "model.device=cuda", "data.seed_pairs=s.jsonl", "data.prompt_pools=[p.jsonl]",
                  "spa.iterations=1"]  # fmt: skip
     with pytest.raises(ConfigError, match=r"bitsandbytes cannot run on cuda \(OSError.*use train\.optimizer=adamw"):
-        check_config(load_config(None, overrides))
-    check_config(load_config(None, [*overrides, "train.optimizer=adamw"]))  # fp32 AdamW needs no probe
+        config = load_config(None, overrides)
+        check_libraries(config, resolve_runtime(config))
+    config = load_config(None, [*overrides, "train.optimizer=adamw"])
+    check_libraries(config, resolve_runtime(config))  # fp32 AdamW needs no probe

@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from selfee_fast.config import ConfigError, load_config
+from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
 from selfee_fast.pipeline import run_pipeline
-from selfee_fast.tiny import build_tiny_llama, build_tokenizer
 
 WORDS = "the cat dog sat ran on a mat log big small red blue one two three".split()
 
@@ -179,16 +179,16 @@ def test_no_seed_mode_starts_from_the_model_and_judges_against_a_base(workspace,
 def test_a_single_step_is_held_to_the_stage_configuration(workspace):
     """`selfee-fast generate/judge/train --stage` refuse a stage begun with another configuration."""
     from selfee_fast.cli import main
-    from selfee_fast.pipeline import claim_stage
+    from selfee_fast.pipeline import claim_stage, parse_stage
 
     config = load_config(write_config(workspace, "run"))
-    claim_stage(config, "iter1")  # the configuration it ran with: accepted
+    claim_stage(config, parse_stage(config, "iter1"), "")  # the configuration it ran with: accepted
     changed = write_config(workspace, "run", generation__temperature=1.5)
-    with pytest.raises(ConfigError, match=r"iter1 was started with another configuration"):
-        claim_stage(load_config(changed), "iter1")
+    with pytest.raises(ConfigError, match=r"iter1 was started with another configuration .*generation\.temperature"):
+        claim_stage(load_config(changed), parse_stage(config, "iter1"), "")
     assert main(["generate", str(changed), "--stage", "iter1"]) == 2
     fresh = load_config(write_config(workspace, "steps"), ["spa.iterations=1"])
-    claim_stage(fresh, "stage0")
+    claim_stage(fresh, parse_stage(fresh, "stage0"), "")
     assert (workspace / "steps" / "stage0" / "started.json").exists(), "recorded for a later `run`"
 
 
@@ -201,7 +201,7 @@ def test_unknown_config_key_suggests_the_nearest(workspace):
         run_pipeline(load_config(write_config(workspace, "bad"), ["spa.iterations=3"]))
     with pytest.raises(ConfigError, match=r"train\.lr must be a positive number, got nan"):
         run_pipeline(load_config(write_config(workspace, "bad"), ["train.lr=nan"]))
-    with pytest.raises(ConfigError, match=r"train\.batch_size \(0\) must be a positive multiple"):
+    with pytest.raises(ConfigError, match=r"train\.batch_size must be >= 1, got 0"):
         run_pipeline(load_config(write_config(workspace, "bad"), ["train.batch_size=0"]))
     with pytest.raises(ConfigError, match=r"model\.attention must be one of \('auto', 'sdpa'"):
         run_pipeline(load_config(write_config(workspace, "bad"), ["model.attention=flash"]))
@@ -297,7 +297,7 @@ def test_reward_model_judge_baseline(workspace):
     # The fitted model is reused while its settings hold, and fit again when they change.
     from transformers import AutoTokenizer
 
-    from selfee_fast.pipeline import ensure_reward_model
+    from selfee_fast.reward_model import fit_to_seed as ensure_reward_model
 
     tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
     messages = []

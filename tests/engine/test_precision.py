@@ -12,8 +12,8 @@ import torch
 
 from selfee_fast import models
 from selfee_fast.config import load_config
-from selfee_fast.pipeline import autocast_dtype, resolve_device
-from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.runtime import resolve_runtime
 from selfee_fast.train import TrainPair, TrainSettings, train_stage
 
 pytestmark = pytest.mark.usefixtures("chunked_backend")
@@ -33,8 +33,9 @@ pytestmark = pytest.mark.usefixtures("chunked_backend")
 )
 def test_weight_and_compute_dtypes(device, dtype, lora_r, weights, compute):
     config = load_config(None, [f"model.device={device}", f"model.dtype={dtype}", f"model.lora_r={lora_r}"])
-    assert resolve_device(config) == (torch.device(device), weights)
-    assert autocast_dtype(config) == compute
+    runtime = resolve_runtime(config)
+    assert (runtime.device, runtime.weight_dtype) == (torch.device(device), weights)
+    assert runtime.autocast_dtype == compute
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_fp32_master_weights_take_updates_bf16_weights_lose(tiny_model_dir, tmp_
 
 
 def test_a_bf16_frozen_copy_computes_what_the_fp32_policy_computes_under_autocast(tiny_model_dir):
-    from selfee_fast.pipeline import frozen_copy
+    from selfee_fast.roles import frozen_copy
 
     model, tokenizer = models.load_model(tiny_model_dir, dtype=torch.float32, gradient_checkpointing=False)
     reference = frozen_copy(model, torch.bfloat16)

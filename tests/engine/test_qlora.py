@@ -9,8 +9,9 @@ import yaml
 
 from selfee_fast import models
 from selfee_fast.config import ConfigError, load_config
-from selfee_fast.pipeline import check_config, run_pipeline
-from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.pipeline import run_pipeline
+from selfee_fast.preflight import preflight
 
 pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
 pytestmark = pytest.mark.usefixtures("chunked_backend")
@@ -88,4 +89,4 @@ def test_qlora_config_errors(workspace, overrides, message):
     base = [f"model.path={workspace / 'model'}", "model.quantization=4bit", f"data.seed_pairs={workspace / 'seed.jsonl'}",
             f"data.prompt_pools=[{workspace / 'pool.jsonl'}]", "spa.iterations=1"]  # fmt: skip
     with pytest.raises(ConfigError, match=message):
-        check_config(load_config(None, [*base, *overrides]))
+        preflight(load_config(None, [*base, *overrides]))

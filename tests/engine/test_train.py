@@ -8,7 +8,7 @@ import torch
 
 import selfee_fast.train as train_module
 from selfee_fast import models
-from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
 from selfee_fast.train import TrainPair, TrainSettings, train_stage
 
 pytestmark = pytest.mark.usefixtures("chunked_backend")

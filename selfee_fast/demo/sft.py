@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .data import next_token_targets, padding_id, prompt_ids, response_ids, right_pad
-from .files import folder_written_atomically
-from .logprobs import linear_logprobs
-from .models import lm_head
-from .train import cosine_with_warmup, response_mask
+from ..data import next_token_targets, padding_id, prompt_ids, response_ids, right_pad
+from ..files import folder_written_atomically
+from ..logprobs import linear_logprobs
+from ..models import lm_head
+from ..train import cosine_with_warmup, response_mask
 
 
 @dataclass

@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from selfee_fast.sft import SFTSettings, save_model, sft
-from selfee_fast.tiny import build_tiny_llama, build_tokenizer
+from selfee_fast.demo.sft import SFTSettings, save_model, sft
+from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("chunked_backend")
 

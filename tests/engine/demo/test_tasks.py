@@ -6,8 +6,8 @@ import re
 import pytest
 
 from selfee_fast import data
-from selfee_fast.tasks import SPLITS, ListOps, Task, TaskError, gold_label_pairs, load_task, split_of
-from selfee_fast.tiny import build_tokenizer
+from selfee_fast.demo.tasks import SPLITS, ListOps, Task, TaskError, gold_label_pairs, load_task, split_of
+from selfee_fast.demo.tiny import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,8 @@ def test_tokenizer_round_trip(task, tokenizer, pool):
 
 
 def test_load_task_by_path_and_short_name():
-    assert load_task("selfee_fast.tasks:ListOps") == ListOps()
+    assert load_task("selfee_fast.demo.tasks:ListOps") == ListOps()
+    assert load_task("selfee_fast.tasks:ListOps") == ListOps(), "the spec of earlier releases still loads"
     assert load_task("listops") == ListOps()
     assert load_task(" ListOps ") == ListOps()
 

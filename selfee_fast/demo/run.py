@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from . import models
-from .config import DataConfig, GenerationConfig, ModelConfig, RunConfig, SPAConfig, TrainConfig, save_config
-from .data import PromptRecord
-from .files import write_json_atomic, write_jsonl_atomic
-from .generate import GenerationSettings, generate_responses
-from .pipeline import run_pipeline
+from .. import models
+from ..config import DataConfig, GenerationConfig, ModelConfig, RunConfig, SPAConfig, TrainConfig, save_config
+from ..data import PromptRecord
+from ..files import write_json_atomic, write_jsonl_atomic
+from ..generate import GenerationSettings, generate_responses
+from ..pipeline import run_pipeline
+from ..records import read_pairs
 from .sft import SFTSettings, save_model, sft
 from .tasks import gold_label_pairs, load_task
 from .tiny import build_tiny_llama, build_tokenizer
@@ -115,10 +116,7 @@ def make_seed_pairs(task, pi_init: Path, prompts: list[str], out: Path, scale: D
         seed=seed,
         log=log,
     )
-    records = [
-        {"prompt": g["prompt"][-1]["content"], "response_a": g["texts"][0], "response_b": g["texts"][1]}
-        for g in generations
-    ]
+    records = [{"prompt": g.prompt_text, "response_a": g.texts[0], "response_b": g.texts[1]} for g in generations]
     # An empty answer is not a usable preference (the data loader refuses it): count, then drop.
     usable = [r for r in records if r["response_a"].strip() and r["response_b"].strip()]
     pairs, report = gold_label_pairs(task, usable)
@@ -184,7 +182,7 @@ def evaluate(
             seed=seed + 17,
             log=lambda *_: None,
         )
-        gold = [task.gold(g["prompt"][-1]["content"], g["texts"][0]) for g in generations]
+        gold = [task.gold(g.prompt_text, g.texts[0]) for g in generations]
         scores[stage] = gold
         base = scores["pi_init"]
         row = {
@@ -192,7 +190,7 @@ def evaluate(
             "gold_reward": sum(gold) / len(gold),
             "win_rate_vs_init": sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(gold, base, strict=True))
             / len(gold),
-            "response_tokens": sum(len(g["responses"][0]) for g in generations) / len(generations),
+            "response_tokens": sum(len(g.responses[0]) for g in generations) / len(generations),
         }
         if stage.startswith("iter"):
             row.update(label_quality(task, run_dir / stage))
@@ -203,14 +201,12 @@ def evaluate(
 
 def label_quality(task, stage_dir: Path) -> dict:
     """Self-made labels against gold, and SPA's noise flags against the truly wrong labels."""
-    pairs = [json.loads(line) for line in (stage_dir / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    pairs = read_pairs(stage_dir / "pairs.jsonl")
     wrong: dict[str, bool] = {}
     for p in pairs:
-        prompt = p["prompt"][-1]["content"]
-        chosen = task.gold(prompt, p["chosen"][-1]["content"])
-        rejected = task.gold(prompt, p["rejected"][-1]["content"])
+        chosen, rejected = task.gold(p.prompt_text, p.chosen_text), task.gold(p.prompt_text, p.rejected_text)
         if chosen != rejected:  # a tie has no right label
-            wrong[p["location"]] = chosen < rejected
+            wrong[p.location] = chosen < rejected
     flags: dict[str, bool] = {}
     flags_path = stage_dir / "train" / "flags.jsonl"
     if flags_path.exists():

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from selfee_fast.demo import QUICK, run_demo
-from selfee_fast.tasks import load_task
+from selfee_fast.demo.tasks import load_task
 
 pytestmark = pytest.mark.usefixtures("chunked_backend")
 

@@ -1,0 +1,72 @@
+"""Everything a run needs, checked before any model loads or anything is written.
+
+`preflight(config)` checks the config's values (`config.check_values`), the libraries and
+hardware the chosen options need, the model folders, and every data file the run will read
+(present, decodable, each record valid or counted as skipped, none empty); it returns the
+run's `Runtime`. Errors name the key, file or line at fault.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from . import models
+from .config import ConfigError, RunConfig, check_values
+from .data import DataError, load_preferences, load_prompts
+from .runtime import Runtime, resolve_runtime
+
+
+def preflight(config: RunConfig, *, check_data: bool = True) -> Runtime:
+    check_values(config)
+    runtime = resolve_runtime(config)
+    check_libraries(config, runtime)
+    check_model_folders(config)
+    if check_data:
+        check_data_files(config)
+    return runtime
+
+
+def check_libraries(config: RunConfig, runtime: Runtime) -> None:
+    have_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+    if config.model.quantization != "none" and not have_bitsandbytes:
+        raise ConfigError("model.quantization=4bit needs bitsandbytes: pip install bitsandbytes")
+    optimizer = config.train.optimizer
+    if optimizer != "adamw" and not have_bitsandbytes:
+        raise ConfigError(f"train.optimizer={optimizer!r} needs bitsandbytes: pip install bitsandbytes, or use adamw")
+    if optimizer != "adamw" and runtime.device.type == "cuda":
+        from .train import eight_bit_optimizer_problem
+
+        problem = eight_bit_optimizer_problem(runtime.device)
+        if problem:
+            raise ConfigError(
+                f"train.optimizer={optimizer!r}: bitsandbytes cannot run on {runtime.device} ({problem}); "
+                "install a bitsandbytes built for this CUDA, or use train.optimizer=adamw"
+            )
+    if config.generation.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("generation.backend='vllm' needs vLLM: pip install 'selfee-fast[vllm]', or use 'hf'")
+
+
+def check_model_folders(config: RunConfig) -> None:
+    for key in ("path", "judge_base"):
+        path = getattr(config.model, key)
+        if path:
+            try:
+                models.check_model_dir(path)
+            except FileNotFoundError as error:
+                raise ConfigError(f"model.{key}: {error}") from None
+
+
+def check_data_files(config: RunConfig) -> None:
+    """Read every data file the run uses, as the run will; a file with nothing usable is refused."""
+    skip = config.data.skip_invalid
+    files = [("data.seed_pairs", config.data.seed_pairs, load_preferences)] if config.data.seed_pairs else []
+    for i, pool in enumerate(config.data.prompt_pools[: config.spa.iterations]):
+        files.append((f"data.prompt_pools[{i}]", pool, load_prompts))
+    for key, path, load in files:
+        try:
+            _, report = load(path, skip_invalid=skip)
+        except (DataError, FileNotFoundError) as error:
+            raise ConfigError(f"{key}: {error}") from None
+        if report.used == 0:
+            what = "preference pairs" if load is load_preferences else "prompts"
+            raise ConfigError(f"{key}: {path} holds no usable {what} ({report.summary()})")
