@@ -46,7 +46,10 @@ class ModelConfig:
     device: str = "auto"
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.0  # needs disable_dropout: false
+    # Every dropout off in every role's forward (TRL's disable_dropout, on by default there too):
+    # policy and reference then agree at step 1 and the judge is deterministic.
+    disable_dropout: bool = True
     lora_target_modules: str = "all-linear"
     gradient_checkpointing: bool = True
     # none | 4bit: QLoRA, the frozen base stored in NF4 by bitsandbytes (4 bits per weight plus
@@ -68,6 +71,9 @@ class DataConfig:
     max_length: int = 2048
     max_prompt_length: int = 1024
     skip_invalid: bool = False
+    # A system turn put before every prompt whose chat template takes one; null: none. The
+    # official SPA code inserts an empty one (""), as the alignment-handbook does.
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -85,7 +91,7 @@ class GenerationConfig:
 @dataclass
 class TrainConfig:
     beta: float = 0.1
-    lr: float = 5e-7
+    lr: float | None = None  # null: per mode, see effective_lr (the paper's 5e-7 for full fine-tuning)
     warmup_ratio: float = 0.1
     batch_size: int = 32
     micro_batch_size: int = 4
@@ -96,6 +102,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     save_every: int = 100
     loss_type: str = "sigmoid"
+    # Ours, off by default: + nll_alpha * the chosen response's per-token NLL (iterative RPO, Pang et
+    # al. 2024), against likelihood displacement (log pi(chosen) falling while the margin grows).
+    nll_alpha: float = 0.0
 
 
 @dataclass
@@ -111,6 +120,16 @@ class SPAConfig:
     judge: str = "implicit"  # implicit (SPA) | reward_model (the paper's baseline: a reward model fit to the seed)
     reward_model_epochs: int = 3
     reward_model_lr: float = 1e-3
+    # Options of ours for iteration-stable self-annotation (docs/RESULTS.md measures each):
+    # judge_reward: sum (the paper: beta * summed log-ratio) | mean (per response token: no
+    # length bias, and one rare token cannot dominate a long response's reward)
+    judge_reward: str = "sum"
+    # A pair whose two responses are identical carries no preference; the official code trains
+    # on it (zero gradient, but it dilutes the batch and fills tau's window with zeros).
+    keep_identical_pairs: bool = False
+    # Seed (gold) pairs mixed into each iteration's training, as a fraction of its self-labelled
+    # pairs (the experience replay of DICE, Chen et al. 2024); 0: the paper's self-labelled data only.
+    seed_replay: float = 0.0
 
 
 @dataclass
@@ -144,6 +163,7 @@ CHOICES = {
     "train.loss_type": LOSS_TYPES,
     "spa.judge_reference": ("init", "previous", "none"),
     "spa.judge": ("implicit", "reward_model"),
+    "spa.judge_reward": ("sum", "mean"),
 }
 
 
@@ -179,7 +199,8 @@ RANGES: dict[str, tuple[Callable, str]] = {
     "generation.responses_per_prompt": (_at_least(2), ">= 2 to form a pair"),
     "generation.batch_size": (_at_least(1), ">= 1"),
     "train.beta": (_finite(0, open_low=True), "> 0 (the judge's labels and the loss both scale by it)"),
-    "train.lr": (_finite(0, open_low=True), "a positive number"),
+    "train.lr": (lambda v: v is None or _finite(0, open_low=True)(v), "a positive number or null (the mode's default)"),
+    "train.nll_alpha": (_finite(0), ">= 0"),
     "train.warmup_ratio": (_finite(0, 1), "in [0, 1]"),
     "train.batch_size": (_at_least(1), ">= 1"),
     "train.micro_batch_size": (_at_least(1), ">= 1"),
@@ -195,7 +216,32 @@ RANGES: dict[str, tuple[Callable, str]] = {
     "spa.tau_window": (_at_least(2), ">= 2 (a percentile of one margin is no threshold)"),
     "spa.reward_model_epochs": (_at_least(1), ">= 1"),
     "spa.reward_model_lr": (_finite(0, open_low=True), "> 0"),
+    "spa.seed_replay": (_finite(0, 10), "in [0, 10]"),
 }
+
+# The learning rate when train.lr is null. The paper's 5e-7 is for full fine-tuning; a LoRA
+# adapter barely moves at it, so LoRA takes the alignment-handbook's QLoRA DPO recipe's 5e-6.
+PAPER_LR = 5e-7
+LORA_LR = 5e-6
+
+
+def effective_lr(config: RunConfig) -> float:
+    if config.train.lr is not None:
+        return config.train.lr
+    return PAPER_LR if config.model.lora_r == 0 else LORA_LR
+
+
+def lr_note(config: RunConfig) -> str | None:
+    """What the run says about its learning rate: which default it took, or a warning."""
+    lr, lora = effective_lr(config), config.model.lora_r > 0
+    if config.train.lr is None:
+        mode = "LoRA (the paper's 5e-7 is for full fine-tuning)" if lora else "full fine-tuning (the paper's)"
+        return f"train.lr: {lr:g}, the default for {mode}"
+    if lora and lr < 1e-6:
+        return (
+            f"warning: train.lr={lr:g} with LoRA: an adapter barely moves below 1e-6 (the LoRA default is {LORA_LR:g})"
+        )
+    return None
 
 
 def setting(config: RunConfig, key: str):
@@ -237,10 +283,14 @@ def check_values(config: RunConfig) -> None:
         )
     if not d.seed_pairs and spa.iterations == 0:
         raise ConfigError("nothing to do: no data.seed_pairs and spa.iterations=0")
+    if spa.seed_replay and not d.seed_pairs:
+        raise ConfigError("spa.seed_replay mixes seed pairs into the iterations: set data.seed_pairs")
     if spa.judge == "reward_model" and not d.seed_pairs:
         raise ConfigError("spa.judge=reward_model fits the reward model to data.seed_pairs: set them")
     if config.model.quantization != "none" and config.model.lora_r == 0:
         raise ConfigError("model.quantization=4bit trains LoRA adapters on a frozen base: set model.lora_r > 0")
+    if config.model.lora_dropout > 0 and config.model.disable_dropout:
+        raise ConfigError("model.lora_dropout > 0 has no effect while model.disable_dropout is true: set one of them")
     if spa.refine and t.loss_type in ("ipo", "hinge"):
         raise ConfigError(
             f"self-refinement smooths labels, which train.loss_type={t.loss_type!r} has not: use sigmoid or robust, or spa.refine=false"

@@ -22,7 +22,7 @@ import json
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -265,6 +265,27 @@ def prompt_ids(tokenizer, messages: Messages) -> list[int]:
     if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id, *ids]
     return ids
+
+
+def takes_system_turn(tokenizer) -> bool:
+    """Whether the chat template refers to a system role (the official SPA code's test, from the alignment-handbook)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return "system" in template or "<|im_start|>" in template
+
+
+def with_system_prompt(records: list, system_prompt: str | None, tokenizer) -> list:
+    """Records whose prompt starts with a system turn holding `system_prompt` (None: as they are).
+
+    The official code inserts an empty system turn ("") for templates that take one; a
+    record that brings its own system turn keeps it, and a template without a system role
+    gets none.
+    """
+    if system_prompt is None or not takes_system_turn(tokenizer):
+        return records
+    system = {"role": "system", "content": system_prompt}
+    return [
+        r if r.prompt and r.prompt[0]["role"] == "system" else replace(r, prompt=[system, *r.prompt]) for r in records
+    ]
 
 
 def response_ids(tokenizer, text: str) -> list[int]:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .batching import BatchLimit, split_on_oom
 from .config import RunConfig
-from .data import PromptRecord, padding_id, prompt_ids
+from .data import PromptRecord, padding_id, prompt_ids, with_system_prompt
 from .files import append_batch, complete_batches
 from .records import Generation, read_generations
 
@@ -48,6 +48,7 @@ class GenerationSettings:
     batch_size: int = 16
     seed: int = 0
     max_prompt_length: int | None = None  # longer prompts keep their last tokens (counted)
+    system_prompt: str | None = None  # a system turn for templates that take one (data.with_system_prompt)
 
     @classmethod
     def for_iteration(cls, config: RunConfig, iteration: int) -> GenerationSettings:
@@ -55,7 +56,8 @@ class GenerationSettings:
         section = {
             f.name: getattr(config.generation, f.name) for f in fields(cls) if hasattr(config.generation, f.name)
         }
-        return cls(**section, seed=config.seed * 1000 + iteration, max_prompt_length=config.data.max_prompt_length)
+        return cls(**section, seed=config.seed * 1000 + iteration, max_prompt_length=config.data.max_prompt_length,
+                   system_prompt=config.data.system_prompt)  # fmt: skip
 
 
 # Fields of a model's generation_config.json that change what `model.generate` samples
@@ -125,6 +127,7 @@ def generate_responses(
     master weights of full fine-tuning would otherwise generate in fp32).
     """
     out_path = Path(out_path)
+    prompts = with_system_prompt(prompts, settings.system_prompt, tokenizer)
     all_prompt_ids, truncated, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
     stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
     report_ignored_model_sampling(getattr(model, "generation_config", None), log)
@@ -321,6 +324,7 @@ def generate_responses_vllm(
     except ImportError as error:
         raise ImportError("generation.backend='vllm' needs vLLM: pip install 'selfee-fast[vllm]'") from error
     out_path, model_path = Path(out_path), Path(model_path)
+    prompts = with_system_prompt(prompts, settings.system_prompt, tokenizer)
     all_prompt_ids, truncated, plan, done = prepare(tokenizer, prompts, settings, out_path, log)
     generation_config = saved_generation_config(model_path)
     stop_ids = stop_token_ids(generation_config, tokenizer)

@@ -95,10 +95,12 @@ def judge_generations(
     batch_prompts: int = 16,
     autocast_dtype: torch.dtype | None = None,
     packing: bool = False,
+    reward: str = "sum",
     log=print,
 ) -> list[JudgedPair]:
     """Turn generations into preference pairs; write them (TRL format plus scores) atomically.
 
+    `reward`: "sum" (the paper's summed log-ratio) or "mean" (per response token).
     `autocast_dtype`: run the scoring under torch.autocast, as training does (its stored
     log pi_{i-1} serves as the training reference). `packing`: each batch as one packed row. Judged batches are appended to
     `<out_path>.partial` as they finish, so a killed judge
@@ -142,7 +144,10 @@ def judge_generations(
                 ]
             else:
                 scores = split_on_oom(score, items, what=f"judge batch {number}", log=log, limit=limit)
-                judged = [_pair_of(r, policy, ref, beta) for r, (policy, ref) in zip(batch, scores, strict=True)]
+                judged = [
+                    _pair_of(r, policy, ref, beta, per_token=reward == "mean")
+                    for r, (policy, ref) in zip(batch, scores, strict=True)
+                ]
             append_batch(out, [{**pair.to_json(), "batch": number} for pair in judged])
     model.train(was_training)
     pairs = sorted(read_jsonl(partial_path, JudgedPair.from_json), key=lambda p: p.index)
@@ -156,9 +161,12 @@ def judge_generations(
 
 
 def _pair_of(
-    generation: Generation, policy: list[float], ref: list[float], beta: float, *, policy_known: bool = True
-) -> JudgedPair:
+    generation: Generation, policy: list[float], ref: list[float], beta: float, *, policy_known: bool = True,
+    per_token: bool = False,
+) -> JudgedPair:  # fmt: skip
     rewards = [beta * (p - r) for p, r in zip(policy, ref, strict=True)]
+    if per_token:
+        rewards = [value / max(1, len(ids)) for value, ids in zip(rewards, generation.responses, strict=True)]
     best = max(range(len(rewards)), key=lambda k: (rewards[k], -k))  # ties: the first response
     worst = min((k for k in range(len(rewards)) if k != best), key=lambda k: (rewards[k], k))
     margin = rewards[best] - rewards[worst]

@@ -68,8 +68,13 @@ def load_model(
     gradient_checkpointing: bool = True,
     quantization: str = "none",
     attention: str | None = "auto",
+    disable_dropout: bool = True,
 ):
     """Load (model, tokenizer) from a local folder; with `lora`, add a trainable policy adapter.
+
+    `disable_dropout` (TRL's default, and the official SPA code's through TRL): every dropout
+    of the model and its adapters off, so that policy and reference compute the same
+    function at the first step (DPO's loss is then exactly log 2) and the judge is deterministic.
 
     `attention`: transformers' attention implementation; "auto" is flash-attention 2 on a GPU
     where the flash-attn package is installed (packed batches then cost no extra attention
@@ -129,7 +134,28 @@ def load_model(
             model = get_peft_model(model, config, adapter_name=POLICY_ADAPTER)
         if gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+    if disable_dropout:
+        turn_off_dropout(model)
     return model, tokenizer
+
+
+# Float attributes through which transformers' attention classes apply dropout in training
+# (e.g. Llama's `attention_dropout`, OPT's `dropout`): not nn.Dropout modules.
+DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_p", "attn_pdrop", "resid_pdrop")
+
+
+def turn_off_dropout(model) -> None:
+    """Every dropout off: nn.Dropout modules (peft's LoRA dropout included), functional attention dropout, the config's rates."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name, value in (config.to_dict() if config is not None else {}).items():
+        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+            setattr(config, name, 0.0)
 
 
 def attention_implementation(

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from . import roles
-from .config import LAYOUT_SETTINGS, ConfigError, RunConfig, SPAConfig, save_config
-from .data import DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs
+from .config import LAYOUT_SETTINGS, PAPER_LR, ConfigError, RunConfig, SPAConfig, effective_lr, lr_note, save_config
+from .data import DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs, with_system_prompt
 from .files import write_json_atomic
 from .generate import GenerationSettings, generate_responses, generate_stage_vllm
 from .judge import judge_generations
@@ -99,12 +99,18 @@ def stage_inputs(config: RunConfig) -> dict[str, dict]:
     """
     changed = {s: without(changed_settings(getattr(config, s)), *LAYOUT_SETTINGS.get(s, ())) for s in
                ("model", "train", "generation", "spa")}  # fmt: skip
+    # The learning rate counts by its value; every earlier release defaulted to the paper's 5e-7.
+    changed["train"] = without(changed["train"], "lr")
+    if effective_lr(config) != PAPER_LR:
+        changed["train"]["lr"] = effective_lr(config)
     spa = without(changed["spa"], "iterations", "extrapolate")
     if config.spa.judge != "reward_model":
         spa = without(spa, "reward_model_epochs", "reward_model_lr")
     d = config.data
     inputs = {"base": {"model": changed["model"], "seed": config.seed, "data.max_length": d.max_length,
                        "data.max_prompt_length": d.max_prompt_length}}  # fmt: skip
+    if d.system_prompt is not None:
+        inputs["base"]["data.system_prompt"] = d.system_prompt
     if d.seed_pairs:
         inputs["stage0"] = {"data.seed_pairs": d.seed_pairs, "train": without(changed["train"], "iteration_epochs")}
     for i in range(1, config.spa.iterations + 1):
@@ -150,7 +156,10 @@ def stage_record(config: RunConfig, stage: Stage) -> dict:
 def settings_changed(recorded: dict, current: dict) -> str:
     """The settings that differ between two stage records, in words (a setting at its default is absent)."""
     if "inputs" not in recorded:
-        return "this folder's record holds only a fingerprint, so which settings changed is not known"
+        return (
+            "this folder's record holds only a fingerprint, so which settings changed is not known (a LoRA run "
+            "begun with the earlier default learning rate continues with train.lr=5e-7)"
+        )
     changes = []
     for part in recorded["inputs"].keys() | current["inputs"].keys():
         old, new = recorded["inputs"].get(part, {}), current["inputs"].get(part, {})
@@ -185,6 +194,8 @@ def claim_stage(config: RunConfig, stage: Stage, remedy: str) -> None:
 
 def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
     runtime = preflight(config)
+    if lr_note(config):
+        log(lr_note(config))
     prints = stage_fingerprints(config)
     finished = {}
     for stage in stage_list(config):  # every refusal before any work
@@ -253,14 +264,19 @@ def previous_stage_model(config: RunConfig, stage: Stage) -> Path | None:
 # --------------------------------------------------------------------------- stage 0
 
 
-def train_seed_stage(config: RunConfig, runtime: Runtime, model, tokenizer, stage_dir: Path, log) -> dict:
+def seed_train_pairs(config: RunConfig, tokenizer) -> tuple[list[TrainPair], DataReport]:
     records, report = load_preferences(config.data.seed_pairs, skip_invalid=config.data.skip_invalid)
+    records = with_system_prompt(records, config.data.system_prompt, tokenizer)
     tokenized, report = tokenize_pairs(
         tokenizer, records, max_length=config.data.max_length, max_prompt_length=config.data.max_prompt_length,
         report=report,
     )  # fmt: skip
+    return [TrainPair(p.location, p.prompt, p.chosen, p.rejected) for p in tokenized], report
+
+
+def train_seed_stage(config: RunConfig, runtime: Runtime, model, tokenizer, stage_dir: Path, log) -> dict:
+    pairs, report = seed_train_pairs(config, tokenizer)
     log(f"stage0: seed pairs from {config.data.seed_pairs}: {report.summary()}")
-    pairs = [TrainPair(p.location, p.prompt, p.chosen, p.rejected) for p in tokenized]
     settings = TrainSettings.for_stage(config, epochs=config.train.seed_epochs, refine=False, extrapolate=None,
                                        autocast_dtype=runtime.autocast_name)  # fmt: skip
     # Full fine-tuning: pi_init is a frozen model of its own; LoRA: the shared model, adapters off.
@@ -294,7 +310,7 @@ def run_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, toke
     judged = judge(config, runtime, stage, model, tokenizer, generations, log)
     if until == "judge":
         return {}
-    lam = train_iteration(config, runtime, stage, model, tokenizer, judged, log)
+    lam = train_iteration(config, runtime, stage, model, tokenizer, judged, report, log)
     return {"prompts": len(generations), "pairs": len(judged), "lambda": lam, "data": report.summary(),
             "last_metrics": last_metrics(stage_dir / "train" / "metrics.jsonl")}  # fmt: skip
 
@@ -334,22 +350,34 @@ def judge(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, g
     # The same autocast as training: the judge's log pi_{i-1} is reused as the training reference.
     judged = judge_generations(
         model, tokenizer, generations, pairs_path, beta=config.train.beta, judge_reference=reference,
-        base_model=base_model, autocast_dtype=runtime.autocast_dtype, packing=config.model.packing, log=log,
+        base_model=base_model, autocast_dtype=runtime.autocast_dtype, packing=config.model.packing,
+        reward=config.spa.judge_reward, log=log,
     )  # fmt: skip
     roles.drop_reference_adapter(model)  # pi_{i-2}, loaded for the judge only
     return judged
 
 
-def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, judged, log) -> float | None:
+def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, judged, report, log):
     """Train pi_i from pi_{i-1} on the judged pairs with self-refinement; return the lambda used."""
     i, spa = stage.iteration, config.spa
     lam = (iteration_lambda(spa.extrapolate, i) if spa.refine else None) or None
     if spa.refine and spa.extrapolate and i > len(spa.extrapolate):
         log(f"{stage.name}: spa.extrapolate lists {len(spa.extrapolate)} lambdas; iteration {i} runs without DND")
+    kept = [p for p in judged if spa.keep_identical_pairs or p.chosen_ids != p.rejected_ids]
+    if len(kept) < len(judged):
+        report.skipped["pairs of two identical responses"] += len(judged) - len(kept)
     pairs = [
         TrainPair(p.location, p.prompt_ids, p.chosen_ids, p.rejected_ids, p.chosen_logp_policy, p.rejected_logp_policy)
-        for p in judged
+        for p in kept
     ]
+    if spa.seed_replay and config.data.seed_pairs:
+        seed, _ = seed_train_pairs(config, tokenizer)
+        count = round(spa.seed_replay * len(pairs))
+        pairs += [seed[(i * count + k) % len(seed)] for k in range(count)]  # each iteration the next ones
+        log(f"{stage.name}: {count} seed pairs replayed beside {len(kept)} self-labelled ones")
+    if not pairs:
+        log(f"{stage.name}: no pair with two different responses to train on; pi_{i} is pi_{i - 1}")
+        return lam
     settings = TrainSettings.for_stage(config, epochs=config.train.iteration_epochs, refine=spa.refine,
                                        extrapolate=lam, autocast_dtype=runtime.autocast_name)  # fmt: skip
     # Without DND the judge's log pi_{i-1} values are the reference: no reference forward at all.

@@ -25,7 +25,7 @@ def load_policy(config: RunConfig, runtime: Runtime, previous_model: Path | None
     if runtime.full_finetuning:
         model, tokenizer = models.load_model(
             previous_model or config.model.path, dtype=runtime.weight_dtype, device=runtime.device,
-            gradient_checkpointing=config.model.gradient_checkpointing, attention=runtime.attention,
+            gradient_checkpointing=config.model.gradient_checkpointing, attention=runtime.attention, disable_dropout=config.model.disable_dropout,
         )  # fmt: skip
         log(full_finetuning_memory(model, config, runtime))
     else:
@@ -36,7 +36,7 @@ def load_policy(config: RunConfig, runtime: Runtime, previous_model: Path | None
         model, tokenizer = models.load_model(
             config.model.path, dtype=runtime.weight_dtype, device=runtime.device, lora=lora,
             adapter_path=previous_model, gradient_checkpointing=config.model.gradient_checkpointing,
-            quantization=config.model.quantization, attention=runtime.attention,
+            quantization=config.model.quantization, attention=runtime.attention, disable_dropout=config.model.disable_dropout,
         )  # fmt: skip
         if config.model.quantization != "none":
             gib = model.get_memory_footprint() / 2**30
@@ -53,20 +53,20 @@ def load_frozen(config: RunConfig, runtime: Runtime, stage_model: Path | None = 
     if stage_model is not None and (stage_model / "adapter_config.json").exists():
         model, _ = models.load_model(
             config.model.path, dtype=runtime.compute_dtype, device=runtime.device, adapter_path=stage_model,
-            gradient_checkpointing=False, quantization=config.model.quantization, attention=runtime.attention,
+            gradient_checkpointing=False, quantization=config.model.quantization, attention=runtime.attention, disable_dropout=config.model.disable_dropout,
         )  # fmt: skip
     elif runtime.full_finetuning and runtime.autocast_dtype is not None:
         # As frozen_copy: fp32 from disk (on the CPU: no fp32 copy on the GPU), linear layers in bf16.
         model, _ = models.load_model(
             stage_model or config.model.judge_base or config.model.path, dtype=runtime.weight_dtype,
-            device="cpu", gradient_checkpointing=False, attention=runtime.attention,
+            device="cpu", gradient_checkpointing=False, attention=runtime.attention, disable_dropout=config.model.disable_dropout,
         )  # fmt: skip
         model = linear_layers_in(model, runtime.autocast_dtype).to(runtime.device)
     else:
         model, _ = models.load_model(
             stage_model or config.model.judge_base or config.model.path, dtype=runtime.compute_dtype,
             device=runtime.device, gradient_checkpointing=False, quantization=config.model.quantization,
-            attention=runtime.attention,
+            attention=runtime.attention, disable_dropout=config.model.disable_dropout,
         )  # fmt: skip
     check_packing(config, model)
     return model.requires_grad_(False).eval()

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import CHOICES, LAYOUT_SETTINGS, RunConfig
+from .config import CHOICES, LAYOUT_SETTINGS, RunConfig, effective_lr
 from .data import TokenizedPair, collate_pairs, next_token_targets
 from .files import write_text_atomic
 from .loss import NoiseThreshold, spa_loss
@@ -53,6 +53,7 @@ class TrainSettings:
     save_every: int = 100
     seed: int = 0
     loss_type: str = "sigmoid"
+    nll_alpha: float = 0.0  # + nll_alpha * per-token NLL of the chosen responses (iterative RPO)
     # SPA self-refinement; refine=False is plain DPO
     refine: bool = False
     alpha: float = 0.1
@@ -74,7 +75,7 @@ class TrainSettings:
         for section in (config.train, config.spa):
             named.update({f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)})
         return cls(
-            **{**named, "epochs": epochs, "refine": refine, "extrapolate": extrapolate},
+            **{**named, "lr": effective_lr(config), "epochs": epochs, "refine": refine, "extrapolate": extrapolate},
             seed=config.seed, autocast_dtype=autocast_dtype, packing=config.model.packing,
         )  # fmt: skip
 
@@ -139,6 +140,16 @@ def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
 def response_mask(labels: torch.Tensor) -> torch.Tensor:
     """Which per-token log-probs are scored: position t scores labels[t + 1]."""
     return next_token_targets(labels) != -100
+
+
+def chosen_nll(token_logps: torch.Tensor, seq_ids: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """Mean over the chosen responses (sequences 0..P-1) of their per-token negative log-likelihood."""
+    flat, ids = token_logps.reshape(-1), seq_ids.reshape(-1)
+    chosen = (ids >= 0) & (ids < num_pairs)
+    index = torch.where(chosen, ids, num_pairs)  # everything else lands in a discarded slot
+    sums = torch.zeros(num_pairs + 1, dtype=flat.dtype, device=flat.device).index_add(0, index, flat * chosen)
+    counts = torch.zeros(num_pairs + 1, dtype=flat.dtype, device=flat.device).index_add(0, index, chosen.to(flat.dtype))
+    return -(sums[:num_pairs] / counts[:num_pairs].clamp(min=1)).mean()
 
 
 def precomputed_reference(seq_ids: torch.Tensor, values: list[float]) -> torch.Tensor:
@@ -255,23 +266,23 @@ def train_stage(
             if reference is None and reference_model is None:
                 values = [p.ref_chosen for p in micro] + [p.ref_rejected for p in micro]
                 ref_tokens = precomputed_reference(batch["seq_ids"], values)
-            if settings.refine:
-                # tau covers the most recent margins, this micro-batch's included.
-                probe = spa_loss(
-                    logps.policy.detach(), ref_tokens, **layout, extrapolated_logps=logps.extrapolated,
-                    beta=settings.beta,
-                )  # fmt: skip
-                margins = probe.noise_margin.tolist()
-                bad = [p.location for p, m in zip(micro, margins, strict=True) if not math.isfinite(m)]
-                if bad:
-                    raise FloatingPointError(f"step {step + 1}: non-finite noise margin for pairs {bad}")
-                threshold.update(margins)
-                tau = threshold.tau
+            # tau comes from the window before this micro-batch's margins enter it (the official
+            # order): a pair is never judged against a threshold its own margin moved.
+            tau = threshold.tau if settings.refine else None
             result = spa_loss(
                 logps.policy, ref_tokens, **layout, extrapolated_logps=logps.extrapolated, beta=settings.beta,
                 alpha=alpha_t if tau is not None else 0.0, tau=tau, loss_type=settings.loss_type,
             )  # fmt: skip
-            (result.loss * (len(micro) / len(step_pairs))).backward()
+            if settings.refine:
+                margins = result.noise_margin.tolist()
+                bad = [p.location for p, m in zip(micro, margins, strict=True) if not math.isfinite(m)]
+                if bad:
+                    raise FloatingPointError(f"step {step + 1}: non-finite noise margin for pairs {bad}")
+                threshold.update(margins)
+            loss = result.loss
+            if settings.nll_alpha:
+                loss = loss + settings.nll_alpha * chosen_nll(logps.policy, batch["seq_ids"], len(micro))
+            (loss * (len(micro) / len(step_pairs))).backward()
             step_metrics = step_metrics + result.metric_values() * (len(micro) / len(step_pairs))
             if settings.refine:
                 step_flags.append((micro, tau, result.noise_margin, result.confident))

@@ -51,6 +51,7 @@ def build_tiny_llama(
     kv_heads: int = 2,
     max_positions: int = 512,
     seed: int = 0,
+    attention_dropout: float = 0.0,
 ):
     """A randomly initialised Llama sized for CPU tests, saved (safetensors) with its tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -67,6 +68,7 @@ def build_tiny_llama(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        attention_dropout=attention_dropout,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -22,8 +22,11 @@ BASE = ["model.path=/m", "data.seed_pairs=s.jsonl", "data.prompt_pools=[a.jsonl,
         ("generation.top_p=1.5", r"generation\.top_p must be in \(0, 1\]"),
         ("generation.max_new_tokens=0", r"generation\.max_new_tokens must be >= 1"),
         ("generation.responses_per_prompt=1", r"generation\.responses_per_prompt must be >= 2"),
-        ("train.micro_batch_size=3", r"train\.batch_size \(32\) must be a positive multiple of train\.micro_batch_size \(3\)"),
-        ("train.lr=nan", r"train\.lr must be a positive number, got nan"),
+        (
+            "train.micro_batch_size=3",
+            r"train\.batch_size \(32\) must be a positive multiple of train\.micro_batch_size \(3\)",
+        ),
+        ("train.lr=nan", r"train\.lr must be a positive number or null \(the mode's default\), got nan"),
         ("train.warmup_ratio=2", r"train\.warmup_ratio must be in \[0, 1\]"),
         ("train.optimizer=sgd", r"train\.optimizer must be one of \('adamw8bit'"),
         ("train.loss_type=exo_pair", r"train\.loss_type must be one of \('sigmoid'"),
@@ -57,3 +60,26 @@ def test_cross_field_rules():
         check_values(load_config(None, [*BASE, "data.seed_pairs=null", "model.judge_base=/b", "spa.iterations=0"]))
     with pytest.raises(ConfigError, match=r"which train\.loss_type='hinge' has not"):
         check_values(load_config(None, [*BASE, "train.loss_type=hinge"]))
+
+
+def test_the_learning_rate_default_follows_the_mode():
+    from selfee_fast.config import LORA_LR, PAPER_LR, effective_lr, lr_note
+
+    lora, full = load_config(None, BASE), load_config(None, [*BASE, "model.lora_r=0"])
+    assert (effective_lr(lora), effective_lr(full)) == (LORA_LR, PAPER_LR) == (5e-6, 5e-7)
+    assert "default for LoRA" in lr_note(lora) and "full fine-tuning (the paper's)" in lr_note(full)
+    assert lr_note(load_config(None, [*BASE, "train.lr=5e-7"])).startswith("warning: train.lr=5e-07 with LoRA")
+    assert lr_note(load_config(None, [*BASE, "train.lr=1e-5"])) is None
+    assert effective_lr(load_config(None, [*BASE, "train.lr=3e-4"])) == 3e-4
+
+
+def test_new_options_are_checked():
+    with pytest.raises(ConfigError, match=r"spa\.judge_reward must be one of \('sum', 'mean'\)"):
+        check_values(load_config(None, [*BASE, "spa.judge_reward=max"]))
+    with pytest.raises(ConfigError, match=r"train\.nll_alpha must be >= 0"):
+        check_values(load_config(None, [*BASE, "train.nll_alpha=-1"]))
+    with pytest.raises(ConfigError, match=r"spa\.seed_replay mixes seed pairs"):
+        check_values(load_config(None, [*BASE, "spa.seed_replay=0.5", "data.seed_pairs=null", "model.judge_base=/b"]))
+    with pytest.raises(ConfigError, match="lora_dropout > 0 has no effect"):
+        check_values(load_config(None, [*BASE, "model.lora_dropout=0.1"]))
+    check_values(load_config(None, [*BASE, "model.lora_dropout=0.1", "model.disable_dropout=false"]))

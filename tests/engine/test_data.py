@@ -208,3 +208,21 @@ def test_no_chat_template_fallback(tokenizer, tmp_path):
         data._warned_no_template = False
         ids = data.prompt_ids(plain, [{"role": "user", "content": "hello there"}])
     assert ids[0] == plain.bos_token_id and ids.count(plain.bos_token_id) == 1
+
+
+def test_system_prompt_goes_where_the_template_takes_one(tmp_path):
+    from selfee_fast.data import PromptRecord, takes_system_turn, with_system_prompt
+
+    class Tokenizer:
+        def __init__(self, template):
+            self.chat_template = template
+
+    records = [PromptRecord("a:1", [{"role": "user", "content": "hi"}]),
+               PromptRecord("a:2", [{"role": "system", "content": "own"}, {"role": "user", "content": "yo"}])]  # fmt: skip
+    chatml = Tokenizer("{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}")
+    assert takes_system_turn(chatml) and not takes_system_turn(Tokenizer("{{ messages[0].content }}"))
+    out = with_system_prompt(records, "", chatml)  # the official code's empty system turn
+    assert out[0].prompt == [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]
+    assert out[1].prompt == records[1].prompt, "a record's own system turn is kept"
+    assert with_system_prompt(records, "", Tokenizer("{{ messages[0].content }}")) == records
+    assert with_system_prompt(records, None, chatml) == records

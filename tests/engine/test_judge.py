@@ -106,3 +106,12 @@ def test_judge_resumes_from_a_partial_file(lora_model, tmp_path):
                                 log=messages.append)  # fmt: skip
     assert messages[0] == "judge: resuming, 1/3 batches already judged"
     assert resumed == whole
+
+
+def test_per_token_judge_reward_removes_the_length_advantage():
+    record = Generation(index=0, location="x:1", prompt=[], prompt_ids=[1], responses=[[2, 2, 2, 2], [3]],
+                        texts=["long", "short"], finished=[True, True])  # fmt: skip
+    summed = _pair_of(record, policy=[-2.0, -1.0], ref=[-4.0, -1.6], beta=1.0)
+    assert summed.chosen_ids == [2, 2, 2, 2]  # +2.0 summed beats +0.6
+    mean = _pair_of(record, policy=[-2.0, -1.0], ref=[-4.0, -1.6], beta=1.0, per_token=True)
+    assert mean.chosen_ids == [3] and mean.chosen_score == pytest.approx(0.6)  # 0.6 per token beats 2.0 / 4

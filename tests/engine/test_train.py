@@ -218,3 +218,27 @@ def test_every_metric_goes_to_tensorboard_when_it_is_installed(setup, tmp_path, 
         ):
             assert (name, record["step"]) in logged, (name, record["step"])
     assert writer.closed
+
+
+def test_chosen_nll_is_the_per_token_mean_over_chosen_responses():
+    from selfee_fast.train import chosen_nll
+
+    logps = torch.tensor(
+        [[0.0, -1.0, -3.0], [0.0, -2.0, 0.0], [-5.0, -5.0, -5.0], [0.0, 0.0, -7.0]], dtype=torch.float64
+    )
+    seq_ids = torch.tensor([[-1, 0, 0], [-1, 1, -1], [2, 2, 2], [-1, -1, 3]])  # rows 0-1 chosen, 2-3 rejected
+    assert float(chosen_nll(logps, seq_ids, num_pairs=2)) == pytest.approx(((1 + 3) / 2 + 2) / 2)
+
+
+def test_nll_term_changes_the_update(setup, tmp_path):
+    model, pairs, pad_id, _ = setup
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train(model, pairs, pad_id, tmp_path / "plain")
+    plain = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(before[n])
+    train(model, pairs, pad_id, tmp_path / "rpo", nll_alpha=1.0)
+    moved = max(float((p - plain[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad)
+    assert moved > 1e-6
