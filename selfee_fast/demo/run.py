@@ -228,11 +228,21 @@ def label_quality(task, stage_dir: Path) -> dict:
     }
 
 
+def label_cell(row: dict) -> str:
+    """Label accuracy with its denominator: the pairs gold decides (ties have no right label)."""
+    if "pairs" not in row:
+        return "-"
+    decided = row["pairs"] - row["tied_pairs"]
+    accuracy = "-" if row["label_accuracy"] is None else format(row["label_accuracy"], ".3f")
+    return f"{accuracy} ({decided}/{row['pairs']})"
+
+
 def format_table(rows: list[dict]) -> str:
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    header = ("model", "gold", "win vs init", "tokens", "label acc", "flagged", "flag precision", "wrong-label rate")
+    header = ("model", "gold", "win vs init", "tokens", "label acc (decided/pairs)", "flagged", "flag precision",
+              "wrong-label rate")  # fmt: skip
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for r in rows:
         lines.append(
@@ -242,7 +252,7 @@ def format_table(rows: list[dict]) -> str:
                     cell(r["gold_reward"], ".3f"),
                     cell(r["win_rate_vs_init"], ".3f"),
                     cell(r["response_tokens"], ".1f"),
-                    cell(r.get("label_accuracy"), ".3f"),
+                    label_cell(r),
                     cell(r.get("flagged_fraction"), ".3f"),
                     cell(r.get("flag_precision"), ".3f"),
                     cell(r.get("wrong_label_rate"), ".3f"),

@@ -140,3 +140,11 @@ def test_identical_pairs_are_counted_not_trained_on(workspace, keep):
     else:
         assert len(trained) == len(pairs) - identical
         assert f"{identical} pairs of two identical responses" in done["data"]
+
+
+def test_seed_replay_mixes_gold_seed_pairs_into_an_iteration(workspace):
+    run_pipeline(config_for(workspace, "replay", "spa.seed_replay=0.5"), log=lambda *_: None)
+    trained = {r["pair"] for r in metrics(workspace / "replay" / "iter1" / "train" / "flags.jsonl")}
+    pairs = (workspace / "replay" / "iter1" / "pairs.jsonl").read_text().splitlines()
+    seed = {name for name in trained if "seed.jsonl" in name}
+    assert len(seed) == round(0.5 * len(pairs)) and len(trained) == len(pairs) + len(seed)
