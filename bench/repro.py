@@ -114,6 +114,7 @@ class Arm:
     judge_reference: str = "init"
     judge: str = "implicit"  # implicit (SPA) | reward_model (the external-judge baseline)
     description: str = ""
+    options: tuple[tuple[str, object], ...] = ()  # ("section.key", value) on top of the arm's config
 
 
 def pct(fraction: float) -> str:
@@ -143,6 +144,18 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
             description="iterative DPO, judged by a reward model fit to the seed",
         ),
     ]
+    # Our options for iteration-stable self-annotation, each on top of spa_dnd, then together.
+    stable = {
+        "spa_mean": ((("spa.judge_reward", "mean"),), "judge reward per response token"),
+        "spa_nll": ((("train.nll_alpha", 1.0),), "+ NLL of the chosen response (iterative RPO, alpha 1)"),
+        "spa_replay": ((("spa.seed_replay", 0.5),), "+ seed pairs replayed, half as many as self-labelled (DICE)"),
+        "spa_stable": (
+            (("spa.judge_reward", "mean"), ("train.nll_alpha", 1.0), ("spa.seed_replay", 0.5)),
+            "the three together",
+        ),
+    }
+    for name, (options, what) in stable.items():
+        arms.append(Arm(name, "spa", "stable", options=options, description=f"spa_dnd, {what}"))
     aliases = {"spa_dnd_judge_init": "spa_dnd"}
     own = seed_count(scale.seed_fraction, scale)
     for fraction in SWEEP_FRACTIONS:
@@ -174,18 +187,18 @@ def select_arms(spec: str, arms: dict[str, Arm], aliases: dict[str, str]) -> lis
             continue
         if item == "all":
             names = list(arms)
-        elif item in ("main", "sweep", "judge"):
+        elif item in ("main", "sweep", "judge", "stable"):
             names = [a.name for a in arms.values() if a.group == item]
             if item == "sweep":  # the sweep's row at the scale's own fraction is the main arm
                 names = [aliases[n] for n in aliases if "_seed" in n] + names
-            if item == "judge":
+            if item in ("judge", "stable"):
                 names = ["spa_dnd", *names]
         elif item in arms:
             names = [item]
         elif item in aliases:
             names = [aliases[item]]
         else:
-            known = ", ".join([*arms, *aliases, "main", "sweep", "judge", "all"])
+            known = ", ".join([*arms, *aliases, "main", "sweep", "judge", "stable", "all"])
             raise SystemExit(f"repro: unknown arm {item!r}; known: {known}")
         chosen += [n for n in names if n not in chosen]
     return [n for n in arms if n in chosen]  # registry order
@@ -325,7 +338,7 @@ def arm_config(arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, seed_n: 
     base = demo_config(arm_dir, sd.pi_init, seed_path, pools, scale, sd.seed)
     if arm.kind == "dpo":
         return replace(base, spa=replace(base.spa, iterations=0))
-    return replace(
+    config = replace(
         base,
         spa=replace(
             base.spa,
@@ -335,6 +348,10 @@ def arm_config(arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, seed_n: 
             judge=arm.judge,
         ),
     )
+    for key, value in arm.options:
+        section, name = key.split(".")
+        config = replace(config, **{section: replace(getattr(config, section), **{name: value})})
+    return config
 
 
 def fingerprint(*parts) -> str:
@@ -495,9 +512,38 @@ def compare(results: dict, a: str, b: str, metric: str = "gold_reward") -> dict 
     return out
 
 
+def iteration_trend(results: dict, name: str) -> list[str]:
+    """Cells of the iteration-trend table for one SPA arm: differences paired over seeds."""
+
+    def gold(arm: str, seed, iteration: int | None):
+        run = results.get(arm, {}).get(seed, {})
+        if run.get("status") != "ok":
+            return None
+        if iteration is None:
+            return run["final"]["gold_reward"]
+        its = run["iterations"]
+        return its[iteration - 1]["gold_reward"] if len(its) >= iteration else None
+
+    def cell(a, b) -> str:
+        diffs = [x - y for s in results.get(name, {}) if (x := a(s)) is not None and (y := b(s)) is not None]
+        if len(diffs) < 2:
+            return "–"
+        mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+        return f"{mean:+.3f} ± {std / math.sqrt(len(diffs)):.3f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
+
+    return [
+        cell(lambda s: gold(name, s, 1), lambda s: gold("dpo_seed", s, None)),
+        cell(lambda s: gold(name, s, 2), lambda s: gold(name, s, 1)),
+        cell(lambda s: gold(name, s, 3), lambda s: gold(name, s, 2)),
+        cell(lambda s: gold(name, s, 3), lambda s: gold(name, s, 1)),
+        cell(lambda s: gold(name, s, None), lambda s: gold("dpo_all_gold", s, None)),
+    ]
+
+
 def sentence(c: dict) -> str:
     unit = {"gold_reward": "gold", "win_rate_vs_init": "win rate vs π_init"}[c["metric"]]
-    spread = f" ± {c['std']:.3f}" if c["std"] is not None else ""
+    # ± the standard error of the mean paired difference over seeds
+    spread = f" ± {c['std'] / math.sqrt(c['n']):.3f} (SE)" if c["std"] is not None else ""
     text = f"{c['a']} − {c['b']} = {c['mean']:+.3f}{spread} {unit} (paired over {c['n']} seed{'s' * (c['n'] > 1)}"
     if "eval_se" in c:
         text += f"; evaluation-sampling SE ±{c['eval_se']:.3f}"
@@ -535,6 +581,12 @@ COMPARISONS = [
     ("spa_dnd", "spa_expansion"),
     ("spa_dnd", "spa_dnd_judge_previous"),
     ("spa_dnd", "spa_dnd_judge_none"),
+    ("spa_mean", "spa_dnd"),
+    ("spa_nll", "spa_dnd"),
+    ("spa_replay", "spa_dnd"),
+    ("spa_stable", "spa_dnd"),
+    ("spa_stable", "dpo_seed"),
+    ("spa_stable", "dpo_all_gold"),
 ]
 
 
@@ -659,7 +711,7 @@ def markdown(report: dict, arms: dict[str, Arm]) -> str:
         )
 
     main_arms = ("sft", "dpo_seed", "dpo_all_gold", "dpo_iter_rm", "spa_expansion", "spa_refine", "spa_dnd")
-    main = [n for n in main_arms if n in results]
+    main = [n for n in main_arms if n in results] + [n for n in results if arms[n].group == "stable"]
     lines += [row(n) for n in main]
     lines += [
         "",
@@ -672,8 +724,8 @@ def markdown(report: dict, arms: dict[str, Arm]) -> str:
         lines += [
             "## Self-made labels per iteration",
             "",
-            "| arm | iteration | pairs | label acc | flagged | flag precision | wrong-label rate |",
-            "|---|---|---|---|---|---|---|",
+            "| arm | iteration | gold of π_i | pairs | label acc | flagged | flag precision | wrong-label rate |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name in spa_names:
             ok = [r for r in results[name].values() if r.get("status") == "ok"]
@@ -681,13 +733,27 @@ def markdown(report: dict, arms: dict[str, Arm]) -> str:
             for i in range(count):
                 its = [r["iterations"][i] for r in ok if len(r["iterations"]) > i]
                 lines.append(
-                    f"| {name} | {i + 1} | {fmt_ms([it['pairs'] for it in its], 0)} | "
+                    f"| {name} | {i + 1} | {fmt_ms([it['gold_reward'] for it in its])} | "
+                    f"{fmt_ms([it['pairs'] for it in its], 0)} | "
                     + " | ".join(
                         fmt_ms([it.get(k) for it in its])
                         for k in ("label_accuracy", "flagged_fraction", "flag_precision", "wrong_label_rate")
                     )
                     + " |"
                 )
+        lines.append("")
+
+    trend_arms = [n for n in ("spa_dnd", *[a for a in results if arms[a].group == "stable"]) if n in results]
+    if trend_arms:
+        lines += [
+            "## Does gold rise every iteration?",
+            "",
+            "Per-seed paired differences of held-out gold, mean ± standard error over seeds (seeds higher / seeds).",
+            "",
+            "| arm | π_1 − dpo_seed | π_2 − π_1 | π_3 − π_2 | π_3 − π_1 | π_last − dpo_all_gold |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {name} | " + " | ".join(iteration_trend(results, name)) + " |" for name in trend_arms]
         lines.append("")
 
     sweep = report["sweep"]
