@@ -270,14 +270,20 @@ class ListOps:
 
 # --------------------------------------------------------------------------- loading
 
-SHORT_NAMES: dict[str, str] = {"listops": "selfee_fast.demo.tasks:ListOps"}
+SHORT_NAMES: dict[str, str] = {
+    "ends": "selfee_fast.demo.learnable_tasks:Ends",
+    "listops": "selfee_fast.demo.tasks:ListOps",
+    "maxof": "selfee_fast.demo.learnable_tasks:MaxOf",
+    "upper": "selfee_fast.demo.learnable_tasks:Upper",
+}
 _METHODS = ("demonstrations", "prompts", "gold", "reference_answer", "corpus")
 
 
 def load_task(spec: str) -> Task:
     """A task from "module:object" (a Task instance, or a zero-argument class/factory) or a short name.
 
-    Short names: "listops" (the bundled `ListOps`). Raises `TaskError` naming the spec when
+    Short names: "listops" (the bundled `ListOps`); "maxof", "upper", "ends" (the tasks of
+    `selfee_fast.demo.learnable_tasks`, which a tiny model can learn). Raises `TaskError` naming the spec when
     the module or attribute cannot be imported or the object lacks the Task interface.
     """
     resolved = SHORT_NAMES.get(spec.strip().lower(), spec) if isinstance(spec, str) else spec

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from selfee_fast import data
+from selfee_fast.demo.learnable_tasks import Ends, MaxOf, Upper
 from selfee_fast.demo.tasks import SPLITS, ListOps, Task, TaskError, gold_label_pairs, load_task, split_of
 from selfee_fast.demo.tiny import build_tokenizer
 
@@ -207,7 +208,10 @@ def test_load_task_instances_and_factories(tmp_path, monkeypatch):
         ("selfee_fast.tasks:NoSuchTask", "'selfee_fast.tasks:NoSuchTask'.*has no attribute 'NoSuchTask'"),
         ("selfee_fast.tasks:SPLITS", "'selfee_fast.tasks:SPLITS'.*int object is not a Task"),
         ("selfee_fast.tasks:GoldLabelReport", "'selfee_fast.tasks:GoldLabelReport'.*is not a Task"),
-        ("list_ops", "'list_ops'.*expected 'module:object' or a short name \\(listops\\)"),
+        (
+            "list_ops",
+            "'list_ops'.*expected 'module:object' or a short name \\(ends, listops, maxof, upper\\)",
+        ),
         ("a:b:c", "'a:b:c'.*expected 'module:object'"),
     ],
 )
@@ -236,3 +240,121 @@ def test_gold_label_pairs(task):
     record = data.preference_record("gold:1", pairs[0])
     assert (record.chosen, record.rejected) == ("d c b a", "d c a b")
     assert gold_label_pairs(task, []) == ([], type(report)())
+
+
+# --------------------------------------------------------------------------- learnable tasks
+
+LEARNABLE = {"ends": Ends, "maxof": MaxOf, "upper": Upper}
+
+
+@pytest.fixture(scope="module", params=sorted(LEARNABLE))
+def learnable(request):
+    return LEARNABLE[request.param]()
+
+
+@pytest.fixture(scope="module")
+def learnable_pool(learnable):
+    return learnable.prompts(300, seed=5)
+
+
+def test_learnable_tasks_are_tasks_and_load_by_short_name(learnable):
+    assert isinstance(learnable, Task)
+    assert load_task(learnable.name) == learnable
+    assert load_task(f" {learnable.name.upper()} ") == learnable
+    assert load_task(f"selfee_fast.demo.learnable_tasks:{type(learnable).__name__}") == learnable
+
+
+@pytest.mark.parametrize(
+    ("name", "prompt", "right", "wrong"),
+    [
+        ("upper", "last: c a d", ["D", " D\t"], ["d", "D D", "C", "c", "DD", "!", ""]),
+        ("maxof", "max: c a f b f", ["f", " f "], ["c", "a", "b", "h", "f f", "f b", ""]),
+        ("ends", "ends: c a f b", ["c b", " c\tb "], ["b c", "c a", "c", "b", "c b b", "cb", "C B", ""]),
+    ],
+)
+def test_learnable_rules(name, prompt, right, wrong):
+    task = LEARNABLE[name]()
+    assert task.gold(prompt, task.reference_answer(prompt)) == 1.0
+    assert all(task.gold(prompt, r) == 1.0 for r in right)
+    assert all(0.0 <= task.gold(prompt, w) < 1.0 for w in wrong)
+
+
+def test_learnable_partial_credit():
+    upper, maxof, ends = Upper(), MaxOf(), Ends()
+    # upper: half for the right item, half for the upper case
+    assert upper.gold("last: c a d", "d") == 0.5 == upper.gold("last: c a d", "C")
+    assert upper.gold("last: c a d", "c") == 0.0 and upper.gold("last: c a d", "D !") == 0.5
+    # maxof: rank among the distinct items; the longer answer gets no edge
+    assert maxof.gold("max: c a f b", "c") == 0.5 * 2 / 3 and maxof.gold("max: c a f b", "a") == 0.0
+    assert maxof.gold("max: c a f b", "f a") == 0.5
+    # ends: half per slot, a quarter for the other slot's item; a third token costs a third
+    assert (
+        ends.gold("ends: c a f b", "b c") == 0.5 == ends.gold("ends: c a f b", "c a") == ends.gold("ends: c a f b", "c")
+    )
+    assert ends.gold("ends: c a f b", "c b c") == pytest.approx(2 / 3) and ends.gold("ends: c a f b", "a f") == 0.0
+
+
+@pytest.mark.parametrize(
+    "response", ["", "   ", "\n\t", "zzzz", "a b c d e f g h a b c d e f g h", "🙂 ☃", "</s>", "x" * 10_000]
+)
+def test_learnable_gold_of_garbage_is_a_valid_score(learnable, learnable_pool, response):
+    for prompt in learnable_pool[:20]:
+        score = learnable.gold(prompt, response)
+        assert isinstance(score, float) and 0.0 <= score < 1.0
+    assert learnable.gold(learnable_pool[0], None) == 0.0  # not even a string
+
+
+def test_learnable_foreign_prompts_are_refused(learnable):
+    for prompt in [
+        "",
+        "reverse: a b c",
+        "last:",
+        "avoid:",
+        "max: a z",
+        "avoid: a 1",
+        "last: a b 7",
+        "ends: a 3",
+    ]:
+        with pytest.raises(TaskError, match=f"not an? {learnable.name} prompt"):
+            learnable.reference_answer(prompt)
+
+
+def test_learnable_reference_scores_one_and_answers_are_short(learnable, learnable_pool):
+    for prompt in learnable_pool:
+        answer = learnable.reference_answer(prompt)
+        assert learnable.gold(prompt, answer) == 1.0
+        assert len(prompt.split()) <= 9 and 1 <= len(answer.split()) <= 6
+
+
+def test_learnable_demonstrations_are_noisy_at_the_documented_rate(learnable):
+    demos = learnable.demonstrations(2000, seed=0)
+    assert [d["prompt"] for d in demos] == learnable.prompts(2000, seed=0)
+    golds = [learnable.gold(d["prompt"], d["response"]) for d in demos]
+    wrong = sum(g < 1.0 for g in golds) / len(golds)
+    assert abs(wrong - learnable.noise) < 0.05, wrong
+    assert all(g > 0 for g in golds if g < 1.0) or learnable.name == "maxof"  # near misses
+    clean, dirty = type(learnable)(noise=0.0), type(learnable)(noise=1.0)
+    assert all(clean.gold(d["prompt"], d["response"]) == 1.0 for d in clean.demonstrations(200, 0))
+    assert all(dirty.gold(d["prompt"], d["response"]) < 1.0 for d in dirty.demonstrations(200, 0))
+
+
+def test_learnable_determinism_and_disjoint_pools(learnable):
+    assert learnable.demonstrations(200, seed=3) == learnable.demonstrations(200, seed=3)
+    assert learnable.demonstrations(200, seed=3) != learnable.demonstrations(200, seed=4)
+    assert learnable.prompts(300, seed=3)[:200] == learnable.prompts(200, seed=3)
+    pools = {seed: set(learnable.prompts(300, seed)) for seed in (0, 1, 2, 63)}
+    for seed, prompts in pools.items():
+        assert {split_of(p) for p in prompts} == {seed % SPLITS}
+        assert not any(prompts & other for s, other in pools.items() if s != seed)
+
+
+def test_learnable_corpus_covers_every_symbol(learnable, learnable_pool, tmp_path):
+    tokenizer = build_tokenizer(learnable.corpus(), tmp_path, vocab_size=400)
+    demos = [d["response"] for d in learnable.demonstrations(200, 9)]
+    for text in learnable_pool + demos + [learnable.reference_answer(p) for p in learnable_pool]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids
+    for prompt in learnable_pool:  # fits the demo's max_prompt_length 32 and max_new_tokens 12 easily
+        assert len(tokenizer(prompt, add_special_tokens=False).input_ids) <= 16
+        answer = learnable.reference_answer(prompt)
+        assert len(tokenizer(answer, add_special_tokens=False).input_ids) == len(answer.split())

@@ -1,0 +1,153 @@
+"""Self-made labels per SPA iteration against gold, and how they relate to response length.
+
+Reads a bench/repro.py results folder (<out>/<task>-...-<scale>-<hash>/) and, for one SPA arm
+(default spa_dnd), every seed's run/iter<i>/pairs.jsonl: the pairs the policy π_{i-1} labelled
+for itself, two of its own samples each. Per iteration it prints
+
+- label acc: fraction of gold-decided pairs (gold ties excluded) whose chosen response has the
+  higher gold;
+- chosen longer: among pairs whose two responses differ in token length, the fraction where the
+  self-made label chose the longer one; gold longer: the same fraction for the gold label (over
+  the gold-decided ones), i.e. what a correct judge would do;
+- acc (len differs) / acc (len equal): label accuracy split by whether the lengths differ;
+- sample tokens: mean token length of the judged responses (π_{i-1}'s samples), and eval tokens:
+  mean response length of π_i on the held-out prompts (from the arm's eval/iter<i>.jsonl);
+- eval gold: held-out gold of π_i.
+
+Numbers are mean over seeds, with the per-seed values in brackets.
+
+    python bench/label_diagnostics.py bench/results/tasks/maxof-29d402-default-df65fb2b
+    python bench/label_diagnostics.py DIR --arm spa_refine --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from selfee_fast.demo.tasks import load_task
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fraction(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def iteration_stats(task, pairs: list[dict]) -> dict:
+    decided, longer_chosen, longer_gold, acc_diff, acc_same, lengths = [], [], [], [], [], []
+    for p in pairs:
+        prompt = p["prompt"][-1]["content"]
+        g_c = task.gold(prompt, p["chosen"][-1]["content"])
+        g_r = task.gold(prompt, p["rejected"][-1]["content"])
+        n_c, n_r = len(p["chosen_ids"]), len(p["rejected_ids"])
+        lengths += [n_c, n_r]
+        if n_c != n_r:
+            longer_chosen.append(n_c > n_r)
+        if g_c == g_r:
+            continue
+        right = g_c > g_r
+        decided.append(right)
+        if n_c != n_r:
+            acc_diff.append(right)
+            longer_gold.append((n_c > n_r) == right)  # the gold-better response is the longer one
+        else:
+            acc_same.append(right)
+    return {
+        "pairs": len(pairs),
+        "label_accuracy": fraction(decided),
+        "chosen_longer": fraction(longer_chosen),
+        "gold_longer": fraction(longer_gold),
+        "length_differs": fraction([a != b for a, b in zip(lengths[::2], lengths[1::2], strict=True)]),
+        "acc_len_differs": fraction(acc_diff),
+        "acc_len_equal": fraction(acc_same),
+        "sample_tokens": statistics.fmean(lengths) if lengths else None,
+    }
+
+
+def eval_stats(task, path: Path) -> dict:
+    if not path.exists():
+        return {"eval_tokens": None, "eval_gold": None}
+    gens = read_jsonl(path)
+    return {
+        "eval_tokens": statistics.fmean(len(g["responses"][0]) for g in gens),
+        "eval_gold": statistics.fmean(task.gold(g["prompt"][-1]["content"], g["texts"][0]) for g in gens),
+    }
+
+
+def collect(folder: Path, arm: str) -> tuple[str, dict[int, list[dict]]]:
+    report = json.loads((folder / "repro.json").read_text())
+    task = load_task(report.get("task", "listops"))
+    per_seed: dict[int, list[dict]] = {}
+    for seed_dir in sorted(folder.glob("seed*"), key=lambda p: int(p.name[4:])):
+        run = seed_dir / arm / "run"
+        rows, i = [], 1
+        while (run / f"iter{i}" / "pairs.jsonl").exists():
+            row = {"iteration": i, **iteration_stats(task, read_jsonl(run / f"iter{i}" / "pairs.jsonl"))}
+            row.update(eval_stats(task, seed_dir / arm / "eval" / f"iter{i}.jsonl"))
+            rows.append(row)
+            i += 1
+        if rows:
+            per_seed[int(seed_dir.name[4:])] = rows
+    return task.name, per_seed
+
+
+KEYS = (
+    "label_accuracy",
+    "chosen_longer",
+    "gold_longer",
+    "length_differs",
+    "acc_len_differs",
+    "acc_len_equal",
+    "sample_tokens",
+    "eval_tokens",
+    "eval_gold",
+)
+
+
+def table(name: str, arm: str, per_seed: dict[int, list[dict]]) -> str:
+    seeds = sorted(per_seed)
+    lines = [
+        f"{name}, {arm}, seeds {seeds}: mean over seeds [per seed]",
+        "",
+        "| iteration | " + " | ".join(k.replace("_", " ") for k in KEYS) + " |",
+        "|---" * (len(KEYS) + 1) + "|",
+    ]
+    count = max(len(rows) for rows in per_seed.values())
+    for i in range(count):
+        cells = []
+        for key in KEYS:
+            values = [per_seed[s][i][key] for s in seeds if len(per_seed[s]) > i]
+            known = [v for v in values if v is not None]
+            if not known:
+                cells.append("–")
+                continue
+            each = ", ".join("–" if v is None else f"{v:.2f}" for v in values)
+            cells.append(f"{statistics.fmean(known):.3f} [{each}]")
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="a bench/repro.py results folder (holds repro.json and seed*/)")
+    parser.add_argument("--arm", default="spa_dnd", help="an SPA arm (default spa_dnd)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    name, per_seed = collect(args.folder, args.arm)
+    if not per_seed:
+        print(f"no {args.arm} iterations under {args.folder}", file=sys.stderr)
+        return 1
+    print(table(name, args.arm, per_seed))
+    if args.json:
+        args.json.write_text(json.dumps({"task": name, "arm": args.arm, "seeds": per_seed}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
