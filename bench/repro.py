@@ -44,7 +44,7 @@ Usage
     python bench/repro.py --arms sweep,judge
     python bench/repro.py --task maxof --iterations 3 --arms sft,dpo_seed,dpo_all_gold,spa_dnd --seeds 5
 
---task takes a short name (ends, listops, maxof, upper; see selfee_fast.learnable_tasks) or
+--task takes a short name (ends, listops, maxof, next, upper; see selfee_fast.demo.learnable_tasks) or
 module:object; --iterations 1-3 runs that many SPA iterations of the scale's per-iteration prompt
 count (λ = 0.5, 0.25, 0.125). Only ListOps writes docs/RESULTS.md by default.
 
@@ -161,6 +161,9 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
     }
     for name, (options, what) in stable.items():
         arms.append(Arm(name, "spa", "stable", options=options, description=f"spa_dnd, {what}"))
+    # The official code's handling of identical pairs (trained on, with zero gradient), next to ours (dropped).
+    arms.append(Arm("spa_keep_identical", "spa", "judge", options=(("spa.keep_identical_pairs", True),),
+                    description="spa_dnd, pairs of two identical responses trained on (the official code)"))  # fmt: skip
     aliases = {"spa_dnd_judge_init": "spa_dnd"}
     own = seed_count(scale.seed_fraction, scale)
     for fraction in SWEEP_FRACTIONS:
@@ -586,6 +589,7 @@ COMPARISONS = [
     ("spa_dnd", "spa_expansion"),
     ("spa_dnd", "spa_dnd_judge_previous"),
     ("spa_dnd", "spa_dnd_judge_none"),
+    ("spa_keep_identical", "spa_dnd"),
     ("spa_mean", "spa_dnd"),
     ("spa_nll", "spa_dnd"),
     ("spa_replay", "spa_dnd"),
@@ -880,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--task",
         default="listops",
-        help="task: a short name (ends, listops, maxof, upper) or module:object (default listops)",
+        help="task: a short name (ends, listops, maxof, next, upper) or module:object (default listops)",
     )
     parser.add_argument(
         "--iterations",

@@ -1,14 +1,14 @@
-"""Demo tasks whose gold preference a tiny model can learn: format, content and position tasks.
+"""Demo tasks whose gold preference a tiny model can learn: format, content, position, relation.
 
-The bundled ListOps task (`selfee_fast.tasks`) is too hard for the demo's tiny Llama: DPO on
+The bundled ListOps task (`selfee_fast.demo.tasks`) is too hard for the demo's tiny Llama: DPO on
 gold labels for the whole prompt budget does not improve on π_init there, so it cannot tell a
 good labelling method from a bad one. The tasks here pass that prerequisite: at the demo's
 default scale, DPO on gold labels beats π_init on every one of five seeds. Each follows the
-`selfee_fast.tasks.Task` protocol exactly and draws prompt pools by `split_of` like ListOps
+`selfee_fast.demo.tasks.Task` protocol exactly and draws prompt pools by `split_of` like ListOps
 (pools of seeds that differ modulo 64 are disjoint). Items are single letters,
 whitespace-separated; gold scores whitespace-split tokens, never raises on a response, lies in
 [0, 1] and is 1.0 only for a fully correct answer. Answers are one token (upper, maxof) or
-two (ends), so all fit the demo's lengths with room to spare. No constraint-satisfaction task
+two (ends, next), so all fit the demo's lengths with room to spare. No constraint-satisfaction task
 passed (see the end).
 
 upper — format: the last item, in upper case
@@ -36,16 +36,26 @@ second, so that every noisy answer is wrong). A noisy demonstration (probability
 times 2 / max(2, token count): "c b" 1.0, "b c" 0.5, "c a" 0.5, "c" 0.5, "c b c" ⅔. Right and
 wrong answers have the same length (two tokens) and differ at a known position.
 
+next — relation, two tokens: the letters after the first and the last items in the alphabet
+    next: c a f b     -> d c
+Items are 3–6 letters of a–o (repeats allowed; p, the last letter, has no successor and never
+appears in a prompt). A noisy demonstration (probability `noise`, default 0.4) names, in one slot
+chosen at random, the item itself instead of the letter after it: "c c" or "d b". Gold gives each
+slot ½·max(0, 1 − d/3), d the alphabet distance to its letter, times 2 / max(2, token count):
+"d c" 1.0, "c c" ⅚, "e d" ⅔, "d" ½. π_init is near the ceiling here (0.96), so the gold-label
+gain is small (+0.028) though positive on every seed.
+
 Why they suit SPA: the noisy demonstrations teach π_init one or two specific mistakes at a known
 rate, so two samples of one prompt often differ in gold, and the decision that separates good
-from bad is a single token (per slot, for ends) the tiny model can learn to get right. Measured (default demo scale, 3
-SPA iterations of 512 prompts, five seeds, one CPU thread; the full tables are in
-bench/TASKS.md), held-out gold, mean ± std over seeds:
+from bad is a single token (per slot, for ends and next) the tiny model can learn to get
+right. Measured (default demo scale, 3 SPA iterations of 512 prompts, five seeds, one CPU
+thread; the full tables are in bench/TASKS.md), held-out gold, mean ± std over seeds:
 
     task    π_init         DPO on all gold   all-gold − π_init (SE)   SPA (DND) π_1 / π_2 / π_3
     maxof   0.710 ± 0.027  0.963 ± 0.035     +0.252 ± 0.016, 5/5      0.824 / 0.903 / 0.939
     upper   0.828 ± 0.010  0.866 ± 0.014     +0.039 ± 0.003, 5/5      0.836 / 0.843 / 0.850
     ends    0.851 ± 0.022  0.948 ± 0.014     +0.097 ± 0.010, 5/5      0.874 / 0.873 / 0.835
+    next    0.960 ± 0.007  0.988 ± 0.002     +0.028 ± 0.004, 5/5      0.970 / 0.975 / 0.975
 
 On ends SPA's self-made labels are far worse than on the one-token tasks (label accuracy
 0.762 / 0.677 / 0.545 over iterations 1–3, against 0.92–0.96 for maxof and upper) and its held-out
@@ -75,16 +85,19 @@ Designs that failed the prerequisite (kept out of this module)
 - count (arithmetic: "count: c a f b" -> "4", 2–7 letters of a–p, answer one digit; noise: off by
   one, n − 1 or n + 1; gold max(0, 1 − |error|/3) / token count): π_init 0.87–0.92, DPO on
   all-gold +0.005, −0.012, −0.223, +0.020, −0.003 over five seeds.
-- next (relation: "next: c a f b" -> "c", the letter after the last item, 3–6 letters of a–o;
-  gold max(0, 1 − (alphabet distance)/3) / token count). Noise the item itself or the letter
-  before it, half each: DPO on all-gold −0.025, +0.135, +0.033, +0.095, +0.097; noise always the
-  item itself: +0.068, +0.063, +0.093, +0.070, −0.048. Not on every seed either way. (A bare
-  "next: c" -> "d" has 15 prompts, too few for 64 disjoint splits; hence the list.)
+- count with 2–5 letters (fewer answers to tell apart): +0.032 on one seed, −0.577 on another
+  (−0.165, −0.005, −0.577, +0.032, −0.025).
+- one-token next ("next: c a f b" -> "c", the letter after the last item only; gold
+  max(0, 1 − (alphabet distance)/3) / token count). Noise the item itself or the letter before
+  it, half each: DPO on all-gold −0.025, +0.135, +0.033, +0.095, +0.097; noise always the item
+  itself: +0.068, +0.063, +0.093, +0.070, −0.048. Not on every seed either way; the two-token
+  next above replaced it. (A bare "next: c" -> "d" has 15 prompts, too few for 64 disjoint
+  splits; hence the list.)
 What passed: an answer with one right token per position (one or two positions; the others are
 worse by gold), and good and bad answers of the same length. What failed: answers of several
 tokens with errors at varying positions, a right answer that is a prefix of the wrong one, many
-right answers (avoid), and two one-token designs, count and next, whose gold-label DPO fell
-below π_init on one to three seeds of five (by 0.22 on one count seed).
+right answers (avoid), and two one-token designs, count and one-token next, whose gold-label
+DPO fell below π_init on one to four seeds of five (by 0.22 and 0.58 on one count seed each).
 """
 
 from __future__ import annotations
@@ -96,7 +109,7 @@ from dataclasses import dataclass
 
 from .tasks import SPLITS, TaskError
 
-__all__ = ["Ends", "MaxOf", "Upper"]
+__all__ = ["Ends", "MaxOf", "Next", "Upper"]
 
 LETTERS = "abcdefgh"
 LETTERS16 = "abcdefghijklmnop"
@@ -331,3 +344,58 @@ class Ends(_LetterTask):
         if rng.random() < self.noise:
             return f"{items[-1]} {items[0]}" if rng.random() < 0.5 else f"{items[0]} {items[1]}"
         return f"{items[0]} {items[-1]}"
+
+
+# --------------------------------------------------------------------------- next
+
+
+@dataclass(frozen=True)
+class Next(_LetterTask):
+    """Answer with the letters that follow the first and the last items; noise names one item itself."""
+
+    name: str = "next"
+    alphabet: str = LETTERS16
+    min_len: int = 3
+    max_len: int = 6
+    noise: float = 0.4
+
+    WORDS = ("next",)
+
+    def __post_init__(self):
+        self._check(2, 9)
+
+    def _parse(self, prompt: str) -> list[str]:
+        letters = re.escape(self.alphabet[:-1])  # the alphabet's last letter has no successor
+        match = re.fullmatch(rf"\s*next:((?:\s+[{letters}])+)\s*", prompt) if isinstance(prompt, str) else None
+        if match is None:
+            raise TaskError(f"not a {self.name} prompt: {prompt!r}")
+        return match.group(1).split()
+
+    def _targets(self, prompt: str) -> list[int]:
+        items = self._parse(prompt)
+        return [self.alphabet.index(items[0]) + 1, self.alphabet.index(items[-1]) + 1]
+
+    def reference_answer(self, prompt: str) -> str:
+        return " ".join(self.alphabet[target] for target in self._targets(prompt))
+
+    def gold(self, prompt: str, response: str) -> float:
+        """Per slot ½·max(0, 1 − (alphabet distance to its letter)/3); × 2 / max(2, token count)."""
+        targets = self._targets(prompt)
+        answer = _tokens(response)
+        score = 0.0
+        for target, token in zip(targets, answer, strict=False):
+            if len(token) == 1 and token in self.alphabet:
+                score += 0.5 * max(0.0, 1.0 - abs(self.alphabet.index(token) - target) / 3)
+        return score * 2 / max(2, len(answer))
+
+    def _random_prompt(self, rng: random.Random) -> str:
+        length = rng.randint(self.min_len, self.max_len)
+        return "next: " + " ".join(rng.choices(self.alphabet[:-1], k=length))
+
+    def _demonstration(self, prompt: str, rng: random.Random) -> str:
+        targets = self._targets(prompt)
+        letters = [self.alphabet[target] for target in targets]
+        if rng.random() < self.noise:  # one slot names the item itself instead of the letter after it
+            slot = rng.randrange(2)
+            letters[slot] = self.alphabet[targets[slot] - 1]
+        return " ".join(letters)

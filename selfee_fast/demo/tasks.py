@@ -274,6 +274,7 @@ SHORT_NAMES: dict[str, str] = {
     "ends": "selfee_fast.demo.learnable_tasks:Ends",
     "listops": "selfee_fast.demo.tasks:ListOps",
     "maxof": "selfee_fast.demo.learnable_tasks:MaxOf",
+    "next": "selfee_fast.demo.learnable_tasks:Next",
     "upper": "selfee_fast.demo.learnable_tasks:Upper",
 }
 _METHODS = ("demonstrations", "prompts", "gold", "reference_answer", "corpus")
@@ -282,7 +283,7 @@ _METHODS = ("demonstrations", "prompts", "gold", "reference_answer", "corpus")
 def load_task(spec: str) -> Task:
     """A task from "module:object" (a Task instance, or a zero-argument class/factory) or a short name.
 
-    Short names: "listops" (the bundled `ListOps`); "maxof", "upper", "ends" (the tasks of
+    Short names: "listops" (the bundled `ListOps`); "maxof", "upper", "ends", "next" (the tasks of
     `selfee_fast.demo.learnable_tasks`, which a tiny model can learn). Raises `TaskError` naming the spec when
     the module or attribute cannot be imported or the object lacks the Task interface.
     """

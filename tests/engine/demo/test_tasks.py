@@ -6,7 +6,7 @@ import re
 import pytest
 
 from selfee_fast import data
-from selfee_fast.demo.learnable_tasks import Ends, MaxOf, Upper
+from selfee_fast.demo.learnable_tasks import Ends, MaxOf, Next, Upper
 from selfee_fast.demo.tasks import SPLITS, ListOps, Task, TaskError, gold_label_pairs, load_task, split_of
 from selfee_fast.demo.tiny import build_tokenizer
 
@@ -210,7 +210,7 @@ def test_load_task_instances_and_factories(tmp_path, monkeypatch):
         ("selfee_fast.tasks:GoldLabelReport", "'selfee_fast.tasks:GoldLabelReport'.*is not a Task"),
         (
             "list_ops",
-            "'list_ops'.*expected 'module:object' or a short name \\(ends, listops, maxof, upper\\)",
+            "'list_ops'.*expected 'module:object' or a short name \\(ends, listops, maxof, next, upper\\)",
         ),
         ("a:b:c", "'a:b:c'.*expected 'module:object'"),
     ],
@@ -244,7 +244,7 @@ def test_gold_label_pairs(task):
 
 # --------------------------------------------------------------------------- learnable tasks
 
-LEARNABLE = {"ends": Ends, "maxof": MaxOf, "upper": Upper}
+LEARNABLE = {"ends": Ends, "maxof": MaxOf, "next": Next, "upper": Upper}
 
 
 @pytest.fixture(scope="module", params=sorted(LEARNABLE))
@@ -270,6 +270,7 @@ def test_learnable_tasks_are_tasks_and_load_by_short_name(learnable):
         ("upper", "last: c a d", ["D", " D\t"], ["d", "D D", "C", "c", "DD", "!", ""]),
         ("maxof", "max: c a f b f", ["f", " f "], ["c", "a", "b", "h", "f f", "f b", ""]),
         ("ends", "ends: c a f b", ["c b", " c\tb "], ["b c", "c a", "c", "b", "c b b", "cb", "C B", ""]),
+        ("next", "next: c a f b", ["d c", " d\tc "], ["c c", "d b", "c d", "d", "d c c", "dc", "D C", "p q", ""]),
     ],
 )
 def test_learnable_rules(name, prompt, right, wrong):
@@ -280,7 +281,7 @@ def test_learnable_rules(name, prompt, right, wrong):
 
 
 def test_learnable_partial_credit():
-    upper, maxof, ends = Upper(), MaxOf(), Ends()
+    upper, maxof, ends, after = Upper(), MaxOf(), Ends(), Next()
     # upper: half for the right item, half for the upper case
     assert upper.gold("last: c a d", "d") == 0.5 == upper.gold("last: c a d", "C")
     assert upper.gold("last: c a d", "c") == 0.0 and upper.gold("last: c a d", "D !") == 0.5
@@ -292,6 +293,10 @@ def test_learnable_partial_credit():
         ends.gold("ends: c a f b", "b c") == 0.5 == ends.gold("ends: c a f b", "c a") == ends.gold("ends: c a f b", "c")
     )
     assert ends.gold("ends: c a f b", "c b c") == pytest.approx(2 / 3) and ends.gold("ends: c a f b", "a f") == 0.0
+    # next: per slot, credit falls by a third per letter of distance
+    assert after.gold("next: c a f b", "c c") == pytest.approx(5 / 6) == after.gold("next: c a f b", "d b")
+    assert after.gold("next: c a f b", "e d") == pytest.approx(2 / 3) and after.gold("next: c a f b", "d") == 0.5
+    assert after.gold("next: c a f b", "p p") == 0.0 and after.gold("next: c a f b", "d c d") == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize(
@@ -314,6 +319,7 @@ def test_learnable_foreign_prompts_are_refused(learnable):
         "avoid: a 1",
         "last: a b 7",
         "ends: a 3",
+        "next: a p",
     ]:
         with pytest.raises(TaskError, match=f"not an? {learnable.name} prompt"):
             learnable.reference_answer(prompt)
