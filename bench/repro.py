@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -95,7 +96,7 @@ from selfee_fast.records import Generation, read_generations
 
 SWEEP_FRACTIONS = (0.008, 0.017, 0.033, 0.10)
 MIN_SEED_PAIRS = 4
-CACHE_VERSION = 1  # bump when what arm.json holds changes
+CACHE_VERSION = 2  # bump when what arm.json holds changes (2: pairs = pairs trained on)
 
 # Rough minutes per seed on a shared 2-core CPU with --threads 1, measured with this script, with some
 # margin (default scale of pool 3000, iterations 512+512, seed 0, all 14 arms in 2.6 min: data 39 s — π_init
@@ -402,7 +403,8 @@ def training_budget(run_dir: Path, stages: list[str]) -> dict:
         lines = read_jsonl(metrics) if metrics.exists() else []
         steps += lines[-1]["step"] if lines else 0
         done = run_dir / stage / "done.json"
-        pairs += json.loads(done.read_text()).get("pairs", 0) if done.exists() else 0
+        record = json.loads(done.read_text()) if done.exists() else {}
+        pairs += record.get("trained_pairs", record.get("pairs", 0))  # trained on (identical pairs are not)
     return {"optimizer_steps": steps, "train_pairs": pairs}
 
 
@@ -914,12 +916,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("repro: --seeds must be >= 1")
     arms, aliases = build_arms(scale)
     selected = select_arms(args.arms, arms, aliases)
-    # One folder per scale *value*: π_init, pools and gold seeds are cached by file name, so a changed
-    # DemoScale (demo.py is still being tuned) must never meet the files of another.
-    # The task and a hash of its settings join the folder name (ListOps keeps the folder it always had):
-    # π_init, pools and gold seeds are cached by file name, so another task or noise rate must not meet them.
+    # π_init, pools and gold seeds are cached by file name, so one folder per scale value and per task:
+    # its settings and its class's code (a task redesigned under the same name gets new folders;
+    # ListOps keeps the folder it always had).
     short = args.task.strip().lower()
-    prefix = "" if short == "listops" else f"{task.name}-{fingerprint(repr(task))[:6]}-"
+    try:
+        source = inspect.getsource(type(task))
+    except (OSError, TypeError):  # a class without a source file: its settings alone
+        source = ""
+    identity = fingerprint(repr(task), source)[:6]
+    prefix = "" if short == "listops" else f"{task.name}-{identity}-"
     out = Path(args.out) / f"{prefix}{scale_name}-{fingerprint(asdict(scale))[:8]}"
     out.mkdir(parents=True, exist_ok=True)
     log_file = (out / "repro.log").open("a", encoding="utf-8")

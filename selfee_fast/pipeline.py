@@ -310,8 +310,9 @@ def run_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, toke
     judged = judge(config, runtime, stage, model, tokenizer, generations, log)
     if until == "judge":
         return {}
-    lam = train_iteration(config, runtime, stage, model, tokenizer, judged, report, log)
-    return {"prompts": len(generations), "pairs": len(judged), "lambda": lam, "data": report.summary(),
+    lam, trained = train_iteration(config, runtime, stage, model, tokenizer, judged, report, log)
+    return {"prompts": len(generations), "pairs": len(judged), "trained_pairs": trained, "lambda": lam,
+            "data": report.summary(),
             "last_metrics": last_metrics(stage_dir / "train" / "metrics.jsonl")}  # fmt: skip
 
 
@@ -358,7 +359,7 @@ def judge(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, g
 
 
 def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, judged, report, log):
-    """Train pi_i from pi_{i-1} on the judged pairs with self-refinement; return the lambda used."""
+    """Train pi_i from pi_{i-1} on the judged pairs with self-refinement; return (lambda used, pairs trained on)."""
     i, spa = stage.iteration, config.spa
     lam = (iteration_lambda(spa.extrapolate, i) if spa.refine else None) or None
     if spa.refine and spa.extrapolate and i > len(spa.extrapolate):
@@ -377,7 +378,7 @@ def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, to
         log(f"{stage.name}: {count} seed pairs replayed beside {len(kept)} self-labelled ones")
     if not pairs:
         log(f"{stage.name}: no pair with two different responses to train on; pi_{i} is pi_{i - 1}")
-        return lam
+        return lam, 0
     settings = TrainSettings.for_stage(config, epochs=config.train.iteration_epochs, refine=spa.refine,
                                        extrapolate=lam, autocast_dtype=runtime.autocast_name)  # fmt: skip
     # Without DND the judge's log pi_{i-1} values are the reference: no reference forward at all.
@@ -387,7 +388,7 @@ def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, to
     train_stage(model, pairs, settings, Path(config.run_dir) / stage.name / "train", pad_id=padding_id(tokenizer),
                 reference=reference, reference_model=reference_model, log=log)  # fmt: skip
     roles.drop_reference_adapter(model)
-    return lam
+    return lam, len(pairs)
 
 
 def read_json(path: Path) -> dict | None:
