@@ -151,10 +151,11 @@ def stage_step(args: argparse.Namespace) -> int:
     from .config import ConfigError, check_values, load_config
     from .data import DataError
     from .preflight import preflight
+    from .stages import parse_stage
 
     try:
         config = load_config(args.config, args.overrides)
-        stage = pipeline.parse_stage(config, args.stage)
+        stage = parse_stage(config, args.stage)
         if args.command != "train" and not stage.iteration:
             raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage.name!r}")
         check_values(config)

@@ -20,17 +20,14 @@ of a stage, used by `run` and by the single-step commands (generate / judge / tr
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import roles
-from .config import LAYOUT_SETTINGS, PAPER_LR, ConfigError, RunConfig, SPAConfig, effective_lr, lr_note, save_config
+from .config import ConfigError, RunConfig, lr_note
 from .data import DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs, with_system_prompt
 from .files import write_json_atomic
 from .generate import GenerationSettings, generate_responses, generate_stage_vllm
@@ -39,157 +36,17 @@ from .preflight import preflight
 from .records import JudgedPair, read_pairs
 from .reward_model import RewardModel, fit_to_seed
 from .runtime import Runtime
-from .train import TrainPair, TrainSettings, last_metrics, train_stage
-
-STEPS = ("generate", "judge", "train")
-FORCE_REMEDY = "rerun with --force to redo it and every stage after it, or use a new run_dir"
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str  # "stage0" or "iter<i>"
-    iteration: int  # 0 for stage 0
-    index: int  # position in the run's stage list
-
-
-def stage_list(config: RunConfig) -> list[Stage]:
-    names = (["stage0"] if config.data.seed_pairs else []) + [f"iter{i}" for i in range(1, config.spa.iterations + 1)]
-    return [Stage(name, 0 if name == "stage0" else int(name[4:]), index) for index, name in enumerate(names)]
-
-
-def parse_stage(config: RunConfig, name: str) -> Stage:
-    """The stage of this config called `name` (stage0, iter1, ...); the one place stage names are read."""
-    for stage in stage_list(config):
-        if stage.name == name:
-            return stage
-    raise ConfigError(f"unknown stage {name!r}; this config has {', '.join(s.name for s in stage_list(config))}")
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def changed_settings(section) -> dict:
-    """A config section's values that differ from their defaults.
-
-    Fingerprints hash these, not the whole section: a setting added in a later version
-    (at its default) leaves every fingerprint as it was, so upgrading does not orphan runs.
-    """
-    defaults = asdict(type(section)())
-    return {k: v for k, v in asdict(section).items() if v != defaults[k]}
-
-
-def without(settings: dict, *names: str) -> dict:
-    return {k: v for k, v in settings.items() if k not in names}
-
-
-def iteration_lambda(extrapolate: list[float], i: int) -> float | None:
-    """DND's lambda for iteration i (1-based); None past the list's end: no DND."""
-    return extrapolate[i - 1] if i <= len(extrapolate) else None
-
-
-def stage_inputs(config: RunConfig) -> dict[str, dict]:
-    """What each stage's result depends on beyond its predecessor's, by setting name ("base": every stage's).
-
-    A stage takes only what it uses, so a finished run can be extended (spa.iterations=4
-    with a fourth pool and lambda) and its layout settings changed without --force.
-    """
-    changed = {s: without(changed_settings(getattr(config, s)), *LAYOUT_SETTINGS.get(s, ())) for s in
-               ("model", "train", "generation", "spa")}  # fmt: skip
-    # The learning rate counts by its value; every earlier release defaulted to the paper's 5e-7.
-    changed["train"] = without(changed["train"], "lr")
-    if effective_lr(config) != PAPER_LR:
-        changed["train"]["lr"] = effective_lr(config)
-    spa = without(changed["spa"], "iterations", "extrapolate")
-    if config.spa.judge != "reward_model":
-        spa = without(spa, "reward_model_epochs", "reward_model_lr")
-    d = config.data
-    inputs = {"base": {"model": changed["model"], "seed": config.seed, "data.max_length": d.max_length,
-                       "data.max_prompt_length": d.max_prompt_length}}  # fmt: skip
-    if d.system_prompt is not None:
-        inputs["base"]["data.system_prompt"] = d.system_prompt
-    if d.seed_pairs:
-        inputs["stage0"] = {"data.seed_pairs": d.seed_pairs, "train": without(changed["train"], "iteration_epochs")}
-    for i in range(1, config.spa.iterations + 1):
-        stage_spa = dict(spa)
-        lam = iteration_lambda(config.spa.extrapolate, i)
-        if lam != iteration_lambda(SPAConfig().extrapolate, i):
-            stage_spa["lambda"] = lam
-        inputs[f"iter{i}"] = {
-            f"data.prompt_pools[{i - 1}]": d.prompt_pools[i - 1] if i <= len(d.prompt_pools) else None,
-            "generation": changed["generation"], "train": without(changed["train"], "seed_epochs"),
-            "spa": stage_spa, "iteration": i,
-        }  # fmt: skip
-    return inputs
-
-
-def stage_fingerprints(config: RunConfig) -> dict[str, str]:
-    """Per stage, a hash of its inputs chained with its predecessor's print."""
-    inputs = stage_inputs(config)
-    previous = fingerprint(*inputs.pop("base").values())
-    prints = {}
-    for stage, parts in inputs.items():
-        previous = prints[stage] = fingerprint(previous, *parts.values())
-    return prints
-
-
-def flat(settings: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def stage_record(config: RunConfig, stage: Stage) -> dict:
-    """What started.json holds: the fingerprint and the inputs of the stage and those before it, by name."""
-    inputs = stage_inputs(config)
-    names = ["base", *list(inputs)[1 : list(inputs).index(stage.name) + 1]]
-    return {"fingerprint": stage_fingerprints(config)[stage.name], "inputs": {n: flat(inputs[n]) for n in names}}
-
-
-def settings_changed(recorded: dict, current: dict) -> str:
-    """The settings that differ between two stage records, in words (a setting at its default is absent)."""
-    if "inputs" not in recorded:
-        return (
-            "this folder's record holds only a fingerprint, so which settings changed is not known (a LoRA run "
-            "begun with the earlier default learning rate continues with train.lr=5e-7)"
-        )
-    changes = []
-    for part in recorded["inputs"].keys() | current["inputs"].keys():
-        old, new = recorded["inputs"].get(part, {}), current["inputs"].get(part, {})
-        for key in sorted(old.keys() | new.keys()):
-            if old.get(key, "default") != new.get(key, "default"):
-                where = "" if part == "base" else f" ({part})"
-                changes.append(f"{key}{where}: {old.get(key, 'default')!r} -> {new.get(key, 'default')!r}")
-    return "; ".join(sorted(set(changes))) or "the stage list changed"
-
-
-def check_unchanged(config: RunConfig, stage: Stage, remedy: str) -> None:
-    """Refuse to continue a stage that was started with another configuration, naming what changed."""
-    started_path = Path(config.run_dir) / stage.name / "started.json"
-    recorded, current = read_json(started_path), stage_record(config, stage)
-    if recorded and recorded["fingerprint"] != current["fingerprint"]:
-        changed = settings_changed(recorded, current)
-        raise ConfigError(f"{stage.name} was started with another configuration ({started_path}): {changed}; {remedy}")
-
-
-def claim_stage(config: RunConfig, stage: Stage, remedy: str) -> None:
-    """Hold a stage to the configuration it started with: refuse another, else record this one as work begins."""
-    check_unchanged(config, stage, remedy)
-    stage_dir = Path(config.run_dir) / stage.name
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    # Saved as a stage starts, not before: a refused command leaves the run's config as it was.
-    save_config(config, Path(config.run_dir) / "config.yaml")
-    write_json_atomic(stage_dir / "started.json", stage_record(config, stage))
-
-
-# --------------------------------------------------------------------------- the loop
+from .stages import (
+    FORCE_REMEDY,
+    Stage,
+    check_unchanged,
+    claim_stage,
+    iteration_lambda,
+    read_json,
+    stage_fingerprints,
+    stage_list,
+)
+from .train import TrainPair, TrainSettings, iteration_pairs, last_metrics, train_stage
 
 
 def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
@@ -284,11 +141,8 @@ def train_seed_stage(config: RunConfig, runtime: Runtime, model, tokenizer, stag
     reference = None if reference_model is not None else "init"
     train_stage(model, pairs, settings, stage_dir / "train", pad_id=padding_id(tokenizer), reference=reference,
                 reference_model=reference_model, log=log)  # fmt: skip
-    return {
-        "pairs": len(pairs),
-        "data": report.summary(),
-        "last_metrics": last_metrics(stage_dir / "train" / "metrics.jsonl"),
-    }
+    metrics = last_metrics(stage_dir / "train" / "metrics.jsonl")
+    return {"pairs": len(pairs), "data": report.summary(), "last_metrics": metrics}
 
 
 # --------------------------------------------------------------------------- an iteration
@@ -364,18 +218,9 @@ def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, to
     lam = (iteration_lambda(spa.extrapolate, i) if spa.refine else None) or None
     if spa.refine and spa.extrapolate and i > len(spa.extrapolate):
         log(f"{stage.name}: spa.extrapolate lists {len(spa.extrapolate)} lambdas; iteration {i} runs without DND")
-    kept = [p for p in judged if spa.keep_identical_pairs or p.chosen_ids != p.rejected_ids]
-    if len(kept) < len(judged):
-        report.skipped["pairs of two identical responses"] += len(judged) - len(kept)
-    pairs = [
-        TrainPair(p.location, p.prompt_ids, p.chosen_ids, p.rejected_ids, p.chosen_logp_policy, p.rejected_logp_policy)
-        for p in kept
-    ]
-    if spa.seed_replay and config.data.seed_pairs:
-        seed, _ = seed_train_pairs(config, tokenizer)
-        count = round(spa.seed_replay * len(pairs))
-        pairs += [seed[(i * count + k) % len(seed)] for k in range(count)]  # each iteration the next ones
-        log(f"{stage.name}: {count} seed pairs replayed beside {len(kept)} self-labelled ones")
+    seed = seed_train_pairs(config, tokenizer)[0] if spa.seed_replay else []
+    pairs = iteration_pairs(judged, i, keep_identical=spa.keep_identical_pairs, seed=seed, replay=spa.seed_replay,
+                            report=report, log=log)  # fmt: skip
     if not pairs:
         log(f"{stage.name}: no pair with two different responses to train on; pi_{i} is pi_{i - 1}")
         return lam, 0
@@ -389,7 +234,3 @@ def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, to
                 reference=reference, reference_model=reference_model, log=log)  # fmt: skip
     roles.drop_reference_adapter(model)
     return lam, len(pairs)
-
-
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None

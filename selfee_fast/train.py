@@ -88,6 +88,25 @@ class TrainPair(TokenizedPair):
     ref_rejected: float | None = None
 
 
+def iteration_pairs(
+    judged, iteration: int, *, keep_identical: bool, seed: list[TrainPair], replay: float, report, log
+) -> list[TrainPair]:
+    """What an iteration trains on: its judged pairs (those of two identical responses counted and
+    dropped unless kept), plus `replay` seed pairs per judged pair, each iteration the next ones."""
+    kept = [p for p in judged if keep_identical or p.chosen_ids != p.rejected_ids]
+    if len(kept) < len(judged):
+        report.skipped["pairs of two identical responses"] += len(judged) - len(kept)
+    pairs = [
+        TrainPair(p.location, p.prompt_ids, p.chosen_ids, p.rejected_ids, p.chosen_logp_policy, p.rejected_logp_policy)
+        for p in kept
+    ]
+    if replay and seed:
+        count = round(replay * len(pairs))
+        pairs += [seed[(iteration * count + k) % len(seed)] for k in range(count)]
+        log(f"iter{iteration}: {count} seed pairs replayed beside {len(kept)} self-labelled ones")
+    return pairs
+
+
 def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)

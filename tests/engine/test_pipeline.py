@@ -181,7 +181,7 @@ def test_no_seed_mode_starts_from_the_model_and_judges_against_a_base(workspace,
 def test_a_single_step_is_held_to_the_stage_configuration(workspace):
     """`selfee-fast generate/judge/train --stage` refuse a stage begun with another configuration."""
     from selfee_fast.cli import main
-    from selfee_fast.pipeline import claim_stage, parse_stage
+    from selfee_fast.stages import claim_stage, parse_stage
 
     config = load_config(write_config(workspace, "run"))
     claim_stage(config, parse_stage(config, "iter1"), "")  # the configuration it ran with: accepted
@@ -348,7 +348,7 @@ def test_stage_fingerprints_are_stable():
     Settings at their default do not enter the hash, so adding a setting keeps them. Change
     the expected values only together with a note that old runs need --force.
     """
-    from selfee_fast.pipeline import stage_fingerprints
+    from selfee_fast.stages import stage_fingerprints
 
     overrides = ["model.path=/models/m", "data.seed_pairs=seed.jsonl", "data.prompt_pools=[a.jsonl,b.jsonl]",
                  "spa.iterations=2", "train.lr=1e-6"]  # fmt: skip

@@ -8,8 +8,9 @@ import pytest
 
 from selfee_fast.config import ConfigError, load_config
 from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
-from selfee_fast.pipeline import parse_stage, run_pipeline, stage_fingerprints, stage_record
+from selfee_fast.pipeline import run_pipeline
 from selfee_fast.preflight import preflight
+from selfee_fast.stages import parse_stage, stage_fingerprints, stage_record
 
 RELEASE_PRINTS = Path(__file__).parent / "data" / "fingerprints_release_0_1.json"
 
