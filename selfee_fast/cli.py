@@ -151,7 +151,7 @@ def stage_step(args: argparse.Namespace) -> int:
     from .config import ConfigError, check_values, load_config
     from .data import DataError
     from .preflight import preflight
-    from .stages import parse_stage
+    from .stages import as_begun, parse_stage
 
     try:
         config = load_config(args.config, args.overrides)
@@ -161,6 +161,7 @@ def stage_step(args: argparse.Namespace) -> int:
         check_values(config)
         pipeline.previous_stage_model(config, stage)  # its predecessor finished: said before any other check
         runtime = preflight(config)
+        config = as_begun(config)
         remedy = "redo it with `selfee-fast run --force`, or use a new run_dir"
         pipeline.run_stage(config, runtime, stage, until=args.command, remedy=remedy, log=print)
     except (ConfigError, DataError, FileNotFoundError) as e:
@@ -204,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=bench)
     p = sub.add_parser("demo", help="SPA on a task with a known gold reward, end to end on this machine")
     p.add_argument("--out", default="selfee_fast_demo", help="output folder (rerunning resumes)")
-    p.add_argument("--task", default="listops", help="'listops' or module:object of your own Task")
+    p.add_argument(
+        "--task", default="maxof",
+        help="a bundled task (maxof, upper, ends, next; listops, the hard case) or module:object of your own Task",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smaller run (CI-sized, under a minute)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=spa_demo)

@@ -39,6 +39,7 @@ from .runtime import Runtime
 from .stages import (
     FORCE_REMEDY,
     Stage,
+    as_begun,
     check_unchanged,
     claim_stage,
     iteration_lambda,
@@ -51,6 +52,7 @@ from .train import TrainPair, TrainSettings, iteration_pairs, last_metrics, trai
 
 def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
     runtime = preflight(config)
+    config = as_begun(config, log)
     if lr_note(config):
         log(lr_note(config))
     prints = stage_fingerprints(config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .config import LAYOUT_SETTINGS, PAPER_LR, ConfigError, RunConfig, SPAConfig, effective_lr, save_config
@@ -131,8 +131,8 @@ def settings_changed(recorded: dict, current: dict) -> str:
     """The settings that differ between two stage records, in words (a setting at its default is absent)."""
     if "inputs" not in recorded:
         return (
-            "this folder's record holds only a fingerprint, so which settings changed is not known (a LoRA run "
-            "begun with the earlier default learning rate continues with train.lr=5e-7)"
+            "this folder's record, made by an earlier release, holds only a fingerprint, so which settings "
+            "changed is not known"
         )
     changes = []
     for part in recorded["inputs"].keys() | current["inputs"].keys():
@@ -165,3 +165,22 @@ def claim_stage(config: RunConfig, stage: Stage, remedy: str) -> None:
 
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def as_begun(config: RunConfig, log=print) -> RunConfig:
+    """The config a run folder begun by an earlier release continues with.
+
+    Earlier releases defaulted train.lr to the paper's 5e-7 in every mode; this one takes 5e-6
+    for LoRA. A folder whose stages were begun before (a started.json without inputs) keeps
+    the rate it began with unless train.lr is set, so it resumes without --force.
+    """
+    if config.train.lr is not None or config.model.lora_r == 0:
+        return config
+    for stage in stage_list(config):
+        started = read_json(Path(config.run_dir) / stage.name / "started.json")
+        if started is not None and "inputs" not in started:
+            log(
+                f"{config.run_dir} was begun by an earlier release at its default train.lr={PAPER_LR:g}: continuing with it"
+            )
+            return replace(config, train=replace(config.train, lr=PAPER_LR))
+    return config

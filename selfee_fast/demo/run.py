@@ -49,7 +49,7 @@ class DemoScale:
     sft_lr: float = 3e-3
     pool: int = 3000  # gold-labelled prompt pool; the seed is seed_fraction of it
     seed_fraction: float = 0.033
-    iteration_prompts: tuple[int, ...] = (512, 512)
+    iteration_prompts: tuple[int, ...] = (512, 512, 512)
     eval_prompts: int = 200
     max_new_tokens: int = 12
     lr: float = 5e-4
@@ -298,7 +298,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 def run_demo(
     out: str | Path = "selfee_fast_demo",
     *,
-    task_spec: str = "listops",
+    task_spec: str = "maxof",
     scale: DemoScale = DEFAULT,
     seed: int = 0,
     log=print,

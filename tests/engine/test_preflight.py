@@ -66,6 +66,21 @@ def test_a_finished_run_folder_of_the_previous_release_is_skipped_whole(workspac
         run_pipeline(changed, log=messages.append)
 
 
+def test_a_lora_run_begun_at_the_earlier_default_learning_rate_resumes_without_force(workspace, monkeypatch):
+    """paper_defaults is LoRA at the default train.lr, which was 5e-7 then and is 5e-6 now."""
+    monkeypatch.chdir(workspace)
+    entry = json.loads(RELEASE_PRINTS.read_text())["paper_defaults"]
+    config = load_config(None, [*entry["overrides"], "run_dir=paper"])
+    for stage, fingerprint in entry["fingerprints"].items():
+        (workspace / "paper" / stage).mkdir(parents=True)
+        (workspace / "paper" / stage / "started.json").write_text(json.dumps({"fingerprint": fingerprint}))
+        (workspace / "paper" / stage / "done.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    messages = []
+    run_pipeline(config, log=messages.append)
+    assert "begun by an earlier release at its default train.lr=5e-07" in messages[0]
+    assert messages[-4:] == [f"{s}: finished earlier, skipped" for s in ("stage0", "iter1", "iter2", "iter3")]
+
+
 def test_a_refusal_names_the_settings_that_changed(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
     config = load_config(None, [*overrides("demo_like"), "run_dir=named"])

@@ -39,7 +39,7 @@ def test_table_has_every_model_with_finite_values(demo):
 
 def test_label_accuracy_is_measured_against_gold_not_the_models_own_labels(demo):
     out, result = demo
-    task = load_task("listops")
+    task = load_task(result["task"])
     for i, row in enumerate(result["rows"][2:], start=1):
         pairs = [json.loads(line) for line in (out / "run" / f"iter{i}" / "pairs.jsonl").read_text().splitlines()]
         # By its own implicit reward the model always prefers its chosen response...
