@@ -522,17 +522,22 @@ def compare(results: dict, a: str, b: str, metric: str = "gold_reward") -> dict 
     return out
 
 
+def seed_gold(results: dict, arm: str, seed, iteration: int | None = None) -> float | None:
+    """Held-out gold of an arm's final model on one seed, or of its π_iteration; None if not run."""
+    run = results.get(arm, {}).get(seed, {})
+    if run.get("status") != "ok":
+        return None
+    if iteration is None:
+        return run["final"]["gold_reward"]
+    its = run["iterations"]
+    return its[iteration - 1]["gold_reward"] if len(its) >= iteration else None
+
+
 def iteration_trend(results: dict, name: str) -> list[str]:
     """Cells of the iteration-trend table for one SPA arm: differences paired over seeds."""
 
     def gold(arm: str, seed, iteration: int | None):
-        run = results.get(arm, {}).get(seed, {})
-        if run.get("status") != "ok":
-            return None
-        if iteration is None:
-            return run["final"]["gold_reward"]
-        its = run["iterations"]
-        return its[iteration - 1]["gold_reward"] if len(its) >= iteration else None
+        return seed_gold(results, arm, seed, iteration)
 
     def cell(a, b) -> str:
         diffs = [x - y for s in results.get(name, {}) if (x := a(s)) is not None and (y := b(s)) is not None]

@@ -104,10 +104,9 @@ from __future__ import annotations
 
 import random
 import re
-import zlib
 from dataclasses import dataclass
 
-from .tasks import SPLITS, TaskError
+from .tasks import TaskError, split_pool
 
 __all__ = ["Ends", "MaxOf", "Next", "Upper"]
 
@@ -160,14 +159,7 @@ class _LetterTask:
 
     def prompts(self, n: int, seed: int) -> list[str]:
         """`n` prompts of split `seed % SPLITS`, drawn with replacement (as ListOps does)."""
-        rng = random.Random(f"{self.name}/prompts/{seed}")
-        split = seed % SPLITS
-        pool: list[str] = []
-        while len(pool) < n:
-            prompt = self._random_prompt(rng)
-            if zlib.crc32(prompt.encode("utf-8")) % SPLITS == split:
-                pool.append(prompt)
-        return pool
+        return split_pool(self.name, n, seed, self._random_prompt)
 
     def demonstrations(self, n: int, seed: int) -> list[dict]:
         """SFT examples on `prompts(n, seed)`; each answer is wrong with probability `noise`."""

@@ -126,6 +126,17 @@ class TaskError(ValueError):
     """A task spec that cannot be loaded, or a prompt the task does not understand."""
 
 
+def split_pool(task_name: str, n: int, seed: int, random_prompt: Callable[[random.Random], str]) -> list[str]:
+    """`n` prompts of split `seed % SPLITS`, drawn with replacement by rejection from `random_prompt`."""
+    rng = random.Random(f"{task_name}/prompts/{seed}")
+    pool: list[str] = []
+    while len(pool) < n:
+        prompt = random_prompt(rng)
+        if split_of(prompt) == seed % SPLITS:
+            pool.append(prompt)
+    return pool
+
+
 def split_of(prompt: str) -> int:
     """The split (0..SPLITS-1) a prompt belongs to; a pool drawn with seed s holds only split s % SPLITS."""
     return zlib.crc32(prompt.encode("utf-8")) % SPLITS
@@ -214,14 +225,7 @@ class ListOps:
 
     def prompts(self, n: int, seed: int) -> list[str]:
         """`n` prompts of split `seed % SPLITS`, drawn with replacement (see "Prompt pools and disjointness")."""
-        rng = random.Random(f"{self.name}/prompts/{seed}")
-        split = seed % SPLITS
-        pool: list[str] = []
-        while len(pool) < n:
-            prompt = self._random_prompt(rng)
-            if zlib.crc32(prompt.encode("utf-8")) % SPLITS == split:
-                pool.append(prompt)
-        return pool
+        return split_pool(self.name, n, seed, self._random_prompt)
 
     def _corrupt(self, op: str, k: int, items: list[str], reference: list[str], rng: random.Random) -> list[str]:
         """A wrong answer near the reference: always different from it."""
