@@ -87,6 +87,7 @@ from selfee_fast.demo.run import (
     evaluate,
     make_seed_pairs,
     sample,
+    with_options,
     write_pools,
 )
 from selfee_fast.demo.tasks import gold_label_pairs, load_task
@@ -158,6 +159,20 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
         "spa_stable": (
             (("spa.judge_reward", "mean"), ("train.nll_alpha", 1.0), ("spa.seed_replay", 0.5)),
             "the three together",
+        ),
+        "spa_mean_replay": ((("spa.judge_reward", "mean"), ("spa.seed_replay", 0.5)), "judge mean + seed replay"),
+        "spa_stable_n4": (
+            (
+                ("spa.judge_reward", "mean"),
+                ("train.nll_alpha", 1.0),
+                ("spa.seed_replay", 0.5),
+                ("generation.responses_per_prompt", 4),
+            ),
+            "the three together, best and worst of 4 responses per prompt",
+        ),
+        "spa_dice": (
+            (("spa.judge_reference", "previous"), ("spa.judge_reward", "mean"), ("spa.seed_replay", 0.5)),
+            "DICE's recipe in our terms: judge against the previous iterate, per token, seed replay",
         ),
     }
     for name, (options, what) in stable.items():
@@ -357,10 +372,7 @@ def arm_config(arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, seed_n: 
             judge=arm.judge,
         ),
     )
-    for key, value in arm.options:
-        section, name = key.split(".")
-        config = replace(config, **{section: replace(getattr(config, section), **{name: value})})
-    return config
+    return with_options(config, dict(arm.options))
 
 
 def fingerprint(*parts) -> str:
@@ -601,6 +613,9 @@ COMPARISONS = [
     ("spa_nll", "spa_dnd"),
     ("spa_replay", "spa_dnd"),
     ("spa_stable", "spa_dnd"),
+    ("spa_mean_replay", "spa_dnd"),
+    ("spa_stable_n4", "spa_stable"),
+    ("spa_dice", "spa_stable"),
     ("spa_stable", "dpo_seed"),
     ("spa_stable", "dpo_all_gold"),
 ]

@@ -55,6 +55,9 @@ COLUMNS = [
         lambda r: f"{label_accuracy(r, 'spa_stable', 1)} → {label_accuracy(r, 'spa_stable', 3)}",
     ),
     ("all three − all-gold DPO", lambda r: paired(r, ("spa_stable",), ("dpo_all_gold",))),
+    ("judge mean + replay − spa_dnd", lambda r: paired(r, ("spa_mean_replay",), ("spa_dnd",))),
+    ("all three, best/worst of 4 − all three", lambda r: paired(r, ("spa_stable_n4",), ("spa_stable",))),
+    ("DICE-like − all three", lambda r: paired(r, ("spa_dice",), ("spa_stable",))),
 ]
 
 
