@@ -46,7 +46,7 @@ Usage
 
 --task takes a short name (ends, listops, maxof, next, upper; see selfee_fast.demo.learnable_tasks) or
 module:object; --iterations 1-3 runs that many SPA iterations of the scale's per-iteration prompt
-count (λ = 0.5, 0.25, 0.125). Only ListOps writes docs/RESULTS.md by default.
+count (λ = 0.5, 0.25, 0.125). docs/RESULTS.md gathers one such report per task (see its head).
 
 --arms takes arm names and the groups main, sweep, judge, all (default). Results go to
 <out>/[<task>-<task hash>-]<scale>-<hash>/ (default out: bench/results/repro; scale: quick or default; hash: of the DemoScale
@@ -900,9 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
     parser.add_argument("--arms", default="all", help="comma-separated arm names or groups main, sweep, judge, all")
     parser.add_argument("--out", default="bench/results/repro", help="output folder (a subfolder per scale)")
-    parser.add_argument(
-        "--docs", default=None, help="also write the report here (default docs/RESULTS.md, not --quick)"
-    )
+    parser.add_argument("--docs", default=None, help="also write the report here (docs/RESULTS.md holds one per task)")
     parser.add_argument(
         "--task",
         default="listops",
@@ -1076,8 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / "repro.json", report)
     text = markdown(report, arms)
     (out / "repro.md").write_text(text)
-    default_docs = None if args.quick or args.task != "listops" else "docs/RESULTS.md"
-    docs = args.docs if args.docs is not None else default_docs
+    docs = args.docs
     if docs:
         Path(docs).parent.mkdir(parents=True, exist_ok=True)
         Path(docs).write_text(text)
