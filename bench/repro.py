@@ -17,7 +17,8 @@ main table (the paper's Table 1 and its ablation)
   spa_expansion   SPA, spa.refine=false (self-labelled data only)
   spa_refine      SPA, self-refinement without DND (spa.extrapolate=[])
   spa_dnd         SPA, self-refinement + DND, λ = [0.5, 0.25] (the default)
-  dpo_iter_rm     iterative DPO judged by a small reward model fit to the seed (the paper's
+  dpo_iter_rm     iterative DPO judged by a small Bradley-Terry reward model fit to the seed, our stand-in
+                  for the paper's PairRM judge (the paper's
                   external-judge baseline; spa.judge=reward_model, no refinement, no DND)
 seed-fraction sweep: spa_dnd and dpo_seed with seeds of 0.8%, 1.7%, 3.3%, 10% of the pool
   (arm names spa_dnd_seed0.8pct, dpo_seed_seed0.8pct, ...; the fraction equal to the scale's
@@ -148,7 +149,7 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
             refine=False,
             dnd=False,
             judge="reward_model",
-            description="iterative DPO, judged by a reward model fit to the seed",
+            description="iterative DPO, judged by a reward model fit to the seed (stand-in for PairRM)",
         ),
     ]
     # Our options for iteration-stable self-annotation, each on top of spa_dnd, then together.
@@ -755,8 +756,9 @@ def markdown(report: dict, arms: dict[str, Arm]) -> str:
         lines += [
             "## Self-made labels per iteration",
             "",
-            "| arm | iteration | gold of π_i | pairs | label acc | flagged | flag precision | wrong-label rate |",
-            "|---|---|---|---|---|---|---|---|",
+            "| arm | iteration | gold of π_i | pairs | decided by gold | label acc | flagged | flag precision | "
+            "wrong-label rate |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name in spa_names:
             ok = [r for r in results[name].values() if r.get("status") == "ok"]
@@ -766,6 +768,7 @@ def markdown(report: dict, arms: dict[str, Arm]) -> str:
                 lines.append(
                     f"| {name} | {i + 1} | {fmt_ms([it['gold_reward'] for it in its])} | "
                     f"{fmt_ms([it['pairs'] for it in its], 0)} | "
+                    f"{fmt_ms([it['pairs'] - it['tied_pairs'] for it in its], 0)} | "
                     + " | ".join(
                         fmt_ms([it.get(k) for it in its])
                         for k in ("label_accuracy", "flagged_fraction", "flag_precision", "wrong_label_rate")

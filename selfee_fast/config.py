@@ -117,7 +117,9 @@ class SPAConfig:
     tau_window: int = 50
     extrapolate: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.125])  # lam per iteration; [] = no DND
     judge_reference: str = "init"  # init | previous (the iterate before pi_{i-1}: the paper's ablation) | none
-    judge: str = "implicit"  # implicit (SPA) | reward_model (the paper's baseline: a reward model fit to the seed)
+    # implicit (SPA) | reward_model: the paper's external-judge baseline, with a Bradley-Terry reward
+    # model fit to the seed pairs standing in for the paper's PairRM
+    judge: str = "implicit"
     reward_model_epochs: int = 3
     reward_model_lr: float = 1e-3
     # Options of ours for iteration-stable self-annotation (docs/RESULTS.md measures each):

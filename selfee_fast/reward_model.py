@@ -1,6 +1,7 @@
-"""An external judge: a small reward model trained on the seed pairs (the paper's baseline).
+"""An external judge: a small reward model trained on the seed pairs, standing in for the paper's PairRM.
 
-Iterative DPO with such a judge is what SPA is compared against: the same loop, but the
+The paper's baseline is iterative DPO labelled by PairRM, an external pairwise reward model.
+Without model hubs this release fits its own: iterative DPO with such a judge is what SPA is compared against: the same loop, but the
 preference labels come from a Bradley-Terry reward model fitted to the gold seed instead of
 the policy's own implicit reward. The reward model is the base model with a scalar head
 (`AutoModelForSequenceClassification`, scored at the last real token), fully fine-tuned —
