@@ -133,12 +133,13 @@ def spa_demo(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .data import DataError
+    from .files import RunFolderBusy
     from .pipeline import run_pipeline
 
     try:
         config = load_config(args.config, args.overrides)
         summary = run_pipeline(config, force=args.force)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, RunFolderBusy) as e:
         print(f"selfee-fast: {e}", file=sys.stderr)
         return 2
     print(f"done: {len(summary['stages'])} stages in {config.run_dir} (summary.json)")
@@ -150,6 +151,7 @@ def stage_step(args: argparse.Namespace) -> int:
     from . import pipeline
     from .config import ConfigError, check_values, load_config
     from .data import DataError
+    from .files import RunFolderBusy, run_folder_lock
     from .preflight import preflight
     from .stages import as_begun, parse_stage
 
@@ -161,10 +163,11 @@ def stage_step(args: argparse.Namespace) -> int:
         check_values(config)
         pipeline.previous_stage_model(config, stage)  # its predecessor finished: said before any other check
         runtime = preflight(config)
-        config = as_begun(config)
-        remedy = "redo it with `selfee-fast run --force`, or use a new run_dir"
-        pipeline.run_stage(config, runtime, stage, until=args.command, remedy=remedy, log=print)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+        with run_folder_lock(config.run_dir, f"selfee-fast {args.command} --stage {stage.name}"):
+            config = as_begun(config)
+            remedy = "redo it with `selfee-fast run --force`, or use a new run_dir"
+            pipeline.run_stage(config, runtime, stage, until=args.command, remedy=remedy, log=print)
+    except (ConfigError, DataError, FileNotFoundError, RunFolderBusy) as e:
         print(f"selfee-fast: {e}", file=sys.stderr)
         return 2
     if args.command == "train":

@@ -87,3 +87,42 @@ def complete_batches(path: str | Path, plan: list[list[int]]) -> set[int]:
     done = {b for b, indices in found.items() if b < len(plan) and sorted(indices) == sorted(plan[b])}
     write_jsonl_atomic(path, [r for r in records if r["batch"] in done])
     return done
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process holds the run folder."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str | Path, command: str):
+    """Hold `run_dir` for this process: an OS lock (flock) the kernel drops when the process dies.
+
+    A second process is refused at once, told who holds the folder (read from the lock file,
+    which the holder writes after taking the lock). Nothing is left to clean up after a kill:
+    the file stays, the lock does not.
+    """
+    import fcntl
+    import sys
+    import time
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    handle = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunFolderBusy(f"{run_dir} is in use by {holder}; wait for it to finish or stop it") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"process {os.getpid()} ({command}, since {started}, {' '.join(sys.argv)[:200]})")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()

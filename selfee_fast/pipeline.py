@@ -29,7 +29,7 @@ import torch
 from . import roles
 from .config import ConfigError, RunConfig, lr_note
 from .data import DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs, with_system_prompt
-from .files import write_json_atomic
+from .files import run_folder_lock, write_json_atomic
 from .generate import GenerationSettings, generate_responses, generate_stage_vllm
 from .judge import judge_generations
 from .preflight import preflight
@@ -52,6 +52,12 @@ from .train import TrainPair, TrainSettings, iteration_pairs, last_metrics, trai
 
 def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
     runtime = preflight(config)
+    with run_folder_lock(config.run_dir, "selfee-fast run"):
+        return run_stages(config, runtime, force=force, log=log)
+
+
+def run_stages(config: RunConfig, runtime: Runtime, *, force: bool, log) -> dict:
+    """Every stage in order, as `run_pipeline` does it once the run folder is held."""
     config = as_begun(config, log)
     if lr_note(config):
         log(lr_note(config))

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from selfee_fast.files import append_batch, complete_batches
 
 
@@ -47,3 +49,32 @@ def test_a_folder_is_replaced_only_when_complete(tmp_path):
         (staging / "weights").write_text("v2")
     assert (target / "weights").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no staging folder left behind"
+
+
+def test_a_second_process_is_refused_the_run_folder_and_a_killed_holder_leaves_no_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from selfee_fast.files import RunFolderBusy, run_folder_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nfrom selfee_fast.files import run_folder_lock\n"
+         f"with run_folder_lock({str(tmp_path)!r}, 'selfee-fast run'):\n"
+         "    print('held', flush=True)\n    time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=rf"in use by process {holder.pid} \(selfee-fast run"):
+            with run_folder_lock(tmp_path, "selfee-fast generate"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    started = time.perf_counter()
+    with run_folder_lock(tmp_path, "selfee-fast run"):  # the kernel dropped the dead holder's lock
+        assert f"process {__import__('os').getpid()}" in (tmp_path / ".lock").read_text()
+    assert time.perf_counter() - started < 1

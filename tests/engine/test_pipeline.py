@@ -371,3 +371,19 @@ def test_stage_fingerprints_are_stable():
     # Each iteration hashes its own lambda: changing the second changes iter2, not iter1.
     other_lam = stage_fingerprints(load_config(None, [*overrides, "spa.extrapolate=[0.5,0.3]"]))
     assert other_lam["iter1"] == base["iter1"] and other_lam["iter2"] != base["iter2"]
+
+
+def test_a_run_on_a_folder_in_use_is_refused_at_once(workspace, capsys):
+    """`run` and the single-step commands take the run folder's lock; a held folder is refused, naming the holder."""
+    from selfee_fast.cli import main
+    from selfee_fast.files import run_folder_lock
+
+    config = write_config(workspace, "busy")
+    with run_folder_lock(workspace / "busy", "selfee-fast run"):
+        started = time.perf_counter()
+        assert main(["run", str(config)]) == 2
+        assert main(["train", str(config), "--stage", "stage0"]) == 2
+        assert time.perf_counter() - started < 10
+    err = capsys.readouterr().err
+    assert err.count(f"is in use by process {os.getpid()} (selfee-fast run") == 2
+    assert sorted(p.name for p in (workspace / "busy").iterdir()) == [".lock"], "nothing else written"
