@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import DataError
     from .files import RunFolderBusy
     from .pipeline import run_pipeline
+    from .stopping import Interrupted
 
     try:
         config = load_config(args.config, args.overrides)
@@ -142,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, FileNotFoundError, RunFolderBusy) as e:
         print(f"selfee-fast: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"selfee-fast: {e}; rerun `selfee-fast run` with the same config to resume", file=sys.stderr)
+        return 130
     print(f"done: {len(summary['stages'])} stages in {config.run_dir} (summary.json)")
     return 0
 
@@ -154,6 +158,7 @@ def stage_step(args: argparse.Namespace) -> int:
     from .files import RunFolderBusy, run_folder_lock
     from .preflight import preflight
     from .stages import as_begun, parse_stage
+    from .stopping import Interrupted, stop_requests
 
     try:
         config = load_config(args.config, args.overrides)
@@ -163,13 +168,16 @@ def stage_step(args: argparse.Namespace) -> int:
         check_values(config)
         pipeline.previous_stage_model(config, stage)  # its predecessor finished: said before any other check
         runtime = preflight(config)
-        with run_folder_lock(config.run_dir, f"selfee-fast {args.command} --stage {stage.name}"):
+        with run_folder_lock(config.run_dir, f"selfee-fast {args.command} --stage {stage.name}"), stop_requests():
             config = as_begun(config)
             remedy = "redo it with `selfee-fast run --force`, or use a new run_dir"
             pipeline.run_stage(config, runtime, stage, until=args.command, remedy=remedy, log=print)
     except (ConfigError, DataError, FileNotFoundError, RunFolderBusy) as e:
         print(f"selfee-fast: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"selfee-fast: {e}; rerun the same command to resume", file=sys.stderr)
+        return 130
     if args.command == "train":
         print(f"saved {Path(config.run_dir) / stage.name / 'model'} (done.json is written by `selfee-fast run` only)")
     return 0

@@ -36,6 +36,7 @@ from .config import RunConfig
 from .data import PromptRecord, padding_id, prompt_ids, with_system_prompt
 from .files import append_batch, complete_batches
 from .records import Generation, read_generations
+from .stopping import stop_here
 
 
 @dataclass
@@ -167,6 +168,7 @@ def generate_responses(
                 new_tokens += sum(len(r) for r in record.responses)
                 records.append(record)
             append_batch(out, [r.to_json() for r in records])
+            stop_here(f"after generation batch {batch_index + 1}/{len(plan)} ({out_path})")
             elapsed = time.perf_counter() - start
             progress.update(1)
             progress.set_postfix_str(f"{new_tokens / max(elapsed, 1e-9):.0f} new tok/s")
@@ -371,6 +373,7 @@ def generate_responses_vllm(
                     ]  # fmt: skip
                     new_tokens += sum(len(r) for record in records for r in record.responses)
                     append_batch(out, [r.to_json() for r in records])
+                    stop_here(f"after generation batch {b + 1}/{len(plan)} ({out_path})")
                     progress.update(1)
                 progress.set_postfix_str(f"{new_tokens / max(time.perf_counter() - start, 1e-9):.0f} new tok/s")
             progress.close()

@@ -26,6 +26,7 @@ from .data import pack, padded_seq_ids, padding_id, right_pad
 from .files import append_batch, complete_batches
 from .models import sequence_token_logprobs
 from .records import Generation, JudgedPair, read_jsonl, write_pairs
+from .stopping import stop_here
 
 JUDGE_REFERENCES = CHOICES["spa.judge_reference"]
 
@@ -149,6 +150,7 @@ def judge_generations(
                     for r, (policy, ref) in zip(batch, scores, strict=True)
                 ]
             append_batch(out, [{**pair.to_json(), "batch": number} for pair in judged])
+            stop_here(f"after judge batch {number + 1}/{len(batches)} ({partial_path})")
     model.train(was_training)
     pairs = sorted(read_jsonl(partial_path, JudgedPair.from_json), key=lambda p: p.index)
     write_pairs(out_path, pairs)

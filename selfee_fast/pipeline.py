@@ -47,12 +47,13 @@ from .stages import (
     stage_fingerprints,
     stage_list,
 )
+from .stopping import stop_requests
 from .train import TrainPair, TrainSettings, iteration_pairs, last_metrics, train_stage
 
 
 def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
     runtime = preflight(config)
-    with run_folder_lock(config.run_dir, "selfee-fast run"):
+    with run_folder_lock(config.run_dir, "selfee-fast run"), stop_requests():
         return run_stages(config, runtime, force=force, log=log)
 
 

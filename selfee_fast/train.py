@@ -33,6 +33,7 @@ from .data import TokenizedPair, collate_pairs, next_token_targets
 from .files import write_text_atomic
 from .loss import NoiseThreshold, spa_loss
 from .models import sequence_token_logprobs
+from .stopping import stop_here, stop_requested
 
 OPTIMIZERS = CHOICES["train.optimizer"]
 # Settings a resumed run may change: they decide how the work is laid out, not what it computes.
@@ -344,8 +345,9 @@ def train_stage(
             acc=f"{record['rewards/accuracies']:.2f}",
             tok_s=f"{record['tokens_per_s']:.0f}",
         )
-        if (step + 1) % settings.save_every == 0 or step + 1 == total_steps:
+        if (step + 1) % settings.save_every == 0 or step + 1 == total_steps or stop_requested():
             save_checkpoint(out_dir, step + 1, model, names, optimizer, scheduler, threshold, settings)
+        stop_here(f"after training step {step + 1}/{total_steps} of {out_dir.parent.name} (checkpoint written)")
     progress.close()
     if writer is not None:
         writer.close()

@@ -387,3 +387,40 @@ def test_a_run_on_a_folder_in_use_is_refused_at_once(workspace, capsys):
     err = capsys.readouterr().err
     assert err.count(f"is in use by process {os.getpid()} (selfee-fast run") == 2
     assert sorted(p.name for p in (workspace / "busy").iterdir()) == [".lock"], "nothing else written"
+
+
+@pytest.mark.parametrize(("sig", "where"), [(signal.SIGINT, "training"), (signal.SIGTERM, "generation")])
+def test_ctrl_c_and_sigterm_stop_at_a_boundary_and_the_rerun_resumes(workspace, sig, where):
+    """The first signal finishes the step (or batch), saves, exits 130 naming the resume; the rerun finishes."""
+    run = f"stopped_{sig.name.lower()}"
+    config = write_config(workspace, run, train__save_every=1000, generation__batch_size=2)
+    metrics = workspace / run / "stage0" / "train" / "metrics.jsonl"
+    generations = workspace / run / "iter1" / "generations.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "selfee_fast", "run", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        ready = metrics.exists() and metrics.read_text().count("\n") >= 2
+        if where == "generation":
+            ready = generations.exists() and generations.read_text().count("\n") >= 2
+        if ready:
+            process.send_signal(sig)
+            break
+        time.sleep(0.01)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    assert f"stopped on {sig.name} after {where}" in err and "to resume" in err
+    if where == "training":
+        latest = (workspace / run / "stage0" / "train" / "latest").read_text().strip()
+        step = int(latest.removeprefix("checkpoint-"))
+        assert step == len(read_jsonl(metrics)) >= 2, "the checkpoint holds the last finished step"
+    else:
+        done = len(read_jsonl(generations))
+        assert done % 2 == 0 and 0 < done < 8, "stopped at a batch boundary of 2 prompts"
+    messages = []
+    run_pipeline(load_config(config), log=messages.append)
+    if where == "training":
+        assert any(m.startswith(f"train: resuming at step {step}/") for m in messages)
+    else:
+        assert any("generation: resuming" in m for m in messages)
+    assert (workspace / run / "iter2" / "done.json").exists()

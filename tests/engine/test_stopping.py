@@ -1,0 +1,22 @@
+"""The first Ctrl-C or SIGTERM asks for a stop at the next boundary; the second stops at once."""
+
+import os
+import signal
+
+import pytest
+
+from selfee_fast.stopping import Interrupted, stop_here, stop_requested, stop_requests
+
+
+def test_first_signal_asks_second_stops_at_once():
+    with stop_requests():
+        stop_here("before any signal")  # nothing asked: no stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop_requested()
+        with pytest.raises(Interrupted, match="stopped on SIGTERM after step 3"):
+            stop_here("after step 3")
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0.1)  # give the handler a chance to run
+    assert not stop_requested(), "the request ends with the run"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the previous handler is back"
