@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue
 import resource
 import sys
 import time
@@ -70,28 +71,57 @@ def _demo_worker(impl: str, shape: tuple[int, int, int, int], seed: int, results
             "loss": float(loss.detach()),
             "grad": hidden.grad.numpy().copy(),  # numpy pickles by value; tensors would share file descriptors
             "metrics": metrics,
+            "device": hidden.device.type,
         }
     )
+
+
+def _result_or_none(worker: mp.process.BaseProcess, results, poll_seconds: float = 0.5) -> dict | None:
+    """The worker's result, or None once it has died without one (its exitcode then says why).
+
+    A bare `results.get()` would wait forever for a worker that crashed or was killed for memory.
+    """
+    while True:
+        try:
+            return results.get(timeout=poll_seconds)
+        except queue.Empty:
+            if not worker.is_alive():
+                break
+    try:  # it may have put its result just before it exited
+        return results.get(timeout=poll_seconds)
+    except queue.Empty:
+        return None
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"exit code {exitcode}: killed by signal {-exitcode}, e.g. out of memory"
+    return f"exit code {exitcode}"
 
 
 def kernel_demo(args: argparse.Namespace) -> int:
     shape = (args.pairs, args.seq_len, args.hidden_size, args.vocab)
     tokens = 2 * args.pairs * args.seq_len
     print(
-        f"selfee-fast demo: {args.pairs} preference pairs x {args.seq_len} tokens, H={args.hidden_size}, V={args.vocab}"
+        f"selfee-fast kernel-demo: {args.pairs} preference pairs x {args.seq_len} tokens, "
+        f"H={args.hidden_size}, V={args.vocab}"
     )
     print(f"(plain PyTorch would hold {tokens * args.vocab * 4 / 2**20:.0f} MiB per fp32 logits tensor)\n")
     ctx = mp.get_context("spawn")
     runs = {}
     for impl in ("naive", "fused"):
-        queue = ctx.Queue()
-        worker = ctx.Process(target=_demo_worker, args=(impl, shape, args.seed, queue))
+        results = ctx.Queue()
+        worker = ctx.Process(target=_demo_worker, args=(impl, shape, args.seed, results))
         worker.start()
-        runs[impl] = queue.get()
+        result = _result_or_none(worker, results)
         worker.join()
-        if worker.exitcode != 0:
-            print(f"the {impl} run failed (exit code {worker.exitcode})", file=sys.stderr)
+        if result is None or worker.exitcode != 0:
+            print(
+                f"selfee-fast kernel-demo: the {impl} run died before reporting ({_describe_exit(worker.exitcode)})",
+                file=sys.stderr,
+            )
             return 1
+        runs[impl] = result
 
     print(f"{'implementation':<34}{'time (s)':>10}{'peak extra RSS (MiB)':>22}{'loss':>12}")
     labels = {"naive": "PyTorch, materialised logits", "fused": "selfee_fast (linear_logprobs+spa)"}
@@ -108,7 +138,7 @@ def kernel_demo(args: argparse.Namespace) -> int:
     agree = agree and grad_diff <= 1e-4 * max(grad_scale, 1e-6)
     print(
         "\nresults agree" if agree else "\nRESULTS DISAGREE",
-        "(measured on this machine's CPU; GPU numbers: bench/NOTES.md)",
+        f"(measured on this machine, device {runs['fused']['device']}; no GPU numbers exist yet, see bench/NOTES.md)",
     )
     return 0 if agree else 1
 
@@ -182,6 +212,27 @@ def bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *args.bench_args])
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _vocab_size(text: str) -> int:
+    value = _int(text)
+    if value < 2:  # with one token every log-prob is 0: nothing to compare
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfee-fast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=spa_demo)
     p = sub.add_parser("kernel-demo", help="fused LM-head log-probs + SPA loss vs plain PyTorch, on this machine")
-    p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--hidden-size", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=_positive_int, default=4, help="preference pairs in the batch (default 4)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per response (default 256)")
+    p.add_argument("--hidden-size", type=_positive_int, default=512, help="hidden size H (default 512)")
+    p.add_argument("--vocab", type=_vocab_size, default=32000, help="vocabulary size V, at least 2 (default 32000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the hidden states, head and targets")
     p.set_defaults(func=kernel_demo)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:

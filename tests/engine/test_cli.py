@@ -1,11 +1,14 @@
 """The command line: every subcommand answers --help; bad input exits 2 with a message."""
 
+import argparse
+import multiprocessing as mp
+import os
 import subprocess
 import sys
 
 import pytest
 
-from selfee_fast.cli import main
+from selfee_fast.cli import _result_or_none, kernel_demo, main
 
 
 @pytest.mark.parametrize("command", ["run", "generate", "judge", "train", "demo", "kernel-demo"])
@@ -19,6 +22,41 @@ def test_every_subcommand_has_help(command, capsys):
 def test_bench_hands_its_arguments_to_the_benchmark_script(capfd):
     assert main(["bench", "--help"]) == 0
     assert "usage: kernels.py" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "bad", [["--vocab", "0"], ["--vocab", "1"], ["--pairs", "0"], ["--seq-len", "-3"], ["--hidden-size", "x"]]
+)
+def test_kernel_demo_refuses_bad_sizes_before_starting_a_worker(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["kernel-demo", *bad])
+    assert exit_info.value.code == 2
+    assert f"argument {bad[0]}" in capsys.readouterr().err
+
+
+def test_a_worker_that_dies_is_noticed_not_waited_for():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    worker = ctx.Process(target=os._exit, args=(3,))
+    worker.start()
+    assert _result_or_none(worker, results, poll_seconds=0.1) is None
+    worker.join()
+    assert worker.exitcode == 3
+
+
+def test_kernel_demo_reports_a_crashed_worker_in_one_line(capfd):
+    # Past argparse (called directly), vocab 0 makes the worker raise: it used to hang the parent.
+    args = argparse.Namespace(pairs=1, seq_len=4, hidden_size=4, vocab=0, seed=0)
+    assert kernel_demo(args) == 1
+    last_line = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last_line == "selfee-fast kernel-demo: the naive run died before reporting (exit code 1)"
+
+
+def test_kernel_demo_says_what_it_ran_and_where(capfd):
+    assert main(["kernel-demo", "--pairs", "1", "--seq-len", "8", "--hidden-size", "8", "--vocab", "16"]) == 0
+    lines = capfd.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("selfee-fast kernel-demo: 1 preference pairs x 8 tokens")
+    assert lines[-1].startswith("results agree (measured on this machine, device cpu; no GPU numbers exist yet")
 
 
 def test_python_dash_m_works():
