@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import queue
 import resource
 import sys
@@ -209,7 +210,9 @@ def bench(args: argparse.Namespace) -> int:
         return 2
     import subprocess
 
-    return subprocess.call([sys.executable, str(script), *args.bench_args])
+    # The script's usage line then names this command, not kernels.py.
+    env = {**os.environ, "SELFEE_FAST_PROG": "selfee-fast bench"}
+    return subprocess.call([sys.executable, str(script), *args.bench_args], env=env)
 
 
 def _int(text: str) -> int:
@@ -233,7 +236,7 @@ def _vocab_size(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfee-fast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run stage 0 and the SPA iterations into a run folder (resumes if rerun)")
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a bundled task (maxof, upper, ends, next; listops, the hard case) or module:object of your own Task",
     )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smaller run (CI-sized, under a minute)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the task data, the model and training")
     p.set_defaults(func=spa_demo)
     p = sub.add_parser("kernel-demo", help="fused LM-head log-probs + SPA loss vs plain PyTorch, on this machine")
     p.add_argument("--pairs", type=_positive_int, default=4, help="preference pairs in the batch (default 4)")
@@ -270,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=_vocab_size, default=32000, help="vocabulary size V, at least 2 (default 32000)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the hidden states, head and targets")
     p.set_defaults(func=kernel_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         # Everything after `bench` is the benchmark script's, --help included.

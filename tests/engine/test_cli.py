@@ -5,10 +5,13 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from selfee_fast.cli import _result_or_none, kernel_demo, main
+from selfee_fast.cli import _result_or_none, build_parser, kernel_demo, main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("command", ["run", "generate", "judge", "train", "demo", "kernel-demo"])
@@ -19,9 +22,24 @@ def test_every_subcommand_has_help(command, capsys):
     assert "usage: selfee-fast" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["demo", "kernel-demo"])
+def test_every_demo_option_has_help(command):
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    options = [a for a in subcommands.choices[command]._actions if not isinstance(a, argparse._HelpAction)]
+    assert options and all(a.help for a in options), [a.dest for a in options if not a.help]
+
+
 def test_bench_hands_its_arguments_to_the_benchmark_script(capfd):
     assert main(["bench", "--help"]) == 0
-    assert "usage: kernels.py" in capfd.readouterr().out
+    assert "usage: selfee-fast bench" in capfd.readouterr().out
+
+
+def test_bench_script_run_directly_names_itself():
+    env = {k: v for k, v in os.environ.items() if k != "SELFEE_FAST_PROG"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "kernels.py"), "--help"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0 and "usage: kernels.py" in result.stdout
 
 
 @pytest.mark.parametrize(
