@@ -13,6 +13,7 @@ import argparse
 import multiprocessing as mp
 import os
 import queue
+import re
 import resource
 import sys
 import time
@@ -144,18 +145,27 @@ def kernel_demo(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
+def default_demo_folder(task_spec: str, quick: bool) -> Path:
+    """Where `selfee-fast demo` writes without --out: one folder per task and scale, because a
+    folder holding a demo made with other settings is refused (its files would be reused)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", task_spec)  # module:object specs hold a colon
+    return Path("selfee_fast_demo") / (f"{name}-quick" if quick else name)
+
+
 def spa_demo(args: argparse.Namespace) -> int:
     from .demo import DEFAULT, QUICK, run_demo
+    from .demo.run import DemoSettingsError
     from .demo.tasks import TaskError
 
+    out = Path(args.out) if args.out is not None else default_demo_folder(args.task, args.quick)
     try:
-        result = run_demo(args.out, task_spec=args.task, scale=QUICK if args.quick else DEFAULT, seed=args.seed)
-    except TaskError as e:
+        result = run_demo(out, task_spec=args.task, scale=QUICK if args.quick else DEFAULT, seed=args.seed)
+    except (TaskError, DemoSettingsError) as e:
         print(f"selfee-fast: {e}", file=sys.stderr)
         return 2
     print(f"\nSPA on {result['task']} (gold reward hidden from the algorithm; held-out prompts):\n")
     print(result["table"])
-    print(f"\n{result['seconds']:.0f} s; results in {Path(args.out) / 'results.json'}")
+    print(f"\n{result['seconds']:.0f} s; results in {out / 'results.json'}")
     if result["plot"]:
         print(f"plot: {result['plot']}")
     return 0
@@ -258,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=bench)
     p = sub.add_parser("demo", help="SPA on a task with a known gold reward, end to end on this machine")
-    p.add_argument("--out", default="selfee_fast_demo", help="output folder (rerunning resumes)")
+    p.add_argument(
+        "--out",
+        help="output folder; rerunning resumes (default: selfee_fast_demo/TASK, or selfee_fast_demo/TASK-quick)",
+    )
     p.add_argument(
         "--task", default="maxof",
         help="a bundled task (maxof, upper, ends, next; listops, the hard case) or module:object of your own Task",

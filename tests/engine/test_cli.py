@@ -1,6 +1,7 @@
 """The command line: every subcommand answers --help; bad input exits 2 with a message."""
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import selfee_fast.demo
 from selfee_fast.cli import _result_or_none, build_parser, kernel_demo, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,6 +77,37 @@ def test_kernel_demo_says_what_it_ran_and_where(capfd):
     lines = capfd.readouterr().out.strip().splitlines()
     assert lines[0].startswith("selfee-fast kernel-demo: 1 preference pairs x 8 tokens")
     assert lines[-1].startswith("results agree (measured on this machine, device cpu; no GPU numbers exist yet")
+
+
+def test_demo_default_folder_is_per_task_and_scale(tmp_path, monkeypatch):
+    used = []
+
+    def record_folder(out, **_):
+        used.append(Path(out))
+        return {"task": "t", "table": "", "seconds": 0.0, "plot": None}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(selfee_fast.demo, "run_demo", record_folder)
+    for argv in (["demo"], ["demo", "--quick"], ["demo", "--task", "upper"], ["demo", "--task", "my.tasks:Task"]):
+        assert main(argv) == 0
+    assert used == [
+        Path("selfee_fast_demo/maxof"),
+        Path("selfee_fast_demo/maxof-quick"),
+        Path("selfee_fast_demo/upper"),
+        Path("selfee_fast_demo/my.tasks_Task"),
+    ]
+
+
+def test_demo_in_a_folder_of_other_settings_is_one_line_with_the_fix(tmp_path, capsys):
+    (tmp_path / "demo_settings.json").write_text(json.dumps({"task": "maxof", "seed": 0, "scale": {}}))
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfee-fast: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "holds a demo made with other settings" in err and "use another --out" in err
+
+
+def test_default_demo_output_is_git_ignored():
+    assert "selfee_fast_demo/" in (REPO / ".gitignore").read_text().splitlines()
 
 
 def test_python_dash_m_works():
