@@ -67,7 +67,13 @@ OURS = ("ours-torch", "ours-triton", "ours-triton-split", "ours-dpo-torch", "our
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # `selfee-fast bench` runs this script and names itself here, so that its usage line shows the
+    # command the user typed; run directly, argparse names the script as usual.
+    p = argparse.ArgumentParser(
+        prog=os.environ.get("SELFEE_FAST_PROG"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--shapes", nargs="+", metavar="M,H,V", help="token rows, hidden size, vocabulary (several allowed)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default: bf16 on cuda, fp32 on cpu)")

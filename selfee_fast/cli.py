@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
+import queue
+import re
 import resource
 import sys
 import time
@@ -70,28 +73,57 @@ def _demo_worker(impl: str, shape: tuple[int, int, int, int], seed: int, results
             "loss": float(loss.detach()),
             "grad": hidden.grad.numpy().copy(),  # numpy pickles by value; tensors would share file descriptors
             "metrics": metrics,
+            "device": hidden.device.type,
         }
     )
+
+
+def _result_or_none(worker: mp.process.BaseProcess, results, poll_seconds: float = 0.5) -> dict | None:
+    """The worker's result, or None once it has died without one (its exitcode then says why).
+
+    A bare `results.get()` would wait forever for a worker that crashed or was killed for memory.
+    """
+    while True:
+        try:
+            return results.get(timeout=poll_seconds)
+        except queue.Empty:
+            if not worker.is_alive():
+                break
+    try:  # it may have put its result just before it exited
+        return results.get(timeout=poll_seconds)
+    except queue.Empty:
+        return None
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"exit code {exitcode}: killed by signal {-exitcode}, e.g. out of memory"
+    return f"exit code {exitcode}"
 
 
 def kernel_demo(args: argparse.Namespace) -> int:
     shape = (args.pairs, args.seq_len, args.hidden_size, args.vocab)
     tokens = 2 * args.pairs * args.seq_len
     print(
-        f"selfee-fast demo: {args.pairs} preference pairs x {args.seq_len} tokens, H={args.hidden_size}, V={args.vocab}"
+        f"selfee-fast kernel-demo: {args.pairs} preference pairs x {args.seq_len} tokens, "
+        f"H={args.hidden_size}, V={args.vocab}"
     )
     print(f"(plain PyTorch would hold {tokens * args.vocab * 4 / 2**20:.0f} MiB per fp32 logits tensor)\n")
     ctx = mp.get_context("spawn")
     runs = {}
     for impl in ("naive", "fused"):
-        queue = ctx.Queue()
-        worker = ctx.Process(target=_demo_worker, args=(impl, shape, args.seed, queue))
+        results = ctx.Queue()
+        worker = ctx.Process(target=_demo_worker, args=(impl, shape, args.seed, results))
         worker.start()
-        runs[impl] = queue.get()
+        result = _result_or_none(worker, results)
         worker.join()
-        if worker.exitcode != 0:
-            print(f"the {impl} run failed (exit code {worker.exitcode})", file=sys.stderr)
+        if result is None or worker.exitcode != 0:
+            print(
+                f"selfee-fast kernel-demo: the {impl} run died before reporting ({_describe_exit(worker.exitcode)})",
+                file=sys.stderr,
+            )
             return 1
+        runs[impl] = result
 
     print(f"{'implementation':<34}{'time (s)':>10}{'peak extra RSS (MiB)':>22}{'loss':>12}")
     labels = {"naive": "PyTorch, materialised logits", "fused": "selfee_fast (linear_logprobs+spa)"}
@@ -108,23 +140,32 @@ def kernel_demo(args: argparse.Namespace) -> int:
     agree = agree and grad_diff <= 1e-4 * max(grad_scale, 1e-6)
     print(
         "\nresults agree" if agree else "\nRESULTS DISAGREE",
-        "(measured on this machine's CPU; GPU numbers: bench/NOTES.md)",
+        f"(measured on this machine, device {runs['fused']['device']}; no GPU numbers exist yet, see bench/NOTES.md)",
     )
     return 0 if agree else 1
 
 
+def default_demo_folder(task_spec: str, quick: bool) -> Path:
+    """Where `selfee-fast demo` writes without --out: one folder per task and scale, because a
+    folder holding a demo made with other settings is refused (its files would be reused)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", task_spec)  # module:object specs hold a colon
+    return Path("selfee_fast_demo") / (f"{name}-quick" if quick else name)
+
+
 def spa_demo(args: argparse.Namespace) -> int:
     from .demo import DEFAULT, QUICK, run_demo
+    from .demo.run import DemoSettingsError
     from .demo.tasks import TaskError
 
+    out = Path(args.out) if args.out is not None else default_demo_folder(args.task, args.quick)
     try:
-        result = run_demo(args.out, task_spec=args.task, scale=QUICK if args.quick else DEFAULT, seed=args.seed)
-    except TaskError as e:
+        result = run_demo(out, task_spec=args.task, scale=QUICK if args.quick else DEFAULT, seed=args.seed)
+    except (TaskError, DemoSettingsError) as e:
         print(f"selfee-fast: {e}", file=sys.stderr)
         return 2
     print(f"\nSPA on {result['task']} (gold reward hidden from the algorithm; held-out prompts):\n")
     print(result["table"])
-    print(f"\n{result['seconds']:.0f} s; results in {Path(args.out) / 'results.json'}")
+    print(f"\n{result['seconds']:.0f} s; results in {out / 'results.json'}")
     if result["plot"]:
         print(f"plot: {result['plot']}")
     return 0
@@ -190,10 +231,33 @@ def bench(args: argparse.Namespace) -> int:
         return 2
     import subprocess
 
-    return subprocess.call([sys.executable, str(script), *args.bench_args])
+    # The script's usage line then names this command, not kernels.py.
+    env = {**os.environ, "SELFEE_FAST_PROG": "selfee-fast bench"}
+    return subprocess.call([sys.executable, str(script), *args.bench_args], env=env)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _vocab_size(text: str) -> int:
+    value = _int(text)
+    if value < 2:  # with one token every log-prob is 0: nothing to compare
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfee-fast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run stage 0 and the SPA iterations into a run folder (resumes if rerun)")
@@ -215,21 +279,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=bench)
     p = sub.add_parser("demo", help="SPA on a task with a known gold reward, end to end on this machine")
-    p.add_argument("--out", default="selfee_fast_demo", help="output folder (rerunning resumes)")
+    p.add_argument(
+        "--out",
+        help="output folder; rerunning resumes (default: selfee_fast_demo/TASK, or selfee_fast_demo/TASK-quick)",
+    )
     p.add_argument(
         "--task", default="maxof",
         help="a bundled task (maxof, upper, ends, next; listops, the hard case) or module:object of your own Task",
     )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a smaller run (CI-sized, under a minute)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the task data, the model and training")
     p.set_defaults(func=spa_demo)
     p = sub.add_parser("kernel-demo", help="fused LM-head log-probs + SPA loss vs plain PyTorch, on this machine")
-    p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--hidden-size", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=_positive_int, default=4, help="preference pairs in the batch (default 4)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per response (default 256)")
+    p.add_argument("--hidden-size", type=_positive_int, default=512, help="hidden size H (default 512)")
+    p.add_argument("--vocab", type=_vocab_size, default=32000, help="vocabulary size V, at least 2 (default 32000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the hidden states, head and targets")
     p.set_defaults(func=kernel_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         # Everything after `bench` is the benchmark script's, --help included.

@@ -48,6 +48,10 @@ def with_options(config: RunConfig, options: dict) -> RunConfig:
     return config
 
 
+class DemoSettingsError(ValueError):
+    """The output folder holds a demo made with other settings; the command line prints it as one line."""
+
+
 @dataclass(frozen=True)
 class DemoScale:
     """Sizes of one demo run; `DEFAULT` fits 5 minutes on 2 CPU cores, `QUICK` is for CI."""
@@ -323,7 +327,10 @@ def run_demo(
     settings = json.loads(json.dumps(stored))  # as stored
     settings_path = out / "demo_settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
-        raise ValueError(f"{out} holds a demo made with other settings ({settings_path}); use another --out")
+        raise DemoSettingsError(
+            f"{out} holds a demo made with other settings ({settings_path}); "
+            f"use another --out, or delete {out} to start this one over"
+        )
     write_json_atomic(settings_path, settings)
     # Tiny matrices: thread hand-offs cost more than they save (and one thread sums in one order).
     threads = torch.get_num_threads()

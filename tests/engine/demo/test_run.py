@@ -6,6 +6,7 @@ import math
 import pytest
 
 from selfee_fast.demo import QUICK, run_demo
+from selfee_fast.demo.run import DemoSettingsError
 from selfee_fast.demo.tasks import load_task
 
 pytestmark = pytest.mark.usefixtures("chunked_backend")
@@ -69,5 +70,5 @@ def test_rerun_resumes_without_redoing_work(demo):
 
 def test_other_settings_in_the_same_folder_are_refused(demo):
     out, _ = demo
-    with pytest.raises(ValueError, match="holds a demo made with other settings"):
+    with pytest.raises(DemoSettingsError, match=r"holds a demo made with other settings.*use another --out"):
         run_demo(out, scale=TINY.__class__(**{**TINY.__dict__, "lr": 1e-5}), log=lambda *_: None)
