@@ -174,7 +174,7 @@ def spa_demo(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .data import DataError
-    from .files import RunFolderBusy
+    from .files import RunFolderBusy, WriteFailed
     from .pipeline import run_pipeline
     from .stopping import Interrupted
 
@@ -184,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, FileNotFoundError, RunFolderBusy) as e:
         print(f"selfee-fast: {e}", file=sys.stderr)
         return 2
+    except WriteFailed as e:  # a full disk: not the config's fault
+        print(f"selfee-fast: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"selfee-fast: {e}; rerun `selfee-fast run` with the same config to resume", file=sys.stderr)
         return 130
@@ -196,7 +199,7 @@ def stage_step(args: argparse.Namespace) -> int:
     from . import pipeline
     from .config import ConfigError, check_values, load_config
     from .data import DataError
-    from .files import RunFolderBusy, run_folder_lock
+    from .files import RunFolderBusy, WriteFailed, run_folder_lock
     from .preflight import preflight
     from .stages import as_begun, parse_stage
     from .stopping import Interrupted, stop_requests
@@ -216,6 +219,9 @@ def stage_step(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, FileNotFoundError, RunFolderBusy) as e:
         print(f"selfee-fast: {e}", file=sys.stderr)
         return 2
+    except WriteFailed as e:  # a full disk: not the config's fault
+        print(f"selfee-fast: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:
         print(f"selfee-fast: {e}; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -10,16 +10,45 @@ a staging folder and swapped in whole (`folder_written_atomically`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
+# What a full disk looks like: the OS's own codes, and the messages torch.save gives when its
+# writer runs out of room mid-file (it never says why).
+FULL_OR_READ_ONLY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                     errno.EROFS: "the folder is read-only"}  # fmt: skip
+TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+class WriteFailed(RuntimeError):
+    """A file could not be written for lack of space or permission; what was written before is intact."""
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """Turn a full disk or a read-only folder, while writing `path`, into one clear error naming it."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in FULL_OR_READ_ONLY:
+            raise
+        raise WriteFailed(f"cannot write {path}: {FULL_OR_READ_ONLY[error.errno]}; {RESUME}") from error
+    except RuntimeError as error:
+        if isinstance(error, WriteFailed) or not any(s in str(error) for s in TORCH_SHORT_WRITE):
+            raise
+        raise WriteFailed(f"cannot write {path}: the disk is full (a short write); {RESUME}") from error
+
+
+RESUME = "everything written before is intact: free space and rerun the same command to resume"
+
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with writing(path), tmp.open("w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -45,8 +74,9 @@ def folder_written_atomically(path: str | Path):
     path = Path(path)
     staging, previous = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    yield staging
+    with writing(path):
+        staging.mkdir(parents=True)
+        yield staging
     shutil.rmtree(previous, ignore_errors=True)
     if path.exists():
         path.rename(previous)
@@ -56,9 +86,10 @@ def folder_written_atomically(path: str | Path):
 
 def append_batch(f, records: list[dict]) -> None:
     """Append one batch of records to an open JSONL file and force it to disk."""
-    f.write("".join(json.dumps(r) + "\n" for r in records))
-    f.flush()
-    os.fsync(f.fileno())
+    with writing(f.name):
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def complete_batches(path: str | Path, plan: list[list[int]]) -> set[int]:

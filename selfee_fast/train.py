@@ -15,6 +15,7 @@ A killed run restarts from its latest checkpoint and continues bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .config import CHOICES, LAYOUT_SETTINGS, RunConfig, effective_lr
 from .data import TokenizedPair, collate_pairs, next_token_targets
-from .files import write_text_atomic
+from .files import write_text_atomic, writing
 from .loss import NoiseThreshold, spa_loss
 from .models import sequence_token_logprobs
 from .stopping import stop_here, stop_requested
@@ -240,7 +241,7 @@ def train_stage(
     torch.manual_seed(settings.seed * 7919 + 1)  # a fresh start does not depend on what ran before
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    first_step = restore_checkpoint(out_dir, model, names, optimizer, scheduler, threshold, settings)
+    first_step = restore_checkpoint(out_dir, model, names, optimizer, scheduler, threshold, settings, log)
     if first_step:
         log(f"train: resuming at step {first_step}/{total_steps}")
     metrics_path, flags_path = out_dir / "metrics.jsonl", out_dir / "flags.jsonl"
@@ -368,40 +369,78 @@ def tensorboard_writer(out_dir: Path):
 # --------------------------------------------------------------------------- checkpoints
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.pt")
+KEEP_CHECKPOINTS = 2  # the latest and the one before: a damaged latest falls back to it
+
+
 def save_checkpoint(out_dir: Path, step: int, model, names, optimizer, scheduler, threshold, settings) -> Path:
-    """Write checkpoint-<step>/ under a temporary name, rename it, then repoint `latest` (atomic)."""
+    """Write checkpoint-<step>/ under a temporary name with a checksum manifest, rename it, repoint `latest`."""
     final = out_dir / f"checkpoint-{step:07d}"
     tmp = out_dir / f".checkpoint-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state = dict(model.named_parameters())
-    save_file({n: state[n].detach().contiguous().cpu() for n in names}, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save(
-        {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        tmp / "rng.pt",
-    )
-    meta = {"step": step, "threshold": threshold.state_dict(), "settings": asdict(settings)}
-    (tmp / "state.json").write_text(json.dumps(meta))
-    for f in tmp.iterdir():
-        with f.open("rb") as handle:
-            os.fsync(handle.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_text_atomic(out_dir / "latest", final.name)
+    with writing(final):
+        tmp.mkdir()
+        state = dict(model.named_parameters())
+        save_file({n: state[n].detach().contiguous().cpu() for n in names}, tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        torch.save({"cpu": torch.get_rng_state(), "cuda": cuda_rng}, tmp / "rng.pt")
+        manifest = {name: sha256_of(tmp / name) for name in CHECKPOINT_FILES}
+        meta = {"step": step, "threshold": threshold.state_dict(), "settings": asdict(settings), "sha256": manifest}
+        (tmp / "state.json").write_text(json.dumps(meta))
+        for f in tmp.iterdir():
+            with f.open("rb") as handle:
+                os.fsync(handle.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_text_atomic(out_dir / "latest", final.name)
+    kept = sorted(out_dir.glob("checkpoint-*"))[-KEEP_CHECKPOINTS:]
     for old in [*out_dir.glob("checkpoint-*"), *out_dir.glob(".checkpoint-*.tmp")]:
-        if old != final:
+        if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, threshold, settings) -> int:
-    """Load the latest checkpoint if there is one; return the step to continue from (0 if none)."""
-    pointer = out_dir / "latest"
-    if not pointer.exists():
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(path: Path) -> tuple[str | None, dict | None]:
+    """(what is wrong with a checkpoint folder, or None; its state.json when readable)."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        step, manifest = int(meta["step"]), meta.get("sha256")  # no manifest: written by an earlier release
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{path / 'state.json'} is unreadable ({type(error).__name__})", None
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            return f"{path / name} is missing", meta
+        if manifest is not None and sha256_of(path / name) != manifest.get(name):
+            return f"{path / name} does not match its checksum (truncated or damaged)", meta
+    return (None, meta) if step > 0 else (f"{path / 'state.json'} holds no step", meta)
+
+
+def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, threshold, settings, log=print) -> int:
+    """Load the newest good checkpoint; return the step to continue from (0 if there is none).
+
+    Every checkpoint is verified against its checksum manifest first: a damaged one is named
+    in the log and the one before it is used (or, with none left, the stage's training
+    starts over).
+    """
+    candidates = sorted(out_dir.glob("checkpoint-*"), reverse=True)
+    for path in candidates:
+        problem, meta = checkpoint_problem(path)
+        if problem is None:
+            break
+        log(f"train: checkpoint {path.name} is damaged: {problem}; falling back to the one before")
+    else:
+        if candidates:
+            log(f"train: no usable checkpoint in {out_dir}; training this stage from its first step")
         return 0
-    path = out_dir / pointer.read_text().strip()
-    meta = json.loads((path / "state.json").read_text())
     # A setting added after the checkpoint was written counts as its default: an upgrade that
     # leaves a run's behaviour as it was does not orphan its checkpoints.
     saved = {**asdict(TrainSettings()), **meta["settings"]}

@@ -78,3 +78,28 @@ def test_a_second_process_is_refused_the_run_folder_and_a_killed_holder_leaves_n
     with run_folder_lock(tmp_path, "selfee-fast run"):  # the kernel dropped the dead holder's lock
         assert f"process {__import__('os').getpid()}" in (tmp_path / ".lock").read_text()
     assert time.perf_counter() - started < 1
+
+
+def test_a_full_disk_is_one_clear_error_naming_the_file(tmp_path, monkeypatch):
+    import errno
+    import os as os_module
+
+    from selfee_fast.files import WriteFailed, write_text_atomic, writing
+
+    (tmp_path / "state.json").write_text("old")
+    real_fsync = os_module.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os_module, "fsync", full)
+    with pytest.raises(WriteFailed, match=rf"cannot write {tmp_path / 'state.json'}: the disk is full; .*rerun"):
+        write_text_atomic(tmp_path / "state.json", "new")
+    monkeypatch.setattr(os_module, "fsync", real_fsync)
+    assert (tmp_path / "state.json").read_text() == "old", "the last good state is intact"
+    with pytest.raises(WriteFailed, match="the folder is read-only"), writing(tmp_path / "x"):
+        raise OSError(errno.EROFS, "Read-only file system")
+    with pytest.raises(WriteFailed, match=r"cannot write .*ckpt: the disk is full \(a short write\)"), writing("ckpt"):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 69120 vs 69008")
+    with pytest.raises(RuntimeError, match="something else"), writing("x"):
+        raise RuntimeError("something else")

@@ -138,11 +138,13 @@ def test_schedule_warmup_of_alpha_and_checkpoint_contents(setup, tmp_path):
     assert [m["lr"] for m in metrics] == pytest.approx([1e-3 * factor(s) for s in range(10)])
     assert [m["lr"] for m in metrics[:2]] == pytest.approx([5e-4, 1e-3]) and metrics[-1]["lr"] < 1e-4
     assert [m["spa/alpha"] for m in metrics] == [0.0] * 3 + [0.1] * 7  # 30% of 10 steps
-    # The last checkpoint (step 10) and nothing older.
-    (checkpoint,) = sorted(out.glob("checkpoint-*"))
+    # The last two checkpoints (steps 8 and 10, saving every 4 and at the end), each with its checksum manifest.
+    older, checkpoint = sorted(out.glob("checkpoint-*"))
+    assert older.name == "checkpoint-0000008"
     assert (out / "latest").read_text().strip() == checkpoint.name == "checkpoint-0000010"
     state = json.loads((checkpoint / "state.json").read_text())
     assert state["step"] == 10 and len(state["threshold"]["margins"]) == 2
+    assert state["sha256"]["optimizer.pt"] == train_module.sha256_of(checkpoint / "optimizer.pt")
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
     assert saved["scheduler"]["last_epoch"] == 10 and saved["optimizer"]["state"]
     assert torch.equal(torch.load(checkpoint / "rng.pt", weights_only=False)["cpu"], torch.get_rng_state())
@@ -242,3 +244,69 @@ def test_nll_term_changes_the_update(setup, tmp_path):
     train(model, pairs, pad_id, tmp_path / "rpo", nll_alpha=1.0)
     moved = max(float((p - plain[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad)
     assert moved > 1e-6
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble_state", "delete_rng"])
+def test_a_damaged_checkpoint_is_named_and_the_one_before_is_used(setup, tmp_path, damage):
+    model, pairs, pad_id, _ = setup
+    out = tmp_path / "train"
+    logs = []
+    settings = TrainSettings(lr=1e-3, batch_size=2, micro_batch_size=2, optimizer="adamw", save_every=1)
+    train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=logs.append)
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-0000001", "checkpoint-0000002"], "the last two are kept"
+    latest = checkpoints[-1]
+    if damage == "truncate":
+        data = (latest / "trainable.safetensors").read_bytes()
+        (latest / "trainable.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "garble_state":
+        (latest / "state.json").write_text('{"step": 2, "thresh')
+    else:
+        (latest / "rng.pt").unlink()
+    logs.clear()
+    step = train_module.restore_checkpoint(out, model, [n for n, p in model.named_parameters() if p.requires_grad],
+                                           train_module.make_optimizer([p for p in model.parameters() if p.requires_grad], settings),
+                                           torch.optim.lr_scheduler.LambdaLR(train_module.make_optimizer(
+                                               [p for p in model.parameters() if p.requires_grad], settings), lambda s: 1.0),
+                                           train_module.NoiseThreshold(window=50, percentile=0.1), settings, log=logs.append)  # fmt: skip
+    assert step == 1
+    assert len(logs) == 1 and f"checkpoint {latest.name} is damaged" in logs[0] and str(latest) in logs[0]
+
+
+def test_with_every_checkpoint_damaged_the_stage_trains_from_its_first_step(setup, tmp_path):
+    model, pairs, pad_id, _ = setup
+    out = tmp_path / "train"
+    settings = TrainSettings(lr=1e-3, batch_size=2, micro_batch_size=2, optimizer="adamw", save_every=1)
+    train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=lambda *_: None)
+    for checkpoint in out.glob("checkpoint-*"):
+        (checkpoint / "optimizer.pt").write_bytes(b"")
+    logs = []
+    train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=logs.append)
+    assert any("training this stage from its first step" in m for m in logs)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_disk_that_fills_during_a_checkpoint_leaves_the_previous_one_and_the_rerun_resumes(
+    setup, tmp_path, monkeypatch
+):
+    from selfee_fast.files import WriteFailed
+
+    model, pairs, pad_id, _ = setup
+    out = tmp_path / "train"
+    settings = TrainSettings(lr=1e-3, batch_size=2, micro_batch_size=2, optimizer="adamw", save_every=1)
+    real_save, saves = torch.save, []
+
+    def save_until_full(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) > 2:  # the second checkpoint's first torch.save: the disk is full
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 69120 vs 69008")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.torch, "save", save_until_full)
+    with pytest.raises(WriteFailed, match=r"cannot write .*checkpoint-0000002: the disk is full"):
+        train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=lambda *_: None)
+    monkeypatch.setattr(train_module.torch, "save", real_save)
+    assert [c.name for c in out.glob("checkpoint-*")] == ["checkpoint-0000001"]
+    logs = []
+    train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=logs.append)
+    assert "train: resuming at step 1/2" in logs
