@@ -28,7 +28,7 @@ import torch
 
 from . import roles
 from .config import ConfigError, RunConfig, lr_note
-from .data import DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs, with_system_prompt
+from .data import DataError, DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs, with_system_prompt
 from .files import run_folder_lock, write_json_atomic
 from .generate import GenerationSettings, generate_responses, generate_stage_vllm
 from .judge import judge_generations
@@ -196,9 +196,13 @@ def judge(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, g
     """Label the generations with the implicit reward (or the reward-model baseline); reuse a pairs file written."""
     pairs_path = Path(config.run_dir) / stage.name / "pairs.jsonl"
     if pairs_path.exists():
-        judged = read_pairs(pairs_path)
-        log(f"{stage.name}: {len(judged)} judged pairs found, judgment skipped")
-        return judged
+        problem = pairs_problem(pairs_path, generations)
+        if problem is None:
+            judged = read_pairs(pairs_path)
+            log(f"{stage.name}: {len(judged)} judged pairs found, judgment skipped")
+            return judged
+        log(f"{stage.name}: {problem}: judging again")
+        pairs_path.unlink()
     if config.spa.judge == "reward_model":
         reward_model = RewardModel(fit_to_seed(config, tokenizer, log), device=runtime.device)
         return judge_generations(model, tokenizer, generations, pairs_path, reward_model=reward_model, log=log)
@@ -219,6 +223,22 @@ def judge(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, g
     )  # fmt: skip
     roles.drop_reference_adapter(model)  # pi_{i-2}, loaded for the judge only
     return judged
+
+
+def pairs_problem(pairs_path: Path, generations) -> str | None:
+    """Why a written pairs file cannot be the judgment of these generations (None: it can).
+
+    One pair per generation with two or more responses, the same prompts: a file cut short at
+    a line boundary, or made from other generations, is rebuilt, never trained on.
+    """
+    try:
+        indices = [p.index for p in read_pairs(pairs_path)]
+    except DataError as error:
+        return str(error)
+    expected = [g.index for g in generations if len(g.responses) >= 2]
+    if sorted(indices) != sorted(expected):
+        return f"{pairs_path} holds {len(indices)} pairs for {len(expected)} judged prompts"
+    return None
 
 
 def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, judged, report, log):

@@ -164,7 +164,19 @@ def claim_stage(config: RunConfig, stage: Stage, remedy: str) -> None:
 
 
 def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    """A stage's record (None: not written yet); a damaged one is a clear error saying what to do."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+            raise ValueError("no fingerprint")
+        return record
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"{path} is damaged ({error}); delete it and rerun: the stage continues from what it saved "
+            "(a done.json is rewritten when the stage is found finished, a started.json with this configuration)"
+        ) from None
 
 
 def as_begun(config: RunConfig, log=print) -> RunConfig:

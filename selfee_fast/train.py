@@ -245,8 +245,8 @@ def train_stage(
     if first_step:
         log(f"train: resuming at step {first_step}/{total_steps}")
     metrics_path, flags_path = out_dir / "metrics.jsonl", out_dir / "flags.jsonl"
-    truncate_metrics(metrics_path, first_step)
-    truncate_metrics(flags_path, first_step)
+    truncate_metrics(metrics_path, first_step, log)
+    truncate_metrics(flags_path, first_step, log)
 
     writer = tensorboard_writer(out_dir)
     progress = tqdm(
@@ -472,17 +472,24 @@ def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, thresh
     return int(meta["step"])
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric (or flag) lines written after the checkpoint we resume from (they will be redone)."""
+def truncate_metrics(path: Path, last_step: int, log=print) -> None:
+    """Drop metric (or flag) lines written after the checkpoint we resume from (they will be redone).
+
+    A garbled line (a torn write, a damaged disk) is dropped and named in the log; the lines
+    after it are kept.
+    """
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept, garbled = [], []
+    for number, line in enumerate(lines, start=1):
         try:
             if json.loads(line)["step"] <= last_step:
                 kept.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break
+        except (json.JSONDecodeError, KeyError, TypeError):
+            garbled.append(number)
+    if [n for n in garbled if n < len(lines)]:  # a torn last line is a kill's ordinary trace; others are named
+        log(f"train: {path}: {len(garbled)} garbled line(s) dropped (line {', '.join(map(str, garbled[:5]))})")
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

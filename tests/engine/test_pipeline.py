@@ -424,3 +424,28 @@ def test_ctrl_c_and_sigterm_stop_at_a_boundary_and_the_rerun_resumes(workspace, 
     else:
         assert any("generation: resuming" in m for m in messages)
     assert (workspace / run / "iter2" / "done.json").exists()
+
+
+def test_damaged_state_files_are_named_and_a_short_pairs_file_is_rebuilt(finished_run, workspace):
+    import shutil
+
+    run_dir, _ = finished_run
+    copy = workspace / "damaged"
+    shutil.copytree(run_dir, copy)
+    config = load_config(write_config(workspace, "damaged"))
+    # A pairs file cut at a line boundary: still valid JSONL, but short.
+    pairs_path = copy / "iter2" / "pairs.jsonl"
+    lines = pairs_path.read_text().splitlines(keepends=True)
+    pairs_path.write_text("".join(lines[:3]))
+    (copy / "iter2" / "done.json").unlink()
+    messages = []
+    run_pipeline(config, log=messages.append)
+    assert any(f"{pairs_path} holds 3 pairs for 8 judged prompts: judging again" in m for m in messages)
+    assert len(read_jsonl(pairs_path)) == 8
+    # A garbled done.json: a clear message naming the file and the fix.
+    (copy / "stage0" / "done.json").write_text('{"fingerprint": "ab')
+    with pytest.raises(ConfigError, match=r"stage0/done\.json is damaged .*delete it and rerun"):
+        run_pipeline(config, log=messages.append)
+    (copy / "stage0" / "done.json").unlink()
+    run_pipeline(config, log=messages.append)  # the fix works: stage 0 is found finished and recorded again
+    assert json.loads((copy / "stage0" / "done.json").read_text())["fingerprint"]

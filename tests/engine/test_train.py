@@ -310,3 +310,12 @@ def test_a_disk_that_fills_during_a_checkpoint_leaves_the_previous_one_and_the_r
     logs = []
     train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=logs.append)
     assert "train: resuming at step 1/2" in logs
+
+
+def test_a_garbled_metrics_line_is_dropped_and_named_not_the_lines_after_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n{"step": 4}\n{"step": 5')
+    logs = []
+    train_module.truncate_metrics(path, 4, log=logs.append)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 3, 4]
+    assert logs == [f"train: {path}: 2 garbled line(s) dropped (line 2, 5)"]
