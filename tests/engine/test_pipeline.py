@@ -211,60 +211,6 @@ def test_unknown_config_key_suggests_the_nearest(workspace):
         run_pipeline(load_config(write_config(workspace, "bad"), ["model.attention=flash"]))
 
 
-def run_cli_until(config: Path, condition, timeout: float = 300.0) -> int:
-    """Start `selfee-fast run`, SIGKILL it once `condition()` holds; return its exit code."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "selfee_fast", "run", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.time() + timeout
-    while process.poll() is None and time.time() < deadline:
-        if condition():
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    return process.wait(timeout=timeout)
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_result(finished_run, workspace):
-    run_dir = workspace / "killed"
-    config = write_config(workspace, "killed")
-    generations = run_dir / "iter1" / "generations.jsonl"
-    code = run_cli_until(config, lambda: generations.exists() and generations.stat().st_size > 0)
-    assert code == -signal.SIGKILL, "the run ended before it could be killed during generation"
-    assert not (run_dir / "iter1" / "done.json").exists()
-    latest = run_dir / "iter2" / "train" / "latest"
-    code = run_cli_until(config, latest.exists)
-    assert code == -signal.SIGKILL, "the run ended before it could be killed during training"
-    assert (
-        subprocess.run([sys.executable, "-m", "selfee_fast", "run", str(config)], capture_output=True).returncode == 0
-    )
-
-    reference_dir, _ = finished_run
-    for stage in ("iter1", "iter2"):
-        resumed = read_jsonl(run_dir / stage / "pairs.jsonl")
-        uninterrupted = read_jsonl(reference_dir / stage / "pairs.jsonl")
-        assert [p["index"] for p in resumed] == [p["index"] for p in uninterrupted], "no record lost or duplicated"
-        for a, b in zip(resumed, uninterrupted, strict=True):
-            assert (a["chosen_ids"], a["rejected_ids"]) == (b["chosen_ids"], b["rejected_ids"])
-            assert a["chosen_score"] == pytest.approx(b["chosen_score"], abs=1e-6)
-    # Training resumed from its checkpoint ends where the uninterrupted run ended.
-    from safetensors.torch import load_file
-
-    resumed = load_file(run_dir / "iter2" / "model" / "adapter_model.safetensors")
-    uninterrupted = load_file(reference_dir / "iter2" / "model" / "adapter_model.safetensors")
-    assert resumed.keys() == uninterrupted.keys()
-    for name, weight in resumed.items():
-        torch.testing.assert_close(weight, uninterrupted[name], rtol=1e-6, atol=1e-7)
-    losses = [
-        [m["loss"] for m in read_jsonl(d / "iter2" / "train" / "metrics.jsonl")] for d in (run_dir, reference_dir)
-    ]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
-
-
 def test_full_finetuning_mode(workspace):
     """lora_r = 0: the policy trains every weight; pi_init and pi_{i-1} are frozen copies."""
     from transformers import AutoModelForCausalLM
@@ -449,3 +395,80 @@ def test_damaged_state_files_are_named_and_a_short_pairs_file_is_rebuilt(finishe
     (copy / "stage0" / "done.json").unlink()
     run_pipeline(config, log=messages.append)  # the fix works: stage 0 is found finished and recorded again
     assert json.loads((copy / "stage0" / "done.json").read_text())["fingerprint"]
+
+
+def assert_same_results(run_dir: Path, reference_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    for stage in ("iter1", "iter2"):
+        resumed, reference = (
+            read_jsonl(run_dir / stage / "pairs.jsonl"),
+            read_jsonl(reference_dir / stage / "pairs.jsonl"),
+        )
+        assert [p["index"] for p in resumed] == [p["index"] for p in reference], "no record lost or duplicated"
+        assert [p["chosen_ids"] for p in resumed] == [p["chosen_ids"] for p in reference]
+        metrics = [read_jsonl(d / stage / "train" / "metrics.jsonl") for d in (run_dir, reference_dir)]
+        assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]], "no step lost or duplicated"
+        assert [m["loss"] for m in metrics[0]] == pytest.approx([m["loss"] for m in metrics[1]], rel=1e-6)
+    resumed = load_file(run_dir / "iter2" / "model" / "adapter_model.safetensors")
+    reference = load_file(reference_dir / "iter2" / "model" / "adapter_model.safetensors")
+    for name, weight in resumed.items():
+        torch.testing.assert_close(weight, reference[name], rtol=1e-6, atol=1e-7)
+
+
+def kill_moments(run_dir: Path) -> dict:
+    """Moments to SIGKILL a run at, each a condition on what it has written so far."""
+
+    def written(stage: str, pattern: str):
+        return lambda: any((run_dir / stage).glob(pattern))
+
+    moments = {}
+    for stage in ("stage0", "iter1", "iter2"):
+        moments[f"{stage} training"] = written(stage, "train/metrics.jsonl")
+        moments[f"{stage} checkpoint write"] = written(stage, "train/.checkpoint-*.tmp")
+        moments[f"{stage} model save"] = written(stage, "model.tmp")
+        moments[f"{stage} finished"] = written(stage, "done.json")
+    for stage in ("iter1", "iter2"):
+        moments[f"{stage} generation"] = written(stage, "generations.jsonl")
+        moments[f"{stage} judging"] = written(stage, "pairs.jsonl.partial")
+    return moments
+
+
+@pytest.mark.slow
+def test_twenty_random_kills_change_nothing(finished_run, workspace):
+    """SIGKILL at 20 or more random moments over generation, judging, training, checkpoint writes and model
+    saves, each followed by a rerun: every finished run equals the uninterrupted one, no record lost or doubled."""
+    import random
+    import shutil
+
+    reference_dir, _ = finished_run
+    config, run_dir = write_config(workspace, "fault"), workspace / "fault"
+    command = [sys.executable, "-m", "selfee_fast", "run", str(config)]
+    moments = kill_moments(run_dir)
+    rng, kills, finished = random.Random(1234), {}, 0
+    for _ in range(120):
+        if sum(kills.values()) >= 20:
+            break
+        if (run_dir / "iter2" / "done.json").exists():
+            assert_same_results(run_dir, reference_dir)
+            finished += 1
+            shutil.rmtree(run_dir)  # start another run, to kill it in other places
+        name = rng.choice(sorted(moments))
+        if moments[name]():
+            continue  # that moment has passed in this run
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while process.poll() is None and time.time() < deadline:
+            if moments[name]():
+                process.send_signal(signal.SIGKILL)
+                kills[name] = kills.get(name, 0) + 1
+                break
+            time.sleep(0.001)
+        process.wait(timeout=120)
+        assert process.returncode in (0, -signal.SIGKILL)
+    assert sum(kills.values()) >= 20, kills
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    assert_same_results(run_dir, reference_dir)
+    kinds = {name.split(" ", 1)[1] for name in kills}
+    assert {"generation", "judging", "training"} <= kinds, f"kills spread over the run: {kills}"
+    print(f"{sum(kills.values())} kills survived, {finished + 1} runs compared: {kills}")
