@@ -89,6 +89,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             except json.JSONDecodeError as e:
                 # Handed on, not raised: with skip_invalid a malformed line is counted like any bad record.
                 record = DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
+            except RecursionError:
+                record = DataError(f"{path}:{number}: JSON nested too deeply to read")
             yield f"{path}:{number}", record
 
 
@@ -101,6 +103,8 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
         raise DataError(f"{path}:{line}: not UTF-8 text") from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
