@@ -25,12 +25,9 @@ from .logprobs import LogProbs, linear_logprobs
 
 POLICY_ADAPTER = "default"  # peft's own name: saved adapters load with no subfolder
 REFERENCE_ADAPTER = "reference"
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+# Weights load from safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 QUANTIZATIONS = CHOICES["model.quantization"]
 ATTENTIONS = CHOICES["model.attention"]
 UNSUPPORTED_HEAD_OPTIONS = ("final_logit_softcapping", "logit_scale")
@@ -52,6 +49,11 @@ def check_model_dir(path: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path / 'config.json'} is missing: {path} is not a Hugging Face model folder")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
+        if any((path / name).is_file() for name in PICKLED_WEIGHTS):
+            raise FileNotFoundError(
+                f"{path} holds pickled weights (pytorch_model.bin), which selfee_fast does not load (unpickling can "
+                "run code): convert them once with transformers, model.save_pretrained(path, safe_serialization=True)"
+            )
         raise FileNotFoundError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer_config.json")
@@ -104,17 +106,18 @@ def load_model(
         # Quantised weights are placed as they load: no full-precision copy on the device first.
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=dtype, quantization_config=nf4, device_map={"": str(device)},
-            attn_implementation=attention,
+            attn_implementation=attention, use_safetensors=True, trust_remote_code=False,
         )  # fmt: skip
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=dtype, attn_implementation=attention
+            path, local_files_only=True, dtype=dtype, attn_implementation=attention, use_safetensors=True,
+            trust_remote_code=False,
         )
         model.to(device)
     for option in UNSUPPORTED_HEAD_OPTIONS:
         if getattr(model.config, option, None) not in (None, 1.0):
             raise ValueError(f"{path}: config sets {option}; the fused head computes plain logits and would be wrong")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -244,3 +244,13 @@ def test_flash_attention_gets_the_packed_boundaries_directly(model_dir, monkeypa
     monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
     models.final_hidden_states(model, *args)
     assert seen["cu_seq_lens_q"].tolist() == [0, 4, 7] and seen["max_length_q"] == 4 == seen["max_length_k"]
+
+
+def test_pickled_weights_are_refused_with_the_conversion(tmp_path):
+    from selfee_fast.models import check_model_dir
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(FileNotFoundError, match=r"pickled weights .*safe_serialization=True"):
+        check_model_dir(tmp_path)
