@@ -105,6 +105,8 @@ class TrainConfig:
     # Ours, off by default: + nll_alpha * the chosen response's per-token NLL (iterative RPO, Pang et
     # al. 2024), against likelihood displacement (log pi(chosen) falling while the margin grows).
     nll_alpha: float = 0.0
+    # A step whose loss or gradient is not finite is skipped and counted; this many in a row stop the run.
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -203,6 +205,7 @@ RANGES: dict[str, tuple[Callable, str]] = {
     "train.beta": (_finite(0, open_low=True), "> 0 (the judge's labels and the loss both scale by it)"),
     "train.lr": (lambda v: v is None or _finite(0, open_low=True)(v), "a positive number or null (the mode's default)"),
     "train.nll_alpha": (_finite(0), ">= 0"),
+    "train.max_nonfinite_steps": (_at_least(1), ">= 1"),
     "train.warmup_ratio": (_finite(0, 1), "in [0, 1]"),
     "train.batch_size": (_at_least(1), ">= 1"),
     "train.micro_batch_size": (_at_least(1), ">= 1"),

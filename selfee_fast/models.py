@@ -110,7 +110,11 @@ def load_model(
         )  # fmt: skip
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=dtype, attn_implementation=attention, use_safetensors=True,
+            path,
+            local_files_only=True,
+            dtype=dtype,
+            attn_implementation=attention,
+            use_safetensors=True,
             trust_remote_code=False,
         )
         model.to(device)

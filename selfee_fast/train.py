@@ -56,6 +56,7 @@ class TrainSettings:
     seed: int = 0
     loss_type: str = "sigmoid"
     nll_alpha: float = 0.0  # + nll_alpha * per-token NLL of the chosen responses (iterative RPO)
+    max_nonfinite_steps: int = 3  # this many non-finite steps in a row stop the run; fewer are skipped
     # SPA self-refinement; refine=False is plain DPO
     refine: bool = False
     alpha: float = 0.1
@@ -163,6 +164,18 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
     return next_token_targets(labels) != -100
 
 
+def nonfinite_step(step: int, pairs, loss: float, grad_norm: float, in_a_row: int, settings, log) -> None:
+    """Name a skipped step; stop the run, with the likely causes, once too many come in a row."""
+    where = f"step {step + 1}: loss {loss}, gradient norm {grad_norm} for pairs {[p.location for p in pairs][:8]}"
+    if in_a_row >= settings.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"{where}: {in_a_row} steps in a row were not finite, stopping. Likely causes: a learning rate too "
+            f"high for this model (train.lr={settings.lr:g}), half-precision weights without loss scaling "
+            "(model.dtype), or a response the reference model finds impossible (a token it never emits)"
+        )
+    log(f"train: {where}: not finite, step skipped ({in_a_row} in a row; {settings.max_nonfinite_steps} stop the run)")
+
+
 def chosen_nll(token_logps: torch.Tensor, seq_ids: torch.Tensor, num_pairs: int) -> torch.Tensor:
     """Mean over the chosen responses (sequences 0..P-1) of their per-token negative log-likelihood."""
     flat, ids = token_logps.reshape(-1), seq_ids.reshape(-1)
@@ -255,6 +268,7 @@ def train_stage(
 
     # ---- loop
     model.train()
+    skipped_steps, bad_in_a_row = 0, 0  # steps whose loss or gradient was not finite: skipped, counted
     for step in range(first_step, total_steps):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(pairs), settings.seed, epoch)
@@ -268,7 +282,7 @@ def train_stage(
         # Statistics stay on the device until the step ends: one host sync per step (plus one
         # per micro-batch with refinement, whose tau window lives on the host).
         started, tokens, positions, step_metrics, step_flags = time.perf_counter(), 0, 0, 0.0, []
-        tau = None
+        tau, finite_margins = None, True
         for start in range(0, len(step_pairs), settings.micro_batch_size):
             micro = step_pairs[start : start + settings.micro_batch_size]
             cpu_batch = collate_pairs(micro, pad_id, packed=settings.packing)
@@ -296,10 +310,10 @@ def train_stage(
             )  # fmt: skip
             if settings.refine:
                 margins = result.noise_margin.tolist()
-                bad = [p.location for p, m in zip(micro, margins, strict=True) if not math.isfinite(m)]
-                if bad:
-                    raise FloatingPointError(f"step {step + 1}: non-finite noise margin for pairs {bad}")
-                threshold.update(margins)
+                if all(math.isfinite(m) for m in margins):
+                    threshold.update(margins)
+                else:
+                    finite_margins = False  # tau's window never takes a NaN; the step is skipped below
             loss = result.loss
             if settings.nll_alpha:
                 loss = loss + settings.nll_alpha * chosen_nll(logps.policy, batch["seq_ids"], len(micro))
@@ -308,19 +322,20 @@ def train_stage(
             if settings.refine:
                 step_flags.append((micro, tau, result.noise_margin, result.confident))
         totals = dict(zip(result.METRIC_NAMES, step_metrics.tolist(), strict=True))
-        if not math.isfinite(totals["loss"]):
-            # Checked before the optimizer step, so the weights never see a non-finite gradient.
-            raise FloatingPointError(
-                f"step {step + 1}: the loss is {totals['loss']} for pairs {[p.location for p in step_pairs]}"
-            )
-        flag_records = [
-            {"step": step + 1, "pair": p.location, "noise_margin": m, "tau": t, "confident": c}
-            for micro, t, margins, confident in step_flags
-            for p, m, c in zip(micro, margins.tolist(), confident.tolist(), strict=True)
-        ]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        # Checked before the optimizer step, so the weights never see a non-finite gradient.
+        if math.isfinite(totals["loss"]) and math.isfinite(float(grad_norm)) and finite_margins:
+            optimizer.step()
+            bad_in_a_row = 0
+            flag_records = [
+                {"step": step + 1, "pair": p.location, "noise_margin": m, "tau": t, "confident": c}
+                for micro, t, margins, confident in step_flags
+                for p, m, c in zip(micro, margins.tolist(), confident.tolist(), strict=True)
+            ]
+        else:
+            skipped_steps, bad_in_a_row, flag_records = skipped_steps + 1, bad_in_a_row + 1, []
+            nonfinite_step(step, step_pairs, totals["loss"], float(grad_norm), bad_in_a_row, settings, log)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -328,7 +343,7 @@ def train_stage(
         record = {
             "step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm),
             **totals, "spa/alpha": alpha_t if tau is not None else 0.0, "spa/tau": tau, "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "padding": 1 - tokens / positions,
+            "padding": 1 - tokens / positions, "nonfinite_steps_skipped": skipped_steps,
             "peak_memory_mib": peak_memory_bytes(device) / 2**20,
         }  # fmt: skip
         with metrics_path.open("a", encoding="utf-8") as f:

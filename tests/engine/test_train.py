@@ -319,3 +319,30 @@ def test_a_garbled_metrics_line_is_dropped_and_named_not_the_lines_after_it(tmp_
     train_module.truncate_metrics(path, 4, log=logs.append)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 3, 4]
     assert logs == [f"train: {path}: 2 garbled line(s) dropped (line 2, 5)"]
+
+
+@pytest.mark.parametrize("bad_steps", [1, 3])
+def test_non_finite_steps_are_skipped_and_counted_until_too_many_in_a_row(setup, tmp_path, monkeypatch, bad_steps):
+    model, pairs, pad_id, _ = setup
+    real_loss, calls = train_module.spa_loss, []
+
+    def poisoned(*args, **kwargs):
+        result = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) <= bad_steps:
+            result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(train_module, "spa_loss", poisoned)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    logs = []
+    settings = TrainSettings(lr=1e-3, batch_size=1, micro_batch_size=1, optimizer="adamw", save_every=100, epochs=1)
+    if bad_steps >= settings.max_nonfinite_steps:
+        with pytest.raises(FloatingPointError, match=r"3 steps in a row were not finite, stopping\. Likely causes"):
+            train_stage(model, pairs, settings, tmp_path / "t", pad_id=pad_id, reference="init", log=logs.append)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+        return
+    train_stage(model, pairs, settings, tmp_path / "t", pad_id=pad_id, reference="init", log=logs.append)
+    metrics = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["nonfinite_steps_skipped"] for m in metrics] == [1, 1, 1, 1]
+    assert any("step 1: loss nan" in m and "step skipped (1 in a row" in m for m in logs)
