@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -118,6 +119,39 @@ def complete_batches(path: str | Path, plan: list[list[int]]) -> set[int]:
     done = {b for b, indices in found.items() if b < len(plan) and sorted(indices) == sorted(plan[b])}
     write_jsonl_atomic(path, [r for r in records if r["batch"] in done])
     return done
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+MANIFEST = "checksums.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file's checksum in the folder, so a damaged copy is found before it is used."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    write_json_atomic(folder / MANIFEST, {p.name: sha256_of(p) for p in files})
+
+
+def folder_problem(folder: Path) -> str | None:
+    """What is wrong with a folder against its manifest (None: nothing, or no manifest to check)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None if folder.is_dir() else f"{folder} is missing"
+    except ValueError:
+        return f"{folder / MANIFEST} is unreadable"
+    for name, digest in manifest.items():
+        if not (folder / name).is_file():
+            return f"{folder / name} is missing"
+        if sha256_of(folder / name) != digest:
+            return f"{folder / name} does not match its checksum (truncated or damaged)"
+    return None
 
 
 class RunFolderBusy(RuntimeError):

@@ -29,7 +29,7 @@ import torch
 from . import roles
 from .config import ConfigError, RunConfig, lr_note
 from .data import DataError, DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs, with_system_prompt
-from .files import run_folder_lock, write_json_atomic
+from .files import folder_problem, run_folder_lock, write_json_atomic
 from .generate import GenerationSettings, generate_responses, generate_stage_vllm
 from .judge import judge_generations
 from .preflight import preflight
@@ -66,7 +66,10 @@ def run_stages(config: RunConfig, runtime: Runtime, *, force: bool, log) -> dict
     finished = {}
     for stage in stage_list(config):  # every refusal before any work
         done = read_json(Path(config.run_dir) / stage.name / "done.json")
-        if done and done["fingerprint"] == prints[stage.name] and len(finished) == stage.index:
+        damaged = folder_problem(Path(config.run_dir) / stage.name / "model") if done else None
+        if damaged:
+            log(f"{stage.name}: its saved model is damaged ({damaged}): the stage saves it again")
+        if done and not damaged and done["fingerprint"] == prints[stage.name] and len(finished) == stage.index:
             finished[stage.name] = done
         elif not force:
             check_unchanged(config, stage, FORCE_REMEDY)

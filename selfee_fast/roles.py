@@ -16,7 +16,7 @@ import torch
 
 from . import models
 from .config import ConfigError, RunConfig
-from .files import folder_written_atomically
+from .files import folder_written_atomically, write_manifest
 from .runtime import Runtime
 
 
@@ -147,6 +147,7 @@ def save_policy(model, tokenizer, path: Path) -> None:
         else:
             model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        write_manifest(staging)
 
 
 def check_packing(config: RunConfig, model) -> None:

@@ -15,7 +15,6 @@ A killed run restarts from its latest checkpoint and continues bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import CHOICES, LAYOUT_SETTINGS, RunConfig, effective_lr
 from .data import TokenizedPair, collate_pairs, next_token_targets
-from .files import write_text_atomic, writing
+from .files import sha256_of, write_text_atomic, writing
 from .loss import NoiseThreshold, spa_loss
 from .models import sequence_token_logprobs
 from .stopping import stop_here, stop_requested
@@ -414,14 +413,6 @@ def save_checkpoint(out_dir: Path, step: int, model, names, optimizer, scheduler
         if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_problem(path: Path) -> tuple[str | None, dict | None]:

@@ -472,3 +472,19 @@ def test_twenty_random_kills_change_nothing(finished_run, workspace):
     kinds = {name.split(" ", 1)[1] for name in kills}
     assert {"generation", "judging", "training"} <= kinds, f"kills spread over the run: {kills}"
     print(f"{sum(kills.values())} kills survived, {finished + 1} runs compared: {kills}")
+
+
+def test_a_damaged_stage_model_is_found_and_saved_again(finished_run, workspace):
+    import shutil
+
+    run_dir, _ = finished_run
+    copy = workspace / "damaged_model"
+    shutil.copytree(run_dir, copy)
+    weights = copy / "iter1" / "model" / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[: len(original) // 3])
+    messages = []
+    run_pipeline(load_config(write_config(workspace, "damaged_model")), log=messages.append)
+    assert any(m.startswith("iter1: its saved model is damaged") and "adapter_model.safetensors" in m for m in messages)
+    assert weights.read_bytes() == original, "saved again from the stage's last checkpoint, bit for bit"
+    assert json.loads((copy / "iter1" / "model" / "checksums.json").read_text())["adapter_model.safetensors"]
