@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -204,6 +205,8 @@ def evaluate(
         row = {
             "model": "pi_init" if stage == "pi_init" else ("pi_0" if stage == "stage0" else f"pi_{stage[4:]}"),
             "gold_reward": sum(gold) / len(gold),
+            # the evaluation's own sampling noise: the standard error of the mean over prompts
+            "gold_se": statistics.stdev(gold) / math.sqrt(len(gold)) if len(gold) > 1 else 0.0,
             "win_rate_vs_init": sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(gold, base, strict=True))
             / len(gold),
             "response_tokens": sum(len(g.responses[0]) for g in generations) / len(generations),
@@ -288,11 +291,20 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         return None
     names = [r["model"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(names, [r["gold_reward"] for r in rows], marker="o")
-    axes[0].set_title("mean gold reward (held-out)")
+    gold = [r["gold_reward"] for r in rows]
+    noise = [2 * r.get("gold_se", 0.0) for r in rows]
+    axes[0].plot(names, gold, marker="o")
+    axes[0].fill_between(names, [g - n for g, n in zip(gold, noise, strict=True)],
+                         [g + n for g, n in zip(gold, noise, strict=True)], alpha=0.2, label="± 2 SE (evaluation)")  # fmt: skip
+    axes[0].set_ylim(0, 1)  # the whole scale: a one-prompt wobble must not look like a trend
+    axes[0].set_ylabel("mean gold reward, held-out prompts")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("gold reward")
     axes[1].plot(names, [r["win_rate_vs_init"] for r in rows], marker="o")
     axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
-    axes[1].set_title("gold win rate vs pi_init")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_ylabel("gold win rate vs pi_init (ties 1/2)")
+    axes[1].set_title("win rate")
     iters = [r for r in rows if "label_accuracy" in r]
     x = [r["model"] for r in iters]
 
@@ -303,8 +315,11 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     axes[2].plot(x, values("flag_precision"), marker="s", label="flag precision")
     axes[2].plot(x, values("wrong_label_rate"), marker="^", ls="--", label="wrong-label base rate")
     axes[2].set_ylim(0, 1)
+    axes[2].set_ylabel("fraction of pairs")
     axes[2].legend(fontsize=8)
     axes[2].set_title("self-made labels vs gold")
+    for ax in axes:
+        ax.set_xlabel("model")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
