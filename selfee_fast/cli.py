@@ -201,7 +201,7 @@ def stage_step(args: argparse.Namespace) -> int:
     from .data import DataError
     from .files import RunFolderBusy, WriteFailed, run_folder_lock
     from .preflight import preflight
-    from .stages import as_begun, parse_stage
+    from .stages import as_begun, parse_stage, read_json, stage_fingerprints
     from .stopping import Interrupted, stop_requests
 
     try:
@@ -214,6 +214,11 @@ def stage_step(args: argparse.Namespace) -> int:
         runtime = preflight(config)
         with run_folder_lock(config.run_dir, f"selfee-fast {args.command} --stage {stage.name}"), stop_requests():
             config = as_begun(config)
+            done = read_json(Path(config.run_dir) / stage.name / "done.json")
+            if done and done["fingerprint"] == stage_fingerprints(config)[stage.name]:
+                print(f"{stage.name} is finished (its done.json matches this config): nothing to do; "
+                      "`selfee-fast run --force` after a change redoes it")  # fmt: skip
+                return 0
             remedy = "redo it with `selfee-fast run --force`, or use a new run_dir"
             pipeline.run_stage(config, runtime, stage, until=args.command, remedy=remedy, log=print)
     except (ConfigError, DataError, FileNotFoundError, RunFolderBusy) as e:
@@ -306,6 +311,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep the output to what the user needs: the libraries' own progress bars and notices go.
+
+    transformers draws a bar for every weight load and save and warns about its own deprecated
+    names, which peft still calls; bitsandbytes warns at import that an optional CPU 4-bit kernel
+    package is missing. None of it is actionable for a user of selfee-fast.
+    """
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+    except ImportError:  # transformers is a dependency; this only keeps `--help` fast and safe
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -313,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         # Everything after `bench` is the benchmark script's, --help included.
         return bench(argparse.Namespace(bench_args=argv[1:]))
     args = parser.parse_args(argv)
+    if args.command not in ("kernel-demo",):
+        quiet_libraries()
     return args.func(args)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import roles
-from .config import ConfigError, RunConfig, lr_note
+from .config import ConfigError, RunConfig, lr_note, save_config
 from .data import DataError, DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs, with_system_prompt
 from .files import folder_problem, run_folder_lock, write_json_atomic
 from .generate import GenerationSettings, generate_responses, generate_stage_vllm
@@ -87,6 +87,8 @@ def run_stages(config: RunConfig, runtime: Runtime, *, force: bool, log) -> dict
         done = {"fingerprint": prints[stage.name], **run_stage(config, runtime, stage, log=log)}
         write_json_atomic(stage_dir / "done.json", done)
         summary["stages"][stage.name] = done
+    # The configuration the summary describes, even when every stage was finished before.
+    save_config(config, Path(config.run_dir) / "config.yaml")
     write_json_atomic(Path(config.run_dir) / "summary.json", summary)
     return summary
 

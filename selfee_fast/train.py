@@ -98,6 +98,8 @@ def iteration_pairs(
     kept = [p for p in judged if keep_identical or p.chosen_ids != p.rejected_ids]
     if len(kept) < len(judged):
         report.skipped["pairs of two identical responses"] += len(judged) - len(kept)
+        log(f"iter{iteration}: {len(judged) - len(kept)} of {len(judged)} pairs are two identical responses: "
+            "not trained on (spa.keep_identical_pairs keeps them)")  # fmt: skip
     pairs = [
         TrainPair(p.location, p.prompt_ids, p.chosen_ids, p.rejected_ids, p.chosen_logp_policy, p.rejected_logp_policy)
         for p in kept

@@ -488,3 +488,22 @@ def test_a_damaged_stage_model_is_found_and_saved_again(finished_run, workspace)
     assert any(m.startswith("iter1: its saved model is damaged") and "adapter_model.safetensors" in m for m in messages)
     assert weights.read_bytes() == original, "saved again from the stage's last checkpoint, bit for bit"
     assert json.loads((copy / "iter1" / "model" / "checksums.json").read_text())["adapter_model.safetensors"]
+
+
+def test_a_single_step_on_a_finished_stage_does_nothing_and_summary_matches_config(finished_run, workspace, capsys):
+    import shutil
+
+    from selfee_fast.cli import main
+
+    run_dir, _ = finished_run
+    copy = workspace / "finished_copy"
+    shutil.copytree(run_dir, copy)
+    config = write_config(workspace, "finished_copy")
+    model = copy / "stage0" / "model" / "adapter_model.safetensors"
+    before = model.stat().st_mtime_ns
+    assert main(["train", str(config), "--stage", "stage0"]) == 0
+    assert "stage0 is finished" in capsys.readouterr().out and model.stat().st_mtime_ns == before
+    # Rerun with fewer iterations than the folder holds: summary.json and config.yaml describe the same run.
+    run_pipeline(load_config(config, ["spa.iterations=1"]), log=lambda *_: None)
+    assert list(json.loads((copy / "summary.json").read_text())["stages"]) == ["stage0", "iter1"]
+    assert yaml.safe_load((copy / "config.yaml").read_text())["spa"]["iterations"] == 1
