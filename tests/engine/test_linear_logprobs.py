@@ -6,7 +6,7 @@ from conftest import assert_close, naive_extrapolated, naive_logprobs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfee_fast import linear_logprobs
+from selfee_fast import linear_logprobs, spa_loss
 
 BACKENDS = ["torch", "triton"]
 
@@ -293,3 +293,20 @@ def test_fused_backward_accumulates_a_chunk_of_rows_at_a_time(monkeypatch, dtype
     assert chunked.dtype == dtype
     assert_close(chunked, expected, dtype, float(expected.abs().max()))
     assert torch.equal(chunked[targets == -100], torch.zeros_like(chunked[targets == -100]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_long_sequences_with_extreme_logits_stay_finite(dtype):
+    """4096 tokens whose logits reach tens of thousands (near fp16's limit): no NaN or inf anywhere."""
+    torch.manual_seed(0)
+    tokens, hidden_size, vocab = 4096, 64, 1000
+    hidden = (torch.randn(2, tokens // 2, hidden_size) * 30).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size) * 30).to(dtype)
+    labels = torch.randint(0, vocab, (2, tokens // 2))
+    out = linear_logprobs(hidden, weight, labels, ref_hidden=hidden.detach() * 0.9, extrapolate=0.5)
+    assert float((hidden.float() @ weight.float().T).abs().max()) > 2e4, "the logits are extreme"
+    for values in (out.policy, out.reference, out.extrapolated):
+        assert torch.isfinite(values).all()
+    result = spa_loss(out.policy, out.reference, mask=labels >= 0, extrapolated_logps=out.extrapolated, beta=0.1)
+    result.loss.backward()
+    assert torch.isfinite(result.loss) and torch.isfinite(hidden.grad).all()
