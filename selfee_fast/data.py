@@ -271,6 +271,14 @@ def prompt_ids(tokenizer, messages: Messages) -> list[int]:
     return ids
 
 
+def record_prompt_ids(tokenizer, record) -> list[int]:
+    """`prompt_ids` of a record's prompt; a chat template that cannot render it is an error naming the record."""
+    try:
+        return prompt_ids(tokenizer, record.prompt)
+    except Exception as error:  # jinja's TemplateError, or whatever a template raises (raise_exception(...))
+        raise DataError(f"{record.location}: the chat template cannot render this prompt ({error})") from None
+
+
 def takes_system_turn(tokenizer) -> bool:
     """Whether the chat template refers to a system role (the official SPA code's test, from the alignment-handbook)."""
     template = getattr(tokenizer, "chat_template", None) or ""
@@ -336,7 +344,7 @@ def tokenize_pairs(
     pairs = []
     for r in records:
         prompt, (chosen, rejected) = fit_lengths(
-            prompt_ids(tokenizer, r.prompt),
+            record_prompt_ids(tokenizer, r),
             [response_ids(tokenizer, r.chosen), response_ids(tokenizer, r.rejected)],
             max_length, max_prompt_length, report,
         )  # fmt: skip

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .batching import BatchLimit, split_on_oom
 from .config import RunConfig
-from .data import PromptRecord, padding_id, prompt_ids, with_system_prompt
+from .data import PromptRecord, padding_id, record_prompt_ids, with_system_prompt
 from .files import append_batch, complete_batches
 from .records import Generation, read_generations
 from .stopping import stop_here
@@ -216,7 +216,7 @@ def prepare(tokenizer, prompts: list[PromptRecord], settings: GenerationSettings
     The part both backends share.
     """
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    all_prompt_ids = [prompt_ids(tokenizer, p.prompt) for p in prompts]
+    all_prompt_ids = [record_prompt_ids(tokenizer, p) for p in prompts]
     limit = settings.max_prompt_length
     truncated = {i for i, ids in enumerate(all_prompt_ids) if limit is not None and len(ids) > limit}
     if truncated:

@@ -12,7 +12,7 @@ import importlib.util
 
 from . import models
 from .config import ConfigError, RunConfig, check_values
-from .data import DataError, load_preferences, load_prompts
+from .data import DataError, load_preferences, load_prompts, record_prompt_ids, with_system_prompt
 from .runtime import Runtime, resolve_runtime
 
 
@@ -57,14 +57,22 @@ def check_model_folders(config: RunConfig) -> None:
 
 
 def check_data_files(config: RunConfig) -> None:
-    """Read every data file the run uses, as the run will; a file with nothing usable is refused."""
+    """Read every data file the run uses, as the run will, and render its prompts with the chat template.
+
+    A file with nothing usable is refused; a prompt the template cannot render is named.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path, local_files_only=True, trust_remote_code=False)
     skip = config.data.skip_invalid
     files = [("data.seed_pairs", config.data.seed_pairs, load_preferences)] if config.data.seed_pairs else []
     for i, pool in enumerate(config.data.prompt_pools[: config.spa.iterations]):
         files.append((f"data.prompt_pools[{i}]", pool, load_prompts))
     for key, path, load in files:
         try:
-            _, report = load(path, skip_invalid=skip)
+            records, report = load(path, skip_invalid=skip)
+            for record in with_system_prompt(records, config.data.system_prompt, tokenizer):
+                record_prompt_ids(tokenizer, record)
         except (DataError, FileNotFoundError) as error:
             raise ConfigError(f"{key}: {error}") from None
         if report.used == 0:

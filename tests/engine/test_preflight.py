@@ -131,3 +131,24 @@ def test_skip_invalid_counts_an_undecodable_line_instead(workspace, monkeypatch)
     (workspace / "data" / "latin1.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
     pools = "data.prompt_pools=[data/pool1.jsonl, data/latin1.jsonl, data/pool3.jsonl]"
     preflight(config_with(workspace, pools, "data.skip_invalid=true"))
+
+
+def test_a_prompt_the_chat_template_cannot_render_is_named_before_anything_loads(workspace, monkeypatch, tmp_path):
+    import shutil
+
+    monkeypatch.chdir(workspace)
+    model = tmp_path / "raising_template"
+    shutil.copytree(workspace / "models" / "pi_init", model)
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    settings["chat_template"] = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m.content }}{% endfor %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(settings))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = config_with(workspace, f"model.path={model}", "data.system_prompt=''")
+    with pytest.raises(
+        ConfigError, match=r"data\.seed_pairs: data/seed\.jsonl:1: the chat template cannot render .*System role"
+    ):
+        run_pipeline(config, log=lambda *_: None)
+    assert not (workspace / "refused").exists()
