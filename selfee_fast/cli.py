@@ -215,7 +215,8 @@ def stage_step(args: argparse.Namespace) -> int:
         with run_folder_lock(config.run_dir, f"selfee-fast {args.command} --stage {stage.name}"), stop_requests():
             config = as_begun(config)
             done = read_json(Path(config.run_dir) / stage.name / "done.json")
-            if done and done["fingerprint"] == stage_fingerprints(config)[stage.name]:
+            # train would only save the finished model again; generate and judge resume from their files
+            if args.command == "train" and done and done["fingerprint"] == stage_fingerprints(config)[stage.name]:
                 print(f"{stage.name} is finished (its done.json matches this config): nothing to do; "
                       "`selfee-fast run --force` after a change redoes it")  # fmt: skip
                 return 0

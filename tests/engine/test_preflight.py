@@ -53,7 +53,7 @@ def test_a_finished_run_folder_of_the_previous_release_is_skipped_whole(workspac
     config = load_config(None, overrides("demo_like"))
     prints = json.loads(RELEASE_PRINTS.read_text())["demo_like"]["fingerprints"]
     for stage, fingerprint in prints.items():  # the files the release wrote: a fingerprint, no settings
-        (workspace / "run" / stage).mkdir(parents=True)
+        (workspace / "run" / stage / "model").mkdir(parents=True)  # a release's model folder: no manifest
         (workspace / "run" / stage / "started.json").write_text(json.dumps({"fingerprint": fingerprint}))
         (workspace / "run" / stage / "done.json").write_text(json.dumps({"fingerprint": fingerprint, "pairs": 1}))
     messages = []
@@ -72,7 +72,7 @@ def test_a_lora_run_begun_at_the_earlier_default_learning_rate_resumes_without_f
     entry = json.loads(RELEASE_PRINTS.read_text())["paper_defaults"]
     config = load_config(None, [*entry["overrides"], "run_dir=paper"])
     for stage, fingerprint in entry["fingerprints"].items():
-        (workspace / "paper" / stage).mkdir(parents=True)
+        (workspace / "paper" / stage / "model").mkdir(parents=True)
         (workspace / "paper" / stage / "started.json").write_text(json.dumps({"fingerprint": fingerprint}))
         (workspace / "paper" / stage / "done.json").write_text(json.dumps({"fingerprint": fingerprint}))
     messages = []
