@@ -171,6 +171,15 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
             ),
             "the three together, best and worst of 4 responses per prompt",
         ),
+        "spa_stable_no_reference": (
+            (
+                ("spa.judge_reward", "mean"),
+                ("train.nll_alpha", 1.0),
+                ("spa.seed_replay", 0.5),
+                ("spa.judge_reference", "none"),
+            ),
+            "the three together, judged by log pi_{i-1} alone (the paper's no-reference ablation)",
+        ),
         "spa_dice": (
             (("spa.judge_reference", "previous"), ("spa.judge_reward", "mean"), ("spa.seed_replay", 0.5)),
             "DICE's recipe in our terms: judge against the previous iterate, per token, seed replay",
@@ -617,6 +626,7 @@ COMPARISONS = [
     ("spa_mean_replay", "spa_dnd"),
     ("spa_stable_n4", "spa_stable"),
     ("spa_dice", "spa_stable"),
+    ("spa_stable_no_reference", "spa_stable"),
     ("spa_stable", "dpo_seed"),
     ("spa_stable", "dpo_all_gold"),
 ]

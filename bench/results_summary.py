@@ -58,6 +58,7 @@ COLUMNS = [
     ("judge mean + replay − spa_dnd", lambda r: paired(r, ("spa_mean_replay",), ("spa_dnd",))),
     ("all three, best/worst of 4 − all three", lambda r: paired(r, ("spa_stable_n4",), ("spa_stable",))),
     ("DICE-like − all three", lambda r: paired(r, ("spa_dice",), ("spa_stable",))),
+    ("all three, no judge reference − all three", lambda r: paired(r, ("spa_stable_no_reference",), ("spa_stable",))),
 ]
 
 
