@@ -1,6 +1,6 @@
 """Command line: `selfee-fast {run,generate,judge,train,demo,kernel-demo,bench}` (or `python -m selfee_fast`).
 
-`demo` runs SPA end to end on a task with a known gold reward (selfee_fast/demo.py).
+`demo` runs SPA end to end on a task with a known gold reward (selfee_fast/demo/run.py).
 `kernel-demo` shows the fused head on this machine: one DPO step's LM-head work (policy and
 reference log-probs, the SPA loss and its gradient) computed twice — by plain PyTorch with
 materialised logits and by `linear_logprobs` + `spa_loss` — each in a fresh process so its

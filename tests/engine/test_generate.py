@@ -27,7 +27,7 @@ from selfee_fast.config import ConfigError, load_config
 from selfee_fast.data import PromptRecord
 from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
 from selfee_fast.generate import GenerationSettings, generate_responses, generate_responses_vllm
-from selfee_fast.records import read_generations as load_generations
+from selfee_fast.records import read_generations
 
 WORDS = "the cat dog sat ran on a mat log big small red blue one two three".split()
 
@@ -272,7 +272,7 @@ def test_vllm_resume_regenerates_only_the_torn_batch(workspace, fake_vllm, tmp_p
     fake_vllm.clear()
     resumed = generate_responses_vllm(root / "model", tokenizer, prompts, SETTINGS, path, log=lambda *_: None)
     assert resumed == full, "per-prompt seeds: the regenerated batches equal the first run's"
-    assert len(load_generations(path)) == len(prompts), "nothing lost, nothing duplicated"
+    assert len(read_generations(path)) == len(prompts), "nothing lost, nothing duplicated"
     calls = [e for e in fake_vllm if e[0] == "generate"]
     assert sum(len(c[1]) for c in calls) == len(prompts) - 6, "batches 0 and 1 were not generated again"
     fake_vllm.clear()
@@ -354,7 +354,7 @@ def test_pipeline_generates_with_vllm_before_loading_the_policy(workspace, fake_
 
 
 def test_vllm_backend_without_vllm_is_refused_up_front(workspace, tmp_path, monkeypatch):
-    from selfee_fast.preflight import preflight as check_config
+    from selfee_fast.preflight import preflight
 
     root, _, _ = workspace
     real_find_spec = importlib.util.find_spec
@@ -366,11 +366,11 @@ def test_vllm_backend_without_vllm_is_refused_up_front(workspace, tmp_path, monk
     }  # fmt: skip
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=r"pip install 'selfee-fast\[vllm\]'"):
-        check_config(load_config(tmp_path / "c.yaml"))
+        preflight(load_config(tmp_path / "c.yaml"))
     config["generation"]["backend"] = "sglang"
     (tmp_path / "d.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=r"generation\.backend must be one of \('hf', 'vllm'\)"):
-        check_config(load_config(tmp_path / "d.yaml"))
+        preflight(load_config(tmp_path / "d.yaml"))
 
 
 @pytest.mark.gpu

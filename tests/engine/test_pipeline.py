@@ -247,16 +247,16 @@ def test_reward_model_judge_baseline(workspace):
     # The fitted model is reused while its settings hold, and fit again when they change.
     from transformers import AutoTokenizer
 
-    from selfee_fast.reward_model import fit_to_seed as ensure_reward_model
+    from selfee_fast.reward_model import fit_to_seed
 
     tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
     messages = []
-    ensure_reward_model(config, tokenizer, messages.append)
+    fit_to_seed(config, tokenizer, messages.append)
     assert messages[-1].startswith("reward model: found in")
     changed = load_config(write_config(workspace, "rm", train__seed_epochs=1),
                           ["spa.iterations=1", "spa.judge=reward_model", "spa.refine=false",
                            "spa.reward_model_epochs=1"])  # fmt: skip
-    ensure_reward_model(changed, tokenizer, messages.append)
+    fit_to_seed(changed, tokenizer, messages.append)
     assert any("fitting it again" in m for m in messages)
     assert json.loads((run_dir / "reward_model" / "reward_model.json").read_text())["settings"]["epochs"] == 1
     with pytest.raises(ConfigError, match=r"spa\.judge must be"):
