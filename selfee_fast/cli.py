@@ -154,15 +154,9 @@ def default_demo_folder(task_spec: str, quick: bool) -> Path:
 
 def spa_demo(args: argparse.Namespace) -> int:
     from .demo import DEFAULT, QUICK, run_demo
-    from .demo.run import DemoSettingsError
-    from .demo.tasks import TaskError
 
     out = Path(args.out) if args.out is not None else default_demo_folder(args.task, args.quick)
-    try:
-        result = run_demo(out, task_spec=args.task, scale=QUICK if args.quick else DEFAULT, seed=args.seed)
-    except (TaskError, DemoSettingsError) as e:
-        print(f"selfee-fast: {e}", file=sys.stderr)
-        return 2
+    result = run_demo(out, task_spec=args.task, scale=QUICK if args.quick else DEFAULT, seed=args.seed)
     print(f"\nSPA on {result['task']} (gold reward hidden from the algorithm; held-out prompts):\n")
     print(result["table"])
     print(f"\n{result['seconds']:.0f} s; results in {out / 'results.json'}")
@@ -172,24 +166,11 @@ def spa_demo(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .files import RunFolderBusy, WriteFailed
+    from .config import load_config
     from .pipeline import run_pipeline
-    from .stopping import Interrupted
 
-    try:
-        config = load_config(args.config, args.overrides)
-        summary = run_pipeline(config, force=args.force)
-    except (ConfigError, DataError, FileNotFoundError, RunFolderBusy) as e:
-        print(f"selfee-fast: {e}", file=sys.stderr)
-        return 2
-    except WriteFailed as e:  # a full disk: not the config's fault
-        print(f"selfee-fast: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        print(f"selfee-fast: {e}; rerun `selfee-fast run` with the same config to resume", file=sys.stderr)
-        return 130
+    config = load_config(args.config, args.overrides)
+    summary = run_pipeline(config, force=args.force)
     print(f"done: {len(summary['stages'])} stages in {config.run_dir} (summary.json)")
     return 0
 
@@ -198,39 +179,28 @@ def stage_step(args: argparse.Namespace) -> int:
     """One step of one stage, through the same stage runner as `run`, for running or redoing a step alone."""
     from . import pipeline
     from .config import ConfigError, check_values, load_config
-    from .data import DataError
-    from .files import RunFolderBusy, WriteFailed, run_folder_lock
+    from .files import run_folder_lock
     from .preflight import preflight
-    from .stages import as_begun, parse_stage, read_json, stage_fingerprints
-    from .stopping import Interrupted, stop_requests
+    from .stages import as_begun, parse_stage, read_stage_record, stage_fingerprints
+    from .stopping import stop_requests
 
-    try:
-        config = load_config(args.config, args.overrides)
-        stage = parse_stage(config, args.stage)
-        if args.command != "train" and not stage.iteration:
-            raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage.name!r}")
-        check_values(config)
-        pipeline.previous_stage_model(config, stage)  # its predecessor finished: said before any other check
-        runtime = preflight(config)
-        with run_folder_lock(config.run_dir, f"selfee-fast {args.command} --stage {stage.name}"), stop_requests():
-            config = as_begun(config)
-            done = read_json(Path(config.run_dir) / stage.name / "done.json")
-            # train would only save the finished model again; generate and judge resume from their files
-            if args.command == "train" and done and done["fingerprint"] == stage_fingerprints(config)[stage.name]:
-                print(f"{stage.name} is finished (its done.json matches this config): nothing to do; "
-                      "`selfee-fast run --force` after a change redoes it")  # fmt: skip
-                return 0
-            remedy = "redo it with `selfee-fast run --force`, or use a new run_dir"
-            pipeline.run_stage(config, runtime, stage, until=args.command, remedy=remedy, log=print)
-    except (ConfigError, DataError, FileNotFoundError, RunFolderBusy) as e:
-        print(f"selfee-fast: {e}", file=sys.stderr)
-        return 2
-    except WriteFailed as e:  # a full disk: not the config's fault
-        print(f"selfee-fast: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        print(f"selfee-fast: {e}; rerun the same command to resume", file=sys.stderr)
-        return 130
+    config = load_config(args.config, args.overrides)
+    stage = parse_stage(config, args.stage)
+    if args.command != "train" and not stage.iteration:
+        raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage.name!r}")
+    check_values(config)
+    pipeline.previous_stage_model(config, stage)  # its predecessor finished: said before the slower checks
+    runtime = preflight(config)
+    with run_folder_lock(config.run_dir, f"selfee-fast {args.command} --stage {stage.name}"), stop_requests():
+        config = as_begun(config)
+        done = read_stage_record(Path(config.run_dir) / stage.name / "done.json")
+        # train would only save the finished model again; generate and judge resume from their files
+        if args.command == "train" and done and done["fingerprint"] == stage_fingerprints(config)[stage.name]:
+            print(f"{stage.name} is finished (its done.json matches this config): nothing to do; "
+                  "`selfee-fast run --force` after a change redoes it")  # fmt: skip
+            return 0
+        remedy = "redo it with `selfee-fast run --force`, or use a new run_dir"
+        pipeline.run_stage(config, runtime, stage, until=args.command, remedy=remedy, log=print)
     if args.command == "train":
         print(f"saved {Path(config.run_dir) / stage.name / 'model'} (done.json is written by `selfee-fast run` only)")
     return 0
@@ -342,6 +312,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command not in ("kernel-demo",):
         quiet_libraries()
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a subcommand; what goes wrong is one line on stderr and an exit code, never a traceback.
+
+    2: the input (config, data, a folder in use); 1: the run could not go on (a full disk, a
+    diverged loss, a checkpoint of other settings); 130: stopped on Ctrl-C or SIGTERM.
+    """
+    from .config import ConfigError
+    from .data import DataError
+    from .demo.run import DemoSettingsError
+    from .demo.tasks import TaskError
+    from .files import RunFolderBusy, WriteFailed
+    from .stopping import Interrupted
+    from .train import CheckpointMismatch
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError, RunFolderBusy, TaskError, DemoSettingsError) as error:
+        print(f"selfee-fast: {error}", file=sys.stderr)
+        return 2
+    except (WriteFailed, FloatingPointError, CheckpointMismatch) as error:
+        print(f"selfee-fast: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as error:
+        print(f"selfee-fast: {error}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # the second Ctrl-C: at once, every file still whole
+        print("selfee-fast: stopped at once; the run folder is consistent: rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
     return args.func(args)
 
 

@@ -1,7 +1,8 @@
 """Files that survive a kill: atomic writes, and JSONL files appended batch by batch.
 
-Every file selfee_fast writes goes through `write_text_atomic` (temporary file, fsync,
-rename), so a reader sees the old content or the new, never half of it. Generation and
+Every whole file selfee_fast writes goes through `write_text_atomic` (temporary file, fsync,
+rename), so a reader sees the old content or the new, never half of it; and every write, whole
+or appended, goes through `writing`, which turns a full disk into one line naming the file. Generation and
 judgment append one batch of records at a time instead; `complete_batches` is how a
 restart finds which batches made it to disk whole. Saved models (folders) are written into
 a staging folder and swapped in whole (`folder_written_atomically`).
@@ -17,11 +18,14 @@ import os
 import shutil
 from pathlib import Path
 
-# What a full disk looks like: the OS's own codes, and the messages torch.save gives when its
-# writer runs out of room mid-file (it never says why).
+# What a full disk looks like: the OS's own codes; the messages torch.save gives when its writer
+# runs out of room mid-file (it never says why); safetensors' error, which carries the OS error as text.
 FULL_OR_READ_ONLY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                      errno.EROFS: "the folder is read-only"}  # fmt: skip
-TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed", "os error 28", "os error 122",
+               "No space left on device")  # fmt: skip
+READ_ONLY = ("os error 30", "Read-only file system")
+RESUME = "everything written before is intact: free space and rerun the same command to resume"
 
 
 class WriteFailed(RuntimeError):
@@ -37,13 +41,14 @@ def writing(path: str | Path):
         if error.errno not in FULL_OR_READ_ONLY:
             raise
         raise WriteFailed(f"cannot write {path}: {FULL_OR_READ_ONLY[error.errno]}; {RESUME}") from error
-    except RuntimeError as error:
-        if isinstance(error, WriteFailed) or not any(s in str(error) for s in TORCH_SHORT_WRITE):
+    except Exception as error:  # torch's RuntimeError, safetensors' SafetensorError: the OS error is in the text
+        if isinstance(error, WriteFailed):
+            raise
+        if any(s in str(error) for s in READ_ONLY):
+            raise WriteFailed(f"cannot write {path}: the folder is read-only; {RESUME}") from error
+        if not any(s in str(error) for s in SHORT_WRITE):
             raise
         raise WriteFailed(f"cannot write {path}: the disk is full (a short write); {RESUME}") from error
-
-
-RESUME = "everything written before is intact: free space and rerun the same command to resume"
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -173,7 +178,8 @@ def run_folder_lock(run_dir: str | Path, command: str):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / ".lock"
-    handle = path.open("a+", encoding="utf-8")
+    with writing(path):
+        handle = path.open("a+", encoding="utf-8")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -43,7 +43,7 @@ from .stages import (
     check_unchanged,
     claim_stage,
     iteration_lambda,
-    read_json,
+    read_stage_record,
     stage_fingerprints,
     stage_list,
 )
@@ -65,7 +65,7 @@ def run_stages(config: RunConfig, runtime: Runtime, *, force: bool, log) -> dict
     prints = stage_fingerprints(config)
     finished = {}
     for stage in stage_list(config):  # every refusal before any work
-        done = read_json(Path(config.run_dir) / stage.name / "done.json")
+        done = read_stage_record(Path(config.run_dir) / stage.name / "done.json")
         damaged = folder_problem(Path(config.run_dir) / stage.name / "model") if done else None
         if damaged:
             log(f"{stage.name}: its saved model is damaged ({damaged}): the stage saves it again")
@@ -80,7 +80,7 @@ def run_stages(config: RunConfig, runtime: Runtime, *, force: bool, log) -> dict
             log(f"{stage.name}: finished earlier, skipped")
             summary["stages"][stage.name] = finished[stage.name]
             continue
-        started = read_json(stage_dir / "started.json")
+        started = read_stage_record(stage_dir / "started.json")
         if redo_rest or (started and started["fingerprint"] != prints[stage.name]):
             shutil.rmtree(stage_dir, ignore_errors=True)  # force: redo it and every stage after it
             redo_rest = True

@@ -147,7 +147,7 @@ def settings_changed(recorded: dict, current: dict) -> str:
 def check_unchanged(config: RunConfig, stage: Stage, remedy: str) -> None:
     """Refuse to continue a stage that was started with another configuration, naming what changed."""
     started_path = Path(config.run_dir) / stage.name / "started.json"
-    recorded, current = read_json(started_path), stage_record(config, stage)
+    recorded, current = read_stage_record(started_path), stage_record(config, stage)
     if recorded and recorded["fingerprint"] != current["fingerprint"]:
         changed = settings_changed(recorded, current)
         raise ConfigError(f"{stage.name} was started with another configuration ({started_path}): {changed}; {remedy}")
@@ -163,7 +163,7 @@ def claim_stage(config: RunConfig, stage: Stage, remedy: str) -> None:
     write_json_atomic(stage_dir / "started.json", stage_record(config, stage))
 
 
-def read_json(path: Path) -> dict | None:
+def read_stage_record(path: Path) -> dict | None:
     """A stage's record (None: not written yet); a damaged one is a clear error saying what to do."""
     if not path.exists():
         return None
@@ -189,7 +189,7 @@ def as_begun(config: RunConfig, log=print) -> RunConfig:
     if config.train.lr is not None or config.model.lora_r == 0:
         return config
     for stage in stage_list(config):
-        started = read_json(Path(config.run_dir) / stage.name / "started.json")
+        started = read_stage_record(Path(config.run_dir) / stage.name / "started.json")
         if started is not None and "inputs" not in started:
             log(
                 f"{config.run_dir} was begun by an earlier release at its default train.lr={PAPER_LR:g}: continuing with it"

@@ -165,7 +165,7 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
     return next_token_targets(labels) != -100
 
 
-def nonfinite_step(step: int, pairs, loss: float, grad_norm: float, in_a_row: int, settings, log) -> None:
+def report_or_stop_nonfinite(step: int, pairs, loss: float, grad_norm: float, in_a_row: int, settings, log) -> None:
     """Name a skipped step; stop the run, with the likely causes, once too many come in a row."""
     where = f"step {step + 1}: loss {loss}, gradient norm {grad_norm} for pairs {[p.location for p in pairs][:8]}"
     if in_a_row >= settings.max_nonfinite_steps:
@@ -336,7 +336,7 @@ def train_stage(
             ]
         else:
             skipped_steps, bad_in_a_row, flag_records = skipped_steps + 1, bad_in_a_row + 1, []
-            nonfinite_step(step, step_pairs, totals["loss"], float(grad_norm), bad_in_a_row, settings, log)
+            report_or_stop_nonfinite(step, step_pairs, totals["loss"], float(grad_norm), bad_in_a_row, settings, log)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -347,10 +347,10 @@ def train_stage(
             "padding": 1 - tokens / positions, "nonfinite_steps_skipped": skipped_steps,
             "peak_memory_mib": peak_memory_bytes(device) / 2**20,
         }  # fmt: skip
-        with metrics_path.open("a", encoding="utf-8") as f:
+        with writing(metrics_path), metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if flag_records:  # per pair: SPA's noise margin and flag, for analysis against gold labels
-            with flags_path.open("a", encoding="utf-8") as f:
+            with writing(flags_path), flags_path.open("a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in flag_records))
         if writer is not None:
             for name, value in record.items():
@@ -383,6 +383,10 @@ def tensorboard_writer(out_dir: Path):
 
 
 # --------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written by another training configuration than the one resuming it."""
 
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.pt")
@@ -457,14 +461,14 @@ def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, thresh
         saved.pop(name, None), current.pop(name, None)
     if saved != current:
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-        raise ValueError(
+        raise CheckpointMismatch(
             f"{path}: the checkpoint was written with other training settings: "
             + ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
         )
     weights = load_file(path / "trainable.safetensors")
     missing = set(names) - set(weights)
     if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {sorted(missing)[:3]}")
+        raise CheckpointMismatch(f"{path}: the checkpoint lacks {sorted(missing)[:3]}")
     state = dict(model.named_parameters())
     with torch.no_grad():
         for name in names:

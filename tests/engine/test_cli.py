@@ -134,3 +134,33 @@ def test_step_needs_the_previous_stage(tmp_path, capsys):
     assert "run stage0 first" in capsys.readouterr().err
     assert main(["generate", str(config), "--stage", "stage0"]) == 2
     assert "works on an iteration stage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        ("RunFolderBusy", 2), ("ConfigError", 2), ("DataError", 2), ("TaskError", 2), ("WriteFailed", 1),
+        ("FloatingPointError", 1), ("CheckpointMismatch", 1), ("Interrupted", 130), ("KeyboardInterrupt", 130),
+    ],
+)  # fmt: skip
+def test_every_failure_of_every_command_is_one_line_and_an_exit_code(error, code, capsys):
+    import argparse
+
+    import selfee_fast.config
+    import selfee_fast.data
+    import selfee_fast.demo.tasks
+    import selfee_fast.files
+    import selfee_fast.stopping
+    import selfee_fast.train
+    from selfee_fast.cli import run_command
+
+    modules = (selfee_fast.config, selfee_fast.data, selfee_fast.demo.tasks, selfee_fast.files, selfee_fast.stopping,
+               selfee_fast.train)  # fmt: skip
+    kind = next((getattr(m, error) for m in modules if hasattr(m, error)), None) or __builtins__[error]
+
+    def fail(args):
+        raise kind("what went wrong")
+
+    assert run_command(argparse.Namespace(func=fail)) == code
+    err = capsys.readouterr().err
+    assert err.startswith("selfee-fast: ") and err.count("\n") == 1 and "Traceback" not in err

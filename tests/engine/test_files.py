@@ -103,3 +103,8 @@ def test_a_full_disk_is_one_clear_error_naming_the_file(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 69120 vs 69008")
     with pytest.raises(RuntimeError, match="something else"), writing("x"):
         raise RuntimeError("something else")
+    import safetensors
+
+    message = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    with pytest.raises(WriteFailed, match=r"cannot write w\.safetensors: the disk is full"), writing("w.safetensors"):
+        raise safetensors.SafetensorError(message)
