@@ -314,7 +314,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        beside_config(raw, path.parent)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -327,36 +326,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         target[leaf] = yaml.safe_load(value)
     return _build(RunConfig, raw, "")
-
-
-# The input paths a config names. In a YAML file a relative one is read beside the file, as a user
-# expects; earlier releases read it from the current directory, which a run begun so still finds.
-INPUT_PATHS = (("model", "path"), ("model", "judge_base"), ("data", "seed_pairs"), ("data", "prompt_pools"))
-
-
-def beside_config(raw: dict, folder: Path) -> None:
-    """Resolve the YAML's relative input paths against its folder, where they exist there (in place)."""
-    if folder.resolve() == Path.cwd().resolve():
-        return
-    for section, key in INPUT_PATHS:
-        values = raw.get(section, {}) if isinstance(raw.get(section), dict) else {}
-        value = values.get(key)
-        if isinstance(value, list):
-            values[key] = [_beside(v, folder, f"{section}.{key}[{i}]") for i, v in enumerate(value)]
-        elif value is not None:
-            values[key] = _beside(value, folder, f"{section}.{key}")
-
-
-def _beside(value, folder: Path, name: str):
-    if not isinstance(value, str) or not value or Path(value).is_absolute():
-        return value
-    here, there = Path(value), folder / value
-    if there.exists() and here.exists() and here.resolve() != there.resolve():
-        raise ConfigError(
-            f"{name}: {value!r} exists both beside the config ({there}) and in the current directory; "
-            "write it as an absolute path"
-        )
-    return str(there.resolve()) if there.exists() and not here.exists() else value
 
 
 def _build(cls, raw: dict, prefix: str):

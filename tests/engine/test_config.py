@@ -83,26 +83,3 @@ def test_new_options_are_checked():
     with pytest.raises(ConfigError, match="lora_dropout > 0 has no effect"):
         check_values(load_config(None, [*BASE, "model.lora_dropout=0.1"]))
     check_values(load_config(None, [*BASE, "model.lora_dropout=0.1", "model.disable_dropout=false"]))
-
-
-def test_relative_input_paths_in_a_yaml_file_are_read_beside_it(tmp_path, monkeypatch):
-    from selfee_fast.config import load_config
-
-    project = tmp_path / "project"
-    (project / "data").mkdir(parents=True)
-    (project / "data" / "seed.jsonl").write_text("{}\n")
-    (project / "data" / "pool.jsonl").write_text("{}\n")
-    (project / "spa.yaml").write_text(
-        "model: {path: /m}\ndata: {seed_pairs: data/seed.jsonl, prompt_pools: [data/pool.jsonl]}\nspa: {iterations: 1}\n"
-    )
-    monkeypatch.chdir(tmp_path)  # run from elsewhere
-    config = load_config(project / "spa.yaml")
-    assert config.data.seed_pairs == str(project / "data" / "seed.jsonl")
-    assert config.data.prompt_pools == [str(project / "data" / "pool.jsonl")]
-    monkeypatch.chdir(project)  # run from the config's folder: the paths stay as written
-    assert load_config("spa.yaml").data.seed_pairs == "data/seed.jsonl"
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "seed.jsonl").write_text("{}\n")
-    monkeypatch.chdir(tmp_path)  # the same relative path in both places: refused, not guessed
-    with pytest.raises(ConfigError, match=r"data\.seed_pairs: 'data/seed\.jsonl' exists both beside the config"):
-        load_config(project / "spa.yaml")
