@@ -139,7 +139,8 @@ MANIFEST = "checksums.json"
 
 def write_manifest(folder: Path) -> None:
     """Record every file's checksum in the folder, so a damaged copy is found before it is used."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    # README.md is the model card a user may edit; it is not what loads.
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, "README.md"))
     write_json_atomic(folder / MANIFEST, {p.name: sha256_of(p) for p in files})
 
 

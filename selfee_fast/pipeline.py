@@ -66,13 +66,19 @@ def run_stages(config: RunConfig, runtime: Runtime, *, force: bool, log) -> dict
     finished = {}
     for stage in stage_list(config):  # every refusal before any work
         done = read_stage_record(Path(config.run_dir) / stage.name / "done.json")
-        damaged = folder_problem(Path(config.run_dir) / stage.name / "model") if done else None
-        if damaged:
-            log(f"{stage.name}: its saved model is damaged ({damaged}): the stage saves it again")
-        if done and not damaged and done["fingerprint"] == prints[stage.name] and len(finished) == stage.index:
+        if done and done["fingerprint"] == prints[stage.name] and len(finished) == stage.index:
             finished[stage.name] = done
         elif not force:
             check_unchanged(config, stage, FORCE_REMEDY)
+    if finished:
+        # The newest finished model (the one the next stage starts from, or the run's result) is
+        # verified against its manifest; only that one: hashing every stage's weights on each
+        # restart would cost minutes at 7B.
+        last = list(finished)[-1]
+        damaged = folder_problem(Path(config.run_dir) / last / "model")
+        if damaged:
+            log(f"{last}: its saved model is damaged ({damaged}): the stage saves it again")
+            del finished[last]
     summary, redo_rest = {"stages": {}}, False
     for stage in stage_list(config):
         stage_dir = Path(config.run_dir) / stage.name
@@ -129,6 +135,11 @@ def previous_stage_model(config: RunConfig, stage: Stage) -> Path | None:
     path = Path(config.run_dir) / before / "model"
     if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         raise ConfigError(f"{stage.name} starts from {path}, which does not exist yet: run {before} first")
+    damaged = folder_problem(path)
+    if damaged:
+        raise ConfigError(
+            f"{stage.name} starts from {path}, which is damaged ({damaged}): `selfee-fast run` saves it again"
+        )
     return path
 
 
@@ -237,12 +248,16 @@ def pairs_problem(pairs_path: Path, generations) -> str | None:
     a line boundary, or made from other generations, is rebuilt, never trained on.
     """
     try:
-        indices = [p.index for p in read_pairs(pairs_path)]
+        pairs = read_pairs(pairs_path)
     except DataError as error:
         return str(error)
-    expected = [g.index for g in generations if len(g.responses) >= 2]
-    if sorted(indices) != sorted(expected):
-        return f"{pairs_path} holds {len(indices)} pairs for {len(expected)} judged prompts"
+    expected = {g.index: g for g in generations if len(g.responses) >= 2}
+    if sorted(p.index for p in pairs) != sorted(expected):
+        return f"{pairs_path} holds {len(pairs)} pairs for {len(expected)} judged prompts"
+    for p in pairs:
+        g = expected[p.index]
+        if p.prompt_ids != g.prompt_ids or p.chosen_ids not in g.responses or p.rejected_ids not in g.responses:
+            return f"{pairs_path}: the pair of {p.location} is not made of that prompt's generations"
     return None
 
 

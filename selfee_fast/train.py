@@ -284,6 +284,7 @@ def train_stage(
         # per micro-batch with refinement, whose tau window lives on the host).
         started, tokens, positions, step_metrics, step_flags = time.perf_counter(), 0, 0, 0.0, []
         tau, finite_margins = None, True
+        window_before = threshold.state_dict()  # a skipped step leaves tau's window as it found it
         for start in range(0, len(step_pairs), settings.micro_batch_size):
             micro = step_pairs[start : start + settings.micro_batch_size]
             cpu_batch = collate_pairs(micro, pad_id, packed=settings.packing)
@@ -336,6 +337,7 @@ def train_stage(
             ]
         else:
             skipped_steps, bad_in_a_row, flag_records = skipped_steps + 1, bad_in_a_row + 1, []
+            threshold.load_state_dict(window_before)
             report_or_stop_nonfinite(step, step_pairs, totals["loss"], float(grad_norm), bad_in_a_row, settings, log)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -388,6 +388,14 @@ def test_damaged_state_files_are_named_and_a_short_pairs_file_is_rebuilt(finishe
     run_pipeline(config, log=messages.append)
     assert any(f"{pairs_path} holds 3 pairs for 8 judged prompts: judging again" in m for m in messages)
     assert len(read_jsonl(pairs_path)) == 8
+    # A pairs file of the right prompts but other responses: judged again too.
+    pairs = read_jsonl(pairs_path)
+    pairs[0]["chosen_ids"] = [1, 2, 3]
+    pairs_path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (copy / "iter2" / "done.json").unlink()
+    run_pipeline(config, log=messages.append)
+    assert any("is not made of that prompt's generations: judging again" in m for m in messages)
+    assert read_jsonl(pairs_path)[0]["chosen_ids"] != [1, 2, 3]
     # A garbled done.json: a clear message naming the file and the fix.
     (copy / "stage0" / "done.json").write_text('{"fingerprint": "ab')
     with pytest.raises(ConfigError, match=r"stage0/done\.json is damaged .*delete it and rerun"):
@@ -480,14 +488,14 @@ def test_a_damaged_stage_model_is_found_and_saved_again(finished_run, workspace)
     run_dir, _ = finished_run
     copy = workspace / "damaged_model"
     shutil.copytree(run_dir, copy)
-    weights = copy / "iter1" / "model" / "adapter_model.safetensors"
+    weights = copy / "iter2" / "model" / "adapter_model.safetensors"  # the newest: what a rerun verifies
     original = weights.read_bytes()
     weights.write_bytes(original[: len(original) // 3])
     messages = []
     run_pipeline(load_config(write_config(workspace, "damaged_model")), log=messages.append)
-    assert any(m.startswith("iter1: its saved model is damaged") and "adapter_model.safetensors" in m for m in messages)
+    assert any(m.startswith("iter2: its saved model is damaged") and "adapter_model.safetensors" in m for m in messages)
     assert weights.read_bytes() == original, "saved again from the stage's last checkpoint, bit for bit"
-    assert json.loads((copy / "iter1" / "model" / "checksums.json").read_text())["adapter_model.safetensors"]
+    assert json.loads((copy / "iter2" / "model" / "checksums.json").read_text())["adapter_model.safetensors"]
 
 
 def test_a_single_step_on_a_finished_stage_does_nothing_and_summary_matches_config(finished_run, workspace, capsys):
