@@ -29,23 +29,18 @@ import sys
 from pathlib import Path
 
 from selfee_fast.demo.tasks import load_task
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from selfee_fast.records import JudgedPair, read_generations, read_pairs
 
 
 def fraction(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def iteration_stats(task, pairs: list[dict]) -> dict:
+def iteration_stats(task, pairs: list[JudgedPair]) -> dict:
     decided, longer_chosen, longer_gold, acc_diff, acc_same, lengths = [], [], [], [], [], []
     for p in pairs:
-        prompt = p["prompt"][-1]["content"]
-        g_c = task.gold(prompt, p["chosen"][-1]["content"])
-        g_r = task.gold(prompt, p["rejected"][-1]["content"])
-        n_c, n_r = len(p["chosen_ids"]), len(p["rejected_ids"])
+        g_c, g_r = task.gold(p.prompt_text, p.chosen_text), task.gold(p.prompt_text, p.rejected_text)
+        n_c, n_r = len(p.chosen_ids), len(p.rejected_ids)
         lengths += [n_c, n_r]
         if n_c != n_r:
             longer_chosen.append(n_c > n_r)
@@ -73,10 +68,10 @@ def iteration_stats(task, pairs: list[dict]) -> dict:
 def eval_stats(task, path: Path) -> dict:
     if not path.exists():
         return {"eval_tokens": None, "eval_gold": None}
-    gens = read_jsonl(path)
+    gens = read_generations(path)
     return {
-        "eval_tokens": statistics.fmean(len(g["responses"][0]) for g in gens),
-        "eval_gold": statistics.fmean(task.gold(g["prompt"][-1]["content"], g["texts"][0]) for g in gens),
+        "eval_tokens": statistics.fmean(len(g.responses[0]) for g in gens),
+        "eval_gold": statistics.fmean(task.gold(g.prompt_text, g.texts[0]) for g in gens),
     }
 
 
@@ -88,7 +83,7 @@ def collect(folder: Path, arm: str) -> tuple[str, dict[int, list[dict]]]:
         run = seed_dir / arm / "run"
         rows, i = [], 1
         while (run / f"iter{i}" / "pairs.jsonl").exists():
-            row = {"iteration": i, **iteration_stats(task, read_jsonl(run / f"iter{i}" / "pairs.jsonl"))}
+            row = {"iteration": i, **iteration_stats(task, read_pairs(run / f"iter{i}" / "pairs.jsonl"))}
             row.update(eval_stats(task, seed_dir / arm / "eval" / f"iter{i}.jsonl"))
             rows.append(row)
             i += 1

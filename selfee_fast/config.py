@@ -1,4 +1,4 @@
-"""Run configuration: a typed schema whose defaults are the paper's.
+"""Run configuration: a typed schema whose defaults are the paper's, except where a field's comment says ours.
 
 A YAML file plus `section.key=value` overrides. Unknown keys are rejected with the nearest
 valid name; values are checked against the field's type (`load_config`), then against the

@@ -60,8 +60,9 @@ def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
 def run_stages(config: RunConfig, runtime: Runtime, *, force: bool, log) -> dict:
     """Every stage in order, as `run_pipeline` does it once the run folder is held."""
     config = as_begun(config, log)
-    if lr_note(config):
-        log(lr_note(config))
+    note = lr_note(config)
+    if note:
+        log(note)
     prints = stage_fingerprints(config)
     finished = {}
     for stage in stage_list(config):  # every refusal before any work

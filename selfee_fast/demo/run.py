@@ -38,7 +38,8 @@ from .tiny import build_tiny_llama, build_tokenizer
 
 # The demo's SPA settings beyond the paper's: the three options of ours that, together, beat the
 # paper's settings (spa_dnd) on every bundled task in docs/RESULTS.md (none of them does alone).
-# `selfee-fast run` keeps the paper's defaults; bench/repro.py's arms start from the paper's too.
+# `selfee-fast run` keeps its defaults (the paper's, with the fidelity fixes); bench/repro.py's arms start
+# from those too.
 DEMO_OPTIONS = {"spa.judge_reward": "mean", "train.nll_alpha": 1.0, "spa.seed_replay": 0.5}
 
 
