@@ -387,6 +387,10 @@ def tensorboard_writer(out_dir: Path):
 # --------------------------------------------------------------------------- checkpoints
 
 
+# Settings only self-refinement reads: a stage without it (stage 0) does not depend on them.
+REFINEMENT_ONLY = ("alpha", "alpha_warmup", "noise_percentile", "tau_window", "extrapolate")
+
+
 class CheckpointMismatch(ValueError):
     """A checkpoint written by another training configuration than the one resuming it."""
 
@@ -461,6 +465,9 @@ def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, thresh
     current = asdict(settings)
     for name in RESUMABLE_CHANGES:  # they change how the math is laid out, not its result
         saved.pop(name, None), current.pop(name, None)
+    if not current["refine"] and not saved["refine"]:
+        for name in REFINEMENT_ONLY:  # unused without self-refinement (stage 0), and not in its fingerprint
+            saved.pop(name, None), current.pop(name, None)
     if saved != current:
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         raise CheckpointMismatch(

@@ -346,3 +346,13 @@ def test_non_finite_steps_are_skipped_and_counted_until_too_many_in_a_row(setup,
     metrics = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert [m["nonfinite_steps_skipped"] for m in metrics] == [1, 1, 1, 1]
     assert any("step 1: loss nan" in m and "step skipped (1 in a row" in m for m in logs)
+
+
+def test_a_stage_without_refinement_resumes_whatever_the_refinement_settings(setup, tmp_path):
+    """Stage 0's fingerprint leaves spa.* out, so its checkpoint must not refuse a changed tau window."""
+    model, pairs, pad_id, _ = setup
+    train(model, pairs, pad_id, tmp_path / "train", tau_window=50)
+    train(model, pairs, pad_id, tmp_path / "train", tau_window=8)  # resumes
+    train(model, pairs, pad_id, tmp_path / "refined", tau_window=50, refine=True)
+    with pytest.raises(ValueError, match=r"tau_window 50 -> 8"):  # with refinement it matters
+        train(model, pairs, pad_id, tmp_path / "refined", tau_window=8, refine=True)
