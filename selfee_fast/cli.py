@@ -179,12 +179,13 @@ def stage_step(args: argparse.Namespace) -> int:
     """One step of one stage, through the same stage runner as `run`, for running or redoing a step alone."""
     from . import pipeline
     from .config import ConfigError, check_values, load_config
-    from .files import run_folder_lock
+    from .files import refuse_if_busy, run_folder_lock
     from .preflight import preflight
     from .stages import as_begun, parse_stage, read_stage_record, stage_fingerprints
     from .stopping import stop_requests
 
     config = load_config(args.config, args.overrides)
+    refuse_if_busy(config.run_dir)  # at once: the preflight reads every data file
     stage = parse_stage(config, args.stage)
     if args.command != "train" and not stage.iteration:
         raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage.name!r}")

@@ -164,6 +164,22 @@ class RunFolderBusy(RuntimeError):
     """Another process holds the run folder."""
 
 
+def refuse_if_busy(run_dir: str | Path) -> None:
+    """Refuse at once if another process holds `run_dir`, before any slow check; writes nothing."""
+    import fcntl
+
+    path = Path(run_dir) / ".lock"
+    if not path.exists():
+        return
+    with path.open("r", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            raise RunFolderBusy(f"{run_dir} is in use by {holder}; wait for it to finish or stop it") from None
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def run_folder_lock(run_dir: str | Path, command: str):
     """Hold `run_dir` for this process: an OS lock (flock) the kernel drops when the process dies.

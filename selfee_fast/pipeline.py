@@ -29,7 +29,7 @@ import torch
 from . import roles
 from .config import ConfigError, RunConfig, lr_note, save_config
 from .data import DataError, DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs, with_system_prompt
-from .files import folder_problem, run_folder_lock, write_json_atomic
+from .files import folder_problem, refuse_if_busy, run_folder_lock, write_json_atomic
 from .generate import GenerationSettings, generate_responses, generate_stage_vllm
 from .judge import judge_generations
 from .preflight import preflight
@@ -52,6 +52,7 @@ from .train import TrainPair, TrainSettings, iteration_pairs, last_metrics, trai
 
 
 def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
+    refuse_if_busy(config.run_dir)  # at once: the preflight reads every data file
     runtime = preflight(config)
     with run_folder_lock(config.run_dir, "selfee-fast run"), stop_requests():
         return run_stages(config, runtime, force=force, log=log)

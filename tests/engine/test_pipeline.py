@@ -324,8 +324,8 @@ def test_a_run_on_a_folder_in_use_is_refused_at_once(workspace, capsys):
     from selfee_fast.cli import main
     from selfee_fast.files import run_folder_lock
 
-    config = write_config(workspace, "busy")
-    with run_folder_lock(workspace / "busy", "selfee-fast run"):
+    config = write_config(workspace, "busy", data__prompt_pools=["missing1.jsonl", "missing2.jsonl"])
+    with run_folder_lock(workspace / "busy", "selfee-fast run"):  # refused before the data is even read
         started = time.perf_counter()
         assert main(["run", str(config)]) == 2
         assert main(["train", str(config), "--stage", "stage0"]) == 2
