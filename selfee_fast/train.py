@@ -269,7 +269,8 @@ def train_stage(
 
     # ---- loop
     model.train()
-    skipped_steps, bad_in_a_row = 0, 0  # steps whose loss or gradient was not finite: skipped, counted
+    # Steps whose loss or gradient was not finite: skipped and counted, the count carried over a resume.
+    skipped_steps, bad_in_a_row = last_metrics(metrics_path).get("nonfinite_steps_skipped", 0), 0
     for step in range(first_step, total_steps):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(pairs), settings.seed, epoch)

@@ -61,3 +61,21 @@ def test_deeply_nested_and_huge_lines(tmp_path):
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match=r"deep\.json: JSON nested too deeply to read"):
         load_prompts(tmp_path / "deep.json")
+
+
+def test_responses_made_only_of_special_tokens_and_prompts_over_the_limit(tmp_path):
+    from selfee_fast.data import tokenize_pairs
+    from selfee_fast.demo.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(["the cat sat on a mat"] * 20, tmp_path / "tok", vocab_size=100)
+    specials = "".join(tokenizer.all_special_tokens)
+    lines = [
+        {"prompt": "the cat", "chosen": specials, "rejected": tokenizer.eos_token},
+        {"prompt": "the cat " * 200, "chosen": "sat", "rejected": "mat"},
+    ]
+    path = write(tmp_path, "pairs.jsonl", [json.dumps(x) for x in lines])
+    records, report = load_preferences(path)
+    pairs, report = tokenize_pairs(tokenizer, records, max_length=64, max_prompt_length=32, report=report)
+    assert len(pairs) == 2 and all(p.chosen and p.rejected for p in pairs)
+    assert report.truncated_prompts == 1, "the long prompt is cut and counted, not dropped"
+    assert len(pairs[1].prompt) <= 32

@@ -356,3 +356,27 @@ def test_a_stage_without_refinement_resumes_whatever_the_refinement_settings(set
     train(model, pairs, pad_id, tmp_path / "refined", tau_window=50, refine=True)
     with pytest.raises(ValueError, match=r"tau_window 50 -> 8"):  # with refinement it matters
         train(model, pairs, pad_id, tmp_path / "refined", tau_window=8, refine=True)
+
+
+def test_the_count_of_skipped_steps_survives_a_resume(setup, tmp_path, monkeypatch):
+    import shutil
+
+    model, pairs, pad_id, _ = setup
+    real_loss, calls = train_module.spa_loss, []
+
+    def poisoned(*args, **kwargs):
+        result = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(train_module, "spa_loss", poisoned)
+    settings = TrainSettings(lr=1e-3, batch_size=1, micro_batch_size=1, optimizer="adamw", save_every=1)
+    out = tmp_path / "t"
+    train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=lambda *_: None)
+    shutil.rmtree(out / "checkpoint-0000004")  # as if killed before step 4 was saved: resume at step 3
+    train_stage(model, pairs, settings, out, pad_id=pad_id, reference="init", log=lambda *_: None)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["nonfinite_steps_skipped"] for m in metrics] == [1, 1, 1, 1]
