@@ -98,7 +98,7 @@ def append_batch(f, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def complete_batches(path: str | Path, plan: list[list[int]]) -> set[int]:
+def complete_batches(path: str | Path, plan: list[list[int]], log=None) -> set[int]:
     """Batch numbers whose records (dicts with "batch" and "index" keys) are all in `path`.
 
     `plan[b]` lists the record indices batch b holds. A batch counts as complete only if its
@@ -111,12 +111,16 @@ def complete_batches(path: str | Path, plan: list[list[int]]) -> set[int]:
     if not path.exists():
         return set()
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
         try:
+            if not line.endswith("\n"):
+                raise ValueError("torn")
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except ValueError:
+            if log is not None and number < len(lines):  # a torn last line is a kill's ordinary trace
+                log(f"{path}:{number} is garbled: it and the {len(lines) - number} lines after it are dropped, "
+                    "and their batches done again")  # fmt: skip
             break
     found: dict[int, list[int]] = {}
     for r in records:

@@ -223,7 +223,7 @@ def prepare(tokenizer, prompts: list[PromptRecord], settings: GenerationSettings
         all_prompt_ids = [ids[-limit:] for ids in all_prompt_ids]
         log(f"generation: {len(truncated)} prompts longer than {limit} tokens keep their last {limit}")
     plan = plan_batches(all_prompt_ids, settings.batch_size)
-    done = complete_batches(out_path, plan)
+    done = complete_batches(out_path, plan, log)
     if done:
         log(f"generation: resuming, {len(done)}/{len(plan)} batches already on disk")
     return all_prompt_ids, truncated, plan, done

@@ -118,7 +118,7 @@ def judge_generations(
     # resumed judgment still finds the same batches; pairs are written back in index order.
     usable.sort(key=lambda g: (len(g.prompt_ids) + max(len(x) for x in g.responses), g.index))
     batches = [usable[i : i + batch_prompts] for i in range(0, len(usable), batch_prompts)]
-    finished = complete_batches(partial_path, [[g.index for g in b] for b in batches])
+    finished = complete_batches(partial_path, [[g.index for g in b] for b in batches], log)
     if finished:
         log(f"judge: resuming, {len(finished)}/{len(batches)} batches already judged")
     was_training = model.training

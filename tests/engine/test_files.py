@@ -108,3 +108,15 @@ def test_a_full_disk_is_one_clear_error_naming_the_file(tmp_path, monkeypatch):
     message = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
     with pytest.raises(WriteFailed, match=r"cannot write w\.safetensors: the disk is full"), writing("w.safetensors"):
         raise safetensors.SafetensorError(message)
+
+
+def test_a_garbled_line_in_the_middle_is_named_and_what_follows_is_redone(tmp_path):
+    path = tmp_path / "generations.jsonl"
+    records = [{"batch": b, "index": i} for b, i in ((0, 0), (0, 1), (1, 2), (1, 3), (2, 4))]
+    lines = [json.dumps(r) + "\n" for r in records]
+    lines[2] = '{"batch": 1, "ind\n'  # damaged in place, not torn at the end
+    path.write_text("".join(lines))
+    logs = []
+    assert complete_batches(path, [[0, 1], [2, 3], [4]], log=logs.append) == {0}
+    assert logs == [f"{path}:3 is garbled: it and the 2 lines after it are dropped, and their batches done again"]
+    assert [json.loads(line)["index"] for line in path.read_text().splitlines()] == [0, 1]
