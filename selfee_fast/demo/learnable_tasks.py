@@ -151,6 +151,19 @@ class _LetterTask:
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {self.noise}")
 
+    def _prompt_letters(self) -> str:
+        """The letters a prompt's list may hold."""
+        return self.alphabet
+
+    def _parse(self, prompt: str) -> list[str]:
+        """The list of a `<instruction>: c a f b` prompt (the instruction is WORDS[0]); anything else is a TaskError."""
+        letters = re.escape(self._prompt_letters())
+        pattern = rf"\s*{self.WORDS[0]}:((?:\s+[{letters}])+)\s*"
+        match = re.fullmatch(pattern, prompt) if isinstance(prompt, str) else None
+        if match is None:
+            raise TaskError(f"not a {self.name} prompt: {prompt!r}")
+        return match.group(1).split()
+
     def _random_prompt(self, rng: random.Random) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -195,13 +208,6 @@ class Upper(_LetterTask):
     def __post_init__(self):
         self._check(1, 9)
 
-    def _parse(self, prompt: str) -> list[str]:
-        letters = re.escape(self.alphabet)
-        match = re.fullmatch(rf"\s*last:((?:\s+[{letters}])+)\s*", prompt) if isinstance(prompt, str) else None
-        if match is None:
-            raise TaskError(f"not an {self.name} prompt: {prompt!r}")
-        return match.group(1).split()
-
     def reference_answer(self, prompt: str) -> str:
         return self._parse(prompt)[-1].upper()
 
@@ -241,13 +247,6 @@ class MaxOf(_LetterTask):
 
     def __post_init__(self):
         self._check(2, 9)
-
-    def _parse(self, prompt: str) -> list[str]:
-        letters = re.escape(self.alphabet)
-        match = re.fullmatch(rf"\s*max:((?:\s+[{letters}])+)\s*", prompt) if isinstance(prompt, str) else None
-        if match is None:
-            raise TaskError(f"not a {self.name} prompt: {prompt!r}")
-        return match.group(1).split()
 
     def reference_answer(self, prompt: str) -> str:
         return max(self._parse(prompt))
@@ -300,13 +299,6 @@ class Ends(_LetterTask):
     def __post_init__(self):
         self._check(3, 9)
 
-    def _parse(self, prompt: str) -> list[str]:
-        letters = re.escape(self.alphabet)
-        match = re.fullmatch(rf"\s*ends:((?:\s+[{letters}])+)\s*", prompt) if isinstance(prompt, str) else None
-        if match is None:
-            raise TaskError(f"not an {self.name} prompt: {prompt!r}")
-        return match.group(1).split()
-
     def reference_answer(self, prompt: str) -> str:
         items = self._parse(prompt)
         return f"{items[0]} {items[-1]}"
@@ -356,12 +348,8 @@ class Next(_LetterTask):
     def __post_init__(self):
         self._check(2, 9)
 
-    def _parse(self, prompt: str) -> list[str]:
-        letters = re.escape(self.alphabet[:-1])  # the alphabet's last letter has no successor
-        match = re.fullmatch(rf"\s*next:((?:\s+[{letters}])+)\s*", prompt) if isinstance(prompt, str) else None
-        if match is None:
-            raise TaskError(f"not a {self.name} prompt: {prompt!r}")
-        return match.group(1).split()
+    def _prompt_letters(self) -> str:
+        return self.alphabet[:-1]  # the alphabet's last letter has no successor
 
     def _targets(self, prompt: str) -> list[int]:
         items = self._parse(prompt)
