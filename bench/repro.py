@@ -555,25 +555,28 @@ def seed_gold(results: dict, arm: str, seed, iteration: int | None = None) -> fl
     return its[iteration - 1]["gold_reward"] if len(its) >= iteration else None
 
 
+def paired_cell(diffs: list[float]) -> str:
+    """Differences paired over seeds as `mean ± standard error (seeds higher/seeds)`."""
+    if len(diffs) < 2:
+        return "–"
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"{statistics.fmean(diffs):+.3f} ± {se:.3f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
+
+
 def iteration_trend(results: dict, name: str) -> list[str]:
     """Cells of the iteration-trend table for one SPA arm: differences paired over seeds."""
 
-    def gold(arm: str, seed, iteration: int | None):
-        return seed_gold(results, arm, seed, iteration)
-
     def cell(a, b) -> str:
-        diffs = [x - y for s in results.get(name, {}) if (x := a(s)) is not None and (y := b(s)) is not None]
-        if len(diffs) < 2:
-            return "–"
-        mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
-        return f"{mean:+.3f} ± {std / math.sqrt(len(diffs)):.3f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
+        return paired_cell(
+            [x - y for s in results.get(name, {}) if (x := a(s)) is not None and (y := b(s)) is not None]
+        )
 
     return [
-        cell(lambda s: gold(name, s, 1), lambda s: gold("dpo_seed", s, None)),
-        cell(lambda s: gold(name, s, 2), lambda s: gold(name, s, 1)),
-        cell(lambda s: gold(name, s, 3), lambda s: gold(name, s, 2)),
-        cell(lambda s: gold(name, s, 3), lambda s: gold(name, s, 1)),
-        cell(lambda s: gold(name, s, None), lambda s: gold("dpo_all_gold", s, None)),
+        cell(lambda s: seed_gold(results, name, s, 1), lambda s: seed_gold(results, "dpo_seed", s)),
+        cell(lambda s: seed_gold(results, name, s, 2), lambda s: seed_gold(results, name, s, 1)),
+        cell(lambda s: seed_gold(results, name, s, 3), lambda s: seed_gold(results, name, s, 2)),
+        cell(lambda s: seed_gold(results, name, s, 3), lambda s: seed_gold(results, name, s, 1)),
+        cell(lambda s: seed_gold(results, name, s), lambda s: seed_gold(results, "dpo_all_gold", s)),
     ]
 
 

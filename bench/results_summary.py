@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
-from repro import seed_gold  # bench/ is the script's folder, first on sys.path
+from repro import paired_cell, seed_gold  # bench/ is the script's folder, first on sys.path
 
 
 def paired(results: dict, a: tuple, b: tuple) -> str:
@@ -24,10 +23,7 @@ def paired(results: dict, a: tuple, b: tuple) -> str:
         x, y = seed_gold(results, a[0], seed, *a[1:]), seed_gold(results, b[0], seed, *b[1:])
         if x is not None and y is not None:
             diffs.append(x - y)
-    if len(diffs) < 2:
-        return "–"
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return f"{statistics.fmean(diffs):+.3f} ± {se:.3f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
+    return paired_cell(diffs)
 
 
 def label_accuracy(results: dict, arm: str, iteration: int) -> str:

@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 def stage_step(args: argparse.Namespace) -> int:
     """One step of one stage, through the same stage runner as `run`, for running or redoing a step alone."""
     from . import pipeline
-    from .config import ConfigError, check_values, load_config
+    from .config import ConfigError, load_config
     from .files import refuse_if_busy, run_folder_lock
     from .preflight import preflight
     from .stages import as_begun, parse_stage, read_stage_record, stage_fingerprints
@@ -189,7 +189,6 @@ def stage_step(args: argparse.Namespace) -> int:
     stage = parse_stage(config, args.stage)
     if args.command != "train" and not stage.iteration:
         raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage.name!r}")
-    check_values(config)
     pipeline.previous_stage_model(config, stage)  # its predecessor finished: said before the slower checks
     runtime = preflight(config)
     with run_folder_lock(config.run_dir, f"selfee-fast {args.command} --stage {stage.name}"), stop_requests():
