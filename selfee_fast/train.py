@@ -325,10 +325,10 @@ def train_stage(
             if settings.refine:
                 step_flags.append((micro, tau, result.noise_margin, result.confident))
         totals = dict(zip(result.METRIC_NAMES, step_metrics.tolist(), strict=True))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))  # one host sync
         lr = optimizer.param_groups[0]["lr"]
         # Checked before the optimizer step, so the weights never see a non-finite gradient.
-        if math.isfinite(totals["loss"]) and math.isfinite(float(grad_norm)) and finite_margins:
+        if math.isfinite(totals["loss"]) and math.isfinite(grad_norm) and finite_margins:
             optimizer.step()
             bad_in_a_row = 0
             flag_records = [
@@ -339,13 +339,13 @@ def train_stage(
         else:
             skipped_steps, bad_in_a_row, flag_records = skipped_steps + 1, bad_in_a_row + 1, []
             threshold.load_state_dict(window_before)
-            report_or_stop_nonfinite(step, step_pairs, totals["loss"], float(grad_norm), bad_in_a_row, settings, log)
+            report_or_stop_nonfinite(step, step_pairs, totals["loss"], grad_norm, bad_in_a_row, settings, log)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         elapsed = time.perf_counter() - started
         record = {
-            "step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": float(grad_norm),
+            "step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
             **totals, "spa/alpha": alpha_t if tau is not None else 0.0, "spa/tau": tau, "tokens_per_s": tokens / max(elapsed, 1e-9),
             "padding": 1 - tokens / positions, "nonfinite_steps_skipped": skipped_steps,
             "peak_memory_mib": peak_memory_bytes(device) / 2**20,
