@@ -140,6 +140,11 @@ class SPAConfig:
 class RunConfig:
     run_dir: str = "runs/spa"
     seed: int = 0
+    # Filled by load_config, not by hand: each path setting the config file wrote relative to
+    # its own folder, as written. Stage fingerprints hash these, so a run folder resumes from
+    # any working directory and a folder begun when paths were read from the working
+    # directory keeps its fingerprints.
+    paths_as_written: dict[str, str | list[str]] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -249,6 +254,11 @@ def lr_note(config: RunConfig) -> str | None:
     return None
 
 
+def as_written(config: RunConfig, key: str):
+    """A path setting as the user wrote it (what fingerprints hash); others as they are."""
+    return config.paths_as_written.get(key, setting(config, key) if "." in key else getattr(config, key))
+
+
 def setting(config: RunConfig, key: str):
     section, name = key.split(".")
     return getattr(getattr(config, section), name)
@@ -302,6 +312,32 @@ def check_values(config: RunConfig) -> None:
         )
 
 
+# Settings that name a file or folder. In a config file a relative one is read from the file's
+# folder (the file and its data travel together); on the command line, from the working directory.
+PATH_SETTINGS = ("run_dir", "model.path", "model.judge_base", "data.seed_pairs", "data.prompt_pools")
+
+
+def _resolve_file_paths(raw: dict, folder: Path) -> None:
+    """Rewrite the config file's relative path settings as paths from `folder`, keeping what was written."""
+    written = raw.setdefault("paths_as_written", {})
+    if not isinstance(written, dict):
+        return  # _build names the bad value
+    for key in PATH_SETTINGS:
+        *parents, leaf = key.split(".")
+        section = raw
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or key in written:
+            continue  # absent, or a saved run's config.yaml, whose paths are already resolved
+        value = section.get(leaf)
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) for v in values) or all(not v or Path(v).is_absolute() for v in values):
+            continue
+        resolved = [str(folder / v) if v and not Path(v).is_absolute() else v for v in values]
+        section[leaf] = resolved if isinstance(value, list) else resolved[0]
+        written[key] = value
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     raw: dict = {}
     if path is not None:
@@ -314,6 +350,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _resolve_file_paths(raw, path.resolve().parent)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -325,6 +362,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             if not isinstance(target, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
         target[leaf] = yaml.safe_load(value)
+        if key.strip() in PATH_SETTINGS:
+            # Read from the working directory, as typed; the fingerprint takes it as typed too.
+            raw.get("paths_as_written", {}).pop(key.strip(), None)
     return _build(RunConfig, raw, "")
 
 
@@ -366,6 +406,11 @@ def _check_type(value, hint, name: str):
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return [_check_type(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return {_check_type(k, key_type, name): _check_type(v, value_type, f"{name}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):

@@ -13,7 +13,16 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .config import LAYOUT_SETTINGS, PAPER_LR, ConfigError, RunConfig, SPAConfig, effective_lr, save_config
+from .config import (
+    LAYOUT_SETTINGS,
+    PAPER_LR,
+    ConfigError,
+    RunConfig,
+    SPAConfig,
+    as_written,
+    effective_lr,
+    save_config,
+)
 from .files import write_json_atomic
 
 FORCE_REMEDY = "rerun with --force to redo it and every stage after it, or use a new run_dir"
@@ -80,20 +89,27 @@ def stage_inputs(config: RunConfig) -> dict[str, dict]:
     spa = without(changed["spa"], "iterations", "extrapolate")
     if config.spa.judge != "reward_model":
         spa = without(spa, "reward_model_epochs", "reward_model_lr")
+    for key in ("path", "judge_base"):
+        if key in changed["model"]:
+            changed["model"][key] = as_written(config, f"model.{key}")
     d = config.data
+    pools = as_written(config, "data.prompt_pools")
     inputs = {"base": {"model": changed["model"], "seed": config.seed, "data.max_length": d.max_length,
                        "data.max_prompt_length": d.max_prompt_length}}  # fmt: skip
     if d.system_prompt is not None:
         inputs["base"]["data.system_prompt"] = d.system_prompt
     if d.seed_pairs:
-        inputs["stage0"] = {"data.seed_pairs": d.seed_pairs, "train": without(changed["train"], "iteration_epochs")}
+        inputs["stage0"] = {
+            "data.seed_pairs": as_written(config, "data.seed_pairs"),
+            "train": without(changed["train"], "iteration_epochs"),
+        }
     for i in range(1, config.spa.iterations + 1):
         stage_spa = dict(spa)
         lam = iteration_lambda(config.spa.extrapolate, i)
         if lam != iteration_lambda(SPAConfig().extrapolate, i):
             stage_spa["lambda"] = lam
         inputs[f"iter{i}"] = {
-            f"data.prompt_pools[{i - 1}]": d.prompt_pools[i - 1] if i <= len(d.prompt_pools) else None,
+            f"data.prompt_pools[{i - 1}]": pools[i - 1] if i <= len(pools) else None,
             "generation": changed["generation"], "train": without(changed["train"], "seed_epochs"),
             "spa": stage_spa, "iteration": i,
         }  # fmt: skip

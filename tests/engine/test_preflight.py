@@ -5,8 +5,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from selfee_fast.config import ConfigError, load_config
+from selfee_fast.config import ConfigError, load_config, to_dict
 from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
 from selfee_fast.pipeline import run_pipeline
 from selfee_fast.preflight import preflight
@@ -152,3 +153,37 @@ def test_a_prompt_the_chat_template_cannot_render_is_named_before_anything_loads
     ):
         run_pipeline(config, log=lambda *_: None)
     assert not (workspace / "refused").exists()
+
+
+def as_yaml(items: list[str]) -> str:
+    """The overrides of a release variant written as the config file a user would keep."""
+    sections: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        target = sections
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = yaml.safe_load(value)
+    return yaml.safe_dump(sections)
+
+
+def test_a_config_files_relative_paths_are_read_from_its_folder(workspace, tmp_path, monkeypatch):
+    """From any working directory the file's data is found, and fingerprints stay those of the paths as written."""
+    (workspace / "demo_like.yaml").write_text(as_yaml(overrides("demo_like")))
+    monkeypatch.chdir(tmp_path)
+    config = load_config(workspace / "demo_like.yaml")
+    assert Path(config.model.path) == workspace / "models" / "pi_init"
+    assert Path(config.run_dir) == workspace / "run"
+    assert [Path(p) for p in config.data.prompt_pools] == [workspace / "data" / f"pool{k}.jsonl" for k in (1, 2, 3)]
+    preflight(config)
+    recorded = json.loads(RELEASE_PRINTS.read_text())["demo_like"]["fingerprints"]
+    assert stage_fingerprints(config) == recorded
+    # The run folder's saved config (resolved paths, what was written beside them) keeps them too.
+    (tmp_path / "saved.yaml").write_text(yaml.safe_dump(to_dict(config)))
+    assert stage_fingerprints(load_config(tmp_path / "saved.yaml")) == recorded
+    # On the command line a path is read from the working directory, as typed.
+    moved = load_config(workspace / "demo_like.yaml", ["data.seed_pairs=data/seed.jsonl"])
+    assert moved.data.seed_pairs == "data/seed.jsonl" and stage_fingerprints(moved) == recorded
+    with pytest.raises(ConfigError, match=r"data\.seed_pairs: data file data/seed\.jsonl does not exist"):
+        preflight(moved)
