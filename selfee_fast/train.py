@@ -30,6 +30,16 @@ from tqdm.auto import tqdm
 
 from .config import CHOICES, LAYOUT_SETTINGS, RunConfig, effective_lr
 from .data import TokenizedPair, collate_pairs, next_token_targets
+from .distributed import (
+    average_whole_gradients,
+    barrier,
+    clip_grad_norm,
+    full_tensor,
+    gather_lists,
+    shard_model,
+    sum_across_ranks,
+    world,
+)
 from .files import sha256_of, write_text_atomic, writing
 from .loss import NoiseThreshold, spa_loss
 from .models import sequence_token_logprobs
@@ -114,6 +124,12 @@ def iteration_pairs(
 def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if world().distributed:
+        # bitsandbytes' 8-bit states assume whole tensors; torchao's 8-bit AdamW takes FSDP2's
+        # sharded ones (preflight refuses the run when torchao is missing).
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
     import bitsandbytes as bnb
 
     if settings.optimizer == "adamw8bit":
@@ -224,9 +240,11 @@ def train_stage(
     `reference_model` (full fine-tuning); or neither, to use the pairs' precomputed
     reference log-probs (only without extrapolation).
     """
-    if settings.batch_size % settings.micro_batch_size:
+    ranks = world().size
+    if settings.batch_size % (settings.micro_batch_size * ranks):
         raise ValueError(
             f"batch_size {settings.batch_size} is not a multiple of micro_batch_size {settings.micro_batch_size}"
+            + (f" x {ranks} processes" if ranks > 1 else "")
         )
     if not pairs:
         raise ValueError("no pairs to train on")
@@ -245,6 +263,10 @@ def train_stage(
 
     # ---- setup
     compute_dtype = getattr(torch, settings.autocast_dtype) if settings.autocast_dtype else None
+    # Several processes: FSDP2 shards the bodies (parameters become DTensors, so before the optimizer sees them).
+    shard_model(model)
+    if reference_model is not None:
+        shard_model(reference_model)
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings)
@@ -259,13 +281,16 @@ def train_stage(
     if first_step:
         log(f"train: resuming at step {first_step}/{total_steps}")
     metrics_path, flags_path = out_dir / "metrics.jsonl", out_dir / "flags.jsonl"
-    truncate_metrics(metrics_path, first_step, log)
-    truncate_metrics(flags_path, first_step, log)
+    if world().is_main:
+        truncate_metrics(metrics_path, first_step, log)
+        truncate_metrics(flags_path, first_step, log)
 
-    writer = tensorboard_writer(out_dir)
+    writer = tensorboard_writer(out_dir) if world().is_main else None
+    main = world().is_main  # only rank 0 writes the stage's metrics and shows progress
     progress = tqdm(
-        total=total_steps, initial=first_step, desc=f"train {out_dir.parent.name}", unit="step", disable=None
-    )
+        total=total_steps, initial=first_step, desc=f"train {out_dir.parent.name}", unit="step",
+        disable=None if main else True,
+    )  # fmt: skip
 
     # ---- loop
     model.train()
@@ -277,20 +302,30 @@ def train_stage(
         step_pairs = [
             pairs[i] for i in order[step_in_epoch * settings.batch_size : (step_in_epoch + 1) * settings.batch_size]
         ]
-        if settings.micro_batch_size < len(step_pairs):
+        if settings.micro_batch_size * ranks < len(step_pairs):
             # Micro-batches of similar length pad less; the step's gradient sums the same pairs.
             step_pairs.sort(key=lambda p: len(p.prompt) + max(len(p.chosen), len(p.rejected)))
         alpha_t = settings.alpha if settings.refine and step >= settings.alpha_warmup * total_steps else 0.0
         # Statistics stay on the device until the step ends: one host sync per step (plus one
-        # per micro-batch with refinement, whose tau window lives on the host).
+        # per round with refinement, whose tau window lives on the host).
         started, tokens, positions, step_metrics, step_flags = time.perf_counter(), 0, 0, 0.0, []
         tau, finite_margins = None, True
         window_before = threshold.state_dict()  # a skipped step leaves tau's window as it found it
-        for start in range(0, len(step_pairs), settings.micro_batch_size):
-            micro = step_pairs[start : start + settings.micro_batch_size]
+        # A round is one micro-batch per rank; with one process, one micro-batch. N processes at
+        # micro_batch_size m compute what one process does at N*m: the same pairs, tau and flags.
+        round_size = settings.micro_batch_size * ranks
+        for start in range(0, len(step_pairs), round_size):
+            round_pairs = step_pairs[start : start + round_size]
+            rank_start = world().rank * settings.micro_batch_size
+            micro = round_pairs[rank_start : rank_start + settings.micro_batch_size]
+            # The share of the step's loss this micro-batch carries (FSDP averages gradients over ranks).
+            share = len(micro) / len(step_pairs)
+            if not micro:  # a short last round: this rank still runs the collectives, on a pair weighted 0
+                micro = round_pairs[:1]
             cpu_batch = collate_pairs(micro, pad_id, packed=settings.packing)
-            tokens += int(cpu_batch["attention_mask"].sum())
-            positions += cpu_batch["attention_mask"].numel()
+            if share:
+                tokens += int(cpu_batch["attention_mask"].sum())
+                positions += cpu_batch["attention_mask"].numel()
             cu_seq_lens = cpu_batch.pop("cu_seq_lens", None)  # stays on the CPU: see models.final_hidden_states
             batch = {k: v.to(device) for k, v in cpu_batch.items()}
             with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
@@ -312,29 +347,33 @@ def train_stage(
                 alpha=alpha_t if tau is not None else 0.0, tau=tau, loss_type=settings.loss_type,
             )  # fmt: skip
             if settings.refine:
-                margins = result.noise_margin.tolist()
+                # Every rank's margins, in rank order, enter the window before the next round's tau.
+                mine = zip(micro, result.noise_margin.tolist(), result.confident.tolist(), strict=True)
+                round_flags = gather_lists([(p.location, m, c) for p, m, c in mine] if share else [])
+                margins = [m for _, m, _ in round_flags]
                 if all(math.isfinite(m) for m in margins):
                     threshold.update(margins)
                 else:
                     finite_margins = False  # tau's window never takes a NaN; the step is skipped below
+                step_flags += [(tau, *flag) for flag in round_flags]
             loss = result.loss
             if settings.nll_alpha:
                 loss = loss + settings.nll_alpha * chosen_nll(logps.policy, batch["seq_ids"], len(micro))
-            (loss * (len(micro) / len(step_pairs))).backward()
-            step_metrics = step_metrics + result.metric_values() * (len(micro) / len(step_pairs))
-            if settings.refine:
-                step_flags.append((micro, tau, result.noise_margin, result.confident))
-        totals = dict(zip(result.METRIC_NAMES, step_metrics.tolist(), strict=True))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))  # one host sync
+            (loss * (share * ranks)).backward()
+            step_metrics = step_metrics + result.metric_values() * share
+        step_metrics = sum_across_ranks(torch.cat([step_metrics, step_metrics.new_tensor([tokens, positions])]))
+        *metric_values, tokens, positions = step_metrics.tolist()  # one host sync
+        totals = dict(zip(result.METRIC_NAMES, metric_values, strict=True))
+        average_whole_gradients(params)
+        grad_norm = float(clip_grad_norm(params, settings.max_grad_norm))
         lr = optimizer.param_groups[0]["lr"]
         # Checked before the optimizer step, so the weights never see a non-finite gradient.
         if math.isfinite(totals["loss"]) and math.isfinite(grad_norm) and finite_margins:
             optimizer.step()
             bad_in_a_row = 0
             flag_records = [
-                {"step": step + 1, "pair": p.location, "noise_margin": m, "tau": t, "confident": c}
-                for micro, t, margins, confident in step_flags
-                for p, m, c in zip(micro, margins.tolist(), confident.tolist(), strict=True)
+                {"step": step + 1, "pair": location, "noise_margin": m, "tau": t, "confident": c}
+                for t, location, m, c in step_flags
             ]
         else:
             skipped_steps, bad_in_a_row, flag_records = skipped_steps + 1, bad_in_a_row + 1, []
@@ -350,11 +389,8 @@ def train_stage(
             "padding": 1 - tokens / positions, "nonfinite_steps_skipped": skipped_steps,
             "peak_memory_mib": peak_memory_bytes(device) / 2**20,
         }  # fmt: skip
-        with writing(metrics_path), metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if flag_records:  # per pair: SPA's noise margin and flag, for analysis against gold labels
-            with writing(flags_path), flags_path.open("a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in flag_records))
+        if main:
+            append_step_records(metrics_path, flags_path, record, flag_records)
         if writer is not None:
             for name, value in record.items():
                 if isinstance(value, (int, float)) and name not in ("step", "epoch"):
@@ -374,6 +410,14 @@ def train_stage(
     if total_steps > first_step:
         log(f"train: {total_steps} steps done, last loss {record['loss']:.4f}; metrics in {metrics_path}")
     return {"steps": total_steps, "pairs": len(pairs), "metrics": str(metrics_path)}
+
+
+def append_step_records(metrics_path: Path, flags_path: Path, record: dict, flag_records: list[dict]) -> None:
+    with writing(metrics_path), metrics_path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if flag_records:  # per pair: SPA's noise margin and flag, for analysis against gold labels
+        with writing(flags_path), flags_path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in flag_records))
 
 
 def tensorboard_writer(out_dir: Path):
@@ -400,16 +444,65 @@ CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "rng.pt")
 KEEP_CHECKPOINTS = 2  # the latest and the one before: a damaged latest falls back to it
 
 
+def whole_training_state(model, names: list[str], optimizer) -> tuple[dict, dict]:
+    """(trainable weights by name, optimizer state) as one process holds them, whatever the number of ranks.
+
+    Under FSDP2 both are gathered from the shards (torch.distributed.checkpoint's full state
+    dict) and the optimizer's state is keyed by position, as `optimizer.state_dict()` keys it,
+    so a checkpoint resumes on any number of processes, one included.
+    """
+    state = dict(model.named_parameters())
+    weights = {n: full_tensor(state[n].detach()).contiguous().cpu() for n in names}
+    if not world().distributed:
+        return weights, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    position = {name: i for i, name in enumerate(names)}
+    groups = [{**g, "params": [position[n] for n in g["params"]]} for g in full.get("param_groups", [])]
+    return weights, {"state": {position[n]: v for n, v in full.get("state", {}).items()}, "param_groups": groups}
+
+
+def load_training_state(model, names: list[str], optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Put a checkpoint's whole state back, into shards under FSDP2."""
+    if not world().distributed:
+        state = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in names:
+                state[name].copy_(weights[name])
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, {n: weights[n] for n in names}, options=options)
+    by_name = {
+        "state": {names[i]: v for i, v in optimizer_state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer_state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=by_name, options=options)
+
+
 def save_checkpoint(out_dir: Path, step: int, model, names, optimizer, scheduler, threshold, settings) -> Path:
-    """Write checkpoint-<step>/ under a temporary name with a checksum manifest, rename it, repoint `latest`."""
+    """Write checkpoint-<step>/ under a temporary name with a checksum manifest, rename it, repoint `latest`.
+
+    Every rank takes part in gathering the state; rank 0 writes it.
+    """
     final = out_dir / f"checkpoint-{step:07d}"
+    weights, optimizer_state = whole_training_state(model, names, optimizer)
+    if not world().is_main:
+        barrier()
+        return final
     tmp = out_dir / f".checkpoint-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with writing(final):
         tmp.mkdir()
-        state = dict(model.named_parameters())
-        save_file({n: state[n].detach().contiguous().cpu() for n in names}, tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         torch.save({"cpu": torch.get_rng_state(), "cuda": cuda_rng}, tmp / "rng.pt")
         manifest = {name: sha256_of(tmp / name) for name in CHECKPOINT_FILES}
@@ -425,6 +518,7 @@ def save_checkpoint(out_dir: Path, step: int, model, names, optimizer, scheduler
     for old in [*out_dir.glob("checkpoint-*"), *out_dir.glob(".checkpoint-*.tmp")]:
         if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
+    barrier()  # the other ranks go on once the checkpoint is whole on disk
     return final
 
 
@@ -479,12 +573,8 @@ def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, thresh
     missing = set(names) - set(weights)
     if missing:
         raise CheckpointMismatch(f"{path}: the checkpoint lacks {sorted(missing)[:3]}")
-    state = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in names:
-            state[name].copy_(weights[name])
     saved_state = torch.load(path / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(saved_state["optimizer"])
+    load_training_state(model, names, optimizer, weights, saved_state["optimizer"])
     scheduler.load_state_dict(saved_state["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["cpu"])

@@ -1,0 +1,78 @@
+"""Several processes (torchrun, gloo on the CPU) compute what one process computes.
+
+Two ranks at micro_batch_size m against one process at 2m: the same pairs per step, the same
+tau window, so losses, flags and final weights agree to fp32 rounding.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+
+def worker_env() -> dict:
+    env = {**os.environ, "SELFEE_FAST_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def run_worker(args: list[str], processes: int) -> None:
+    if processes == 1:
+        command = [sys.executable, str(WORKER), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                   "--standalone", str(WORKER), *args]  # fmt: skip
+    done = subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("distributed")
+    rng = random.Random(0)
+    words = "the cat dog sat ran on a mat log".split()
+    tokenizer = build_tokenizer([" ".join(rng.choice(words) for _ in range(8)) for _ in range(50)], root / "m",
+                                vocab_size=120)  # fmt: skip
+    build_tiny_llama(root / "m", tokenizer, hidden_size=32, layers=2)
+    eos = tokenizer.eos_token_id
+    pairs = []
+    for i in range(14):  # 14 pairs, batch 8: the second step of each epoch has a short last round
+        prompt = [rng.randrange(3, 120) for _ in range(rng.randint(2, 5))]
+        pairs.append({"location": f"p{i}", "prompt": prompt,
+                      "chosen": [rng.randrange(3, 120) for _ in range(rng.randint(1, 6))] + [eos],
+                      "rejected": [rng.randrange(3, 120) for _ in range(rng.randint(1, 6))] + [eos]})  # fmt: skip
+    (root / "m" / "pairs.json").write_text(json.dumps(pairs))
+    return root / "m"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_two_processes_train_as_one_with_the_same_global_batch(model_dir, tmp_path, mode):
+    run_worker([str(model_dir), str(tmp_path / "one"), mode, "4"], processes=1)
+    run_worker([str(model_dir), str(tmp_path / "two"), mode, "2"], processes=2)
+    one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "spa/tau"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    flags_one, flags_two = read_jsonl(tmp_path / "one" / "flags.jsonl"), read_jsonl(tmp_path / "two" / "flags.jsonl")
+    assert [(f["step"], f["pair"], f["confident"]) for f in flags_one] == [
+        (f["step"], f["pair"], f["confident"]) for f in flags_two
+    ]
+    final_one, final_two = torch.load(tmp_path / "one" / "final.pt"), torch.load(tmp_path / "two" / "final.pt")
+    assert final_one.keys() == final_two.keys()
+    for name in final_one:
+        torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-4, atol=1e-5, msg=name)
