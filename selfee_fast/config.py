@@ -94,7 +94,7 @@ class TrainConfig:
     lr: float | None = None  # null: per mode, see effective_lr (the paper's 5e-7 for full fine-tuning)
     warmup_ratio: float = 0.1
     batch_size: int = 32
-    micro_batch_size: int = 4
+    micro_batch_size: int = 4  # pairs per forward/backward; under torchrun split over the processes
     seed_epochs: int = 3
     iteration_epochs: int = 1
     max_grad_norm: float = 1.0

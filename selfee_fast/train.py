@@ -240,12 +240,13 @@ def train_stage(
     `reference_model` (full fine-tuning); or neither, to use the pairs' precomputed
     reference log-probs (only without extrapolation).
     """
-    ranks = world().size
-    if settings.batch_size % (settings.micro_batch_size * ranks):
+    if settings.batch_size % settings.micro_batch_size:
         raise ValueError(
             f"batch_size {settings.batch_size} is not a multiple of micro_batch_size {settings.micro_batch_size}"
-            + (f" x {ranks} processes" if ranks > 1 else "")
         )
+    ranks = world().size
+    if settings.micro_batch_size % ranks:
+        raise ValueError(f"micro_batch_size {settings.micro_batch_size} does not split over {ranks} processes")
     if not pairs:
         raise ValueError("no pairs to train on")
     extrapolate = settings.extrapolate if settings.refine else None
@@ -302,7 +303,7 @@ def train_stage(
         step_pairs = [
             pairs[i] for i in order[step_in_epoch * settings.batch_size : (step_in_epoch + 1) * settings.batch_size]
         ]
-        if settings.micro_batch_size * ranks < len(step_pairs):
+        if settings.micro_batch_size < len(step_pairs):
             # Micro-batches of similar length pad less; the step's gradient sums the same pairs.
             step_pairs.sort(key=lambda p: len(p.prompt) + max(len(p.chosen), len(p.rejected)))
         alpha_t = settings.alpha if settings.refine and step >= settings.alpha_warmup * total_steps else 0.0
@@ -311,13 +312,12 @@ def train_stage(
         started, tokens, positions, step_metrics, step_flags = time.perf_counter(), 0, 0, 0.0, []
         tau, finite_margins = None, True
         window_before = threshold.state_dict()  # a skipped step leaves tau's window as it found it
-        # A round is one micro-batch per rank; with one process, one micro-batch. N processes at
-        # micro_batch_size m compute what one process does at N*m: the same pairs, tau and flags.
-        round_size = settings.micro_batch_size * ranks
-        for start in range(0, len(step_pairs), round_size):
-            round_pairs = step_pairs[start : start + round_size]
-            rank_start = world().rank * settings.micro_batch_size
-            micro = round_pairs[rank_start : rank_start + settings.micro_batch_size]
+        # A micro-batch is split over the ranks, each taking micro_batch_size / N of its pairs, so
+        # any number of processes computes what one does: the same pairs, tau and flags.
+        per_rank = settings.micro_batch_size // ranks
+        for start in range(0, len(step_pairs), settings.micro_batch_size):
+            round_pairs = step_pairs[start : start + settings.micro_batch_size]
+            micro = round_pairs[world().rank * per_rank : (world().rank + 1) * per_rank]
             # The share of the step's loss this micro-batch carries (FSDP averages gradients over ranks).
             share = len(micro) / len(step_pairs)
             if not micro:  # a short last round: this rank still runs the collectives, on a pair weighted 0

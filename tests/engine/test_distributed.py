@@ -1,7 +1,8 @@
 """Several processes (torchrun, gloo on the CPU) compute what one process computes.
 
-Two ranks at micro_batch_size m against one process at 2m: the same pairs per step, the same
-tau window, so losses, flags and final weights agree to fp32 rounding.
+The same settings on two ranks and on one: the same pairs per micro-batch (split over the
+ranks), the same tau window, so losses, flags and final weights agree to fp32 rounding, and a
+checkpoint resumes on either.
 """
 
 import json
@@ -60,9 +61,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_two_processes_train_as_one_with_the_same_global_batch(model_dir, tmp_path, mode):
+def test_two_processes_train_as_one_with_the_same_settings(model_dir, tmp_path, mode):
     run_worker([str(model_dir), str(tmp_path / "one"), mode, "4"], processes=1)
-    run_worker([str(model_dir), str(tmp_path / "two"), mode, "2"], processes=2)
+    run_worker([str(model_dir), str(tmp_path / "two"), mode, "4"], processes=2)
     one, two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two, strict=True):
@@ -76,3 +77,25 @@ def test_two_processes_train_as_one_with_the_same_global_batch(model_dir, tmp_pa
     assert final_one.keys() == final_two.keys()
     for name in final_one:
         torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def back_to_step_2(run: Path) -> None:
+    """The run folder as a kill after step 2 leaves it: the step-4 checkpoint and later records gone."""
+    import shutil
+
+    shutil.rmtree(run / "checkpoint-0000004")
+    (run / "latest").write_text("checkpoint-0000002")
+    (run / "final.pt").unlink()
+
+
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(model_dir, tmp_path, first, then):
+    """Checkpoints hold whole tensors in the one-process layout: 2 ranks resume 1's, 1 resumes 2's."""
+    run_worker([str(model_dir), str(tmp_path / "whole"), "lora", "4"], processes=first)
+    expected = torch.load(tmp_path / "whole" / "final.pt")
+    back_to_step_2(tmp_path / "whole")
+    run_worker([str(model_dir), str(tmp_path / "whole"), "lora", "4"], processes=then)
+    assert [r["step"] for r in read_jsonl(tmp_path / "whole" / "metrics.jsonl")] == [1, 2, 3, 4]
+    resumed = torch.load(tmp_path / "whole" / "final.pt")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
