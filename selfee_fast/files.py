@@ -110,6 +110,13 @@ def complete_batches(path: str | Path, plan: list[list[int]], log=None) -> set[i
     path = Path(path)
     if not path.exists():
         return set()
+    found = complete_batch_records(path, plan, log)
+    write_jsonl_atomic(path, [r for records in found.values() for r in records])
+    return set(found)
+
+
+def complete_batch_records(path: Path, plan: list[list[int]], log=None) -> dict[int, list[dict]]:
+    """The records of each complete batch in `path`, by batch number, in file order (see `complete_batches`)."""
     records = []
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     for number, line in enumerate(lines, start=1):
@@ -122,12 +129,37 @@ def complete_batches(path: str | Path, plan: list[list[int]], log=None) -> set[i
                 log(f"{path}:{number} is garbled: it and the {len(lines) - number} lines after it are dropped, "
                     "and their batches done again")  # fmt: skip
             break
-    found: dict[int, list[int]] = {}
+    found: dict[int, list[dict]] = {}
     for r in records:
-        found.setdefault(r["batch"], []).append(r["index"])
-    done = {b for b, indices in found.items() if b < len(plan) and sorted(indices) == sorted(plan[b])}
-    write_jsonl_atomic(path, [r for r in records if r["batch"] in done])
-    return done
+        found.setdefault(r["batch"], []).append(r)
+    return {
+        b: rs for b, rs in found.items() if b < len(plan) and sorted(r["index"] for r in rs) == sorted(plan[b])
+    }
+
+
+def rank_shard(path: Path, rank: int) -> Path:
+    """Where rank `rank` of several processes appends its batches of `path`."""
+    return path.with_name(f"{path.name}.rank{rank}")
+
+
+def merge_shards(path: Path, plan: list[list[int]], log=None) -> set[int]:
+    """Gather the complete batches of `path` and of every rank's shard beside it into `path`, in batch order.
+
+    The merged file is what one process appending batch after batch would have written, so
+    the number of processes changes no byte; a run resumes on any number of them. The shards
+    are removed once their batches are in `path`. Returns the complete batch numbers.
+    """
+    shards = sorted(path.parent.glob(f"{path.name}.rank*"))
+    if not shards:
+        return complete_batches(path, plan, log)
+    found: dict[int, list[dict]] = {}
+    for source in [path, *shards]:
+        if source.exists():
+            found.update(complete_batch_records(source, plan, log))
+    write_jsonl_atomic(path, [r for b in sorted(found) for r in found[b]])
+    for shard in shards:
+        shard.unlink()
+    return set(found)
 
 
 def sha256_of(path: Path) -> str:

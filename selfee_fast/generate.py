@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from .batching import BatchLimit, split_on_oom
 from .config import RunConfig
 from .data import PromptRecord, padding_id, record_prompt_ids, with_system_prompt
-from .files import append_batch, complete_batches
+from .distributed import barrier, broadcast_value, world
+from .files import append_batch, merge_shards, rank_shard
 from .records import Generation, read_generations
 from .stopping import stop_here
 
@@ -141,10 +142,14 @@ def generate_responses(
     # last finished batch left it, so its pieces (and their seeds) are the uninterrupted run's.
     limit = BatchLimit()
     limit.items = resumed_batch_limit(out_path, done)
-    with out_path.open("a", encoding="utf-8") as out:
-        progress = tqdm(total=len(plan), initial=len(done), desc="generate", unit="batch", disable=None)
+    # Several processes: rank r takes every N-th batch into a shard of its own; rank 0 merges.
+    ranks = world()
+    write_path = rank_shard(out_path, ranks.rank) if ranks.distributed else out_path
+    with write_path.open("a", encoding="utf-8") as out:
+        progress = tqdm(total=len(plan), initial=len(done), desc="generate", unit="batch",
+                        disable=None if ranks.is_main else True)  # fmt: skip
         for batch_index, indices in enumerate(plan):
-            if batch_index in done:
+            if batch_index in done or batch_index % ranks.size != ranks.rank:
                 continue
             batch_ids = [all_prompt_ids[i] for i in indices]
             batch_seed = settings.seed * 1_000_003 + batch_index
@@ -168,13 +173,19 @@ def generate_responses(
                 new_tokens += sum(len(r) for r in record.responses)
                 records.append(record)
             append_batch(out, [r.to_json() for r in records])
-            stop_here(f"after generation batch {batch_index + 1}/{len(plan)} ({out_path})")
+            stop_here(f"after generation batch {batch_index + 1}/{len(plan)} ({write_path})")
             elapsed = time.perf_counter() - start
             progress.update(1)
             progress.set_postfix_str(f"{new_tokens / max(elapsed, 1e-9):.0f} new tok/s")
         progress.close()
+    if ranks.distributed:
+        barrier()  # every shard complete
+        if ranks.is_main:
+            merge_shards(out_path, plan, log)
+        barrier()
     log(
         f"generation: {len(plan)} batches in {out_path}, {new_tokens} new tokens in {time.perf_counter() - start:.1f} s"
+        + (f" on rank {ranks.rank}" if ranks.distributed else "")
     )
     model.train(was_training)
     return read_generations(out_path)
@@ -223,7 +234,8 @@ def prepare(tokenizer, prompts: list[PromptRecord], settings: GenerationSettings
         all_prompt_ids = [ids[-limit:] for ids in all_prompt_ids]
         log(f"generation: {len(truncated)} prompts longer than {limit} tokens keep their last {limit}")
     plan = plan_batches(all_prompt_ids, settings.batch_size)
-    done = complete_batches(out_path, plan, log)
+    # Rank 0 tidies the file (and merges shards an earlier run on several processes left); all see its answer.
+    done = broadcast_value(merge_shards(out_path, plan, log) if world().is_main else None)
     if done:
         log(f"generation: resuming, {len(done)}/{len(plan)} batches already on disk")
     return all_prompt_ids, truncated, plan, done

@@ -23,9 +23,10 @@ import torch
 from .batching import BatchLimit, split_on_oom
 from .config import CHOICES
 from .data import pack, padded_seq_ids, padding_id, right_pad
-from .files import append_batch, complete_batches
+from .distributed import barrier, broadcast_value, world
+from .files import append_batch, merge_shards, rank_shard
 from .models import sequence_token_logprobs
-from .records import Generation, JudgedPair, read_jsonl, write_pairs
+from .records import Generation, JudgedPair, read_jsonl, read_pairs, write_pairs
 from .stopping import stop_here
 
 JUDGE_REFERENCES = CHOICES["spa.judge_reference"]
@@ -118,7 +119,11 @@ def judge_generations(
     # resumed judgment still finds the same batches; pairs are written back in index order.
     usable.sort(key=lambda g: (len(g.prompt_ids) + max(len(x) for x in g.responses), g.index))
     batches = [usable[i : i + batch_prompts] for i in range(0, len(usable), batch_prompts)]
-    finished = complete_batches(partial_path, [[g.index for g in b] for b in batches], log)
+    plan = [[g.index for g in b] for b in batches]
+    # Several processes: rank r judges every N-th batch into a shard of its own; rank 0 merges.
+    ranks = world()
+    finished = broadcast_value(merge_shards(partial_path, plan, log) if ranks.is_main else None)
+    write_path = rank_shard(partial_path, ranks.rank) if ranks.distributed else partial_path
     if finished:
         log(f"judge: resuming, {len(finished)}/{len(batches)} batches already judged")
     was_training = model.training
@@ -132,9 +137,9 @@ def judge_generations(
             )
 
     limit = BatchLimit()  # what fitted for one batch is where the next one starts
-    with partial_path.open("a", encoding="utf-8") as out:
+    with write_path.open("a", encoding="utf-8") as out:
         for number, batch in enumerate(batches):
-            if number in finished:
+            if number in finished or number % ranks.size != ranks.rank:
                 continue
             items = [(g.prompt_ids, g.responses) for g in batch]
             if reward_model is not None:
@@ -150,11 +155,15 @@ def judge_generations(
                     for r, (policy, ref) in zip(batch, scores, strict=True)
                 ]
             append_batch(out, [{**pair.to_json(), "batch": number} for pair in judged])
-            stop_here(f"after judge batch {number + 1}/{len(batches)} ({partial_path})")
+            stop_here(f"after judge batch {number + 1}/{len(batches)} ({write_path})")
     model.train(was_training)
-    pairs = sorted(read_jsonl(partial_path, JudgedPair.from_json), key=lambda p: p.index)
-    write_pairs(out_path, pairs)
-    partial_path.unlink()
+    barrier()  # every shard complete
+    if ranks.is_main:
+        merge_shards(partial_path, plan, log)
+        write_pairs(out_path, read_jsonl(partial_path, JudgedPair.from_json))
+        partial_path.unlink()
+    barrier()
+    pairs = read_pairs(out_path)
     log(
         f"judge: {len(pairs)} pairs written to {out_path}"
         + (f", {dropped} prompts with < 2 responses dropped" if dropped else "")
