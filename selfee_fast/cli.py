@@ -167,11 +167,13 @@ def spa_demo(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .distributed import world
     from .pipeline import run_pipeline
 
     config = load_config(args.config, args.overrides)
     summary = run_pipeline(config, force=args.force)
-    print(f"done: {len(summary['stages'])} stages in {config.run_dir} (summary.json)")
+    if world().is_main:
+        print(f"done: {len(summary['stages'])} stages in {config.run_dir} (summary.json)")
     return 0
 
 
@@ -179,30 +181,35 @@ def stage_step(args: argparse.Namespace) -> int:
     """One step of one stage, through the same stage runner as `run`, for running or redoing a step alone."""
     from . import pipeline
     from .config import ConfigError, load_config
-    from .files import refuse_if_busy, run_folder_lock
+    from .distributed import world
+    from .files import refuse_if_busy
     from .preflight import preflight
     from .stages import as_begun, parse_stage, read_stage_record, stage_fingerprints
     from .stopping import stop_requests
 
     config = load_config(args.config, args.overrides)
-    refuse_if_busy(config.run_dir)  # at once: the preflight reads every data file
+    main = world().is_main
+    say = print if main else pipeline.quiet
+    if main:
+        refuse_if_busy(config.run_dir)  # at once: the preflight reads every data file
     stage = parse_stage(config, args.stage)
     if args.command != "train" and not stage.iteration:
         raise ConfigError(f"{args.command} works on an iteration stage (iter1, iter2, ...), not {stage.name!r}")
     pipeline.previous_stage_model(config, stage)  # its predecessor finished: said before the slower checks
     runtime = preflight(config)
-    with run_folder_lock(config.run_dir, f"selfee-fast {args.command} --stage {stage.name}"), stop_requests():
-        config = as_begun(config)
+    command = f"selfee-fast {args.command} --stage {stage.name}"
+    with pipeline.main_holds_folder(config.run_dir, command), stop_requests():
+        config = as_begun(config, say)
         done = read_stage_record(Path(config.run_dir) / stage.name / "done.json")
         # train would only save the finished model again; generate and judge resume from their files
         if args.command == "train" and done and done["fingerprint"] == stage_fingerprints(config)[stage.name]:
-            print(f"{stage.name} is finished (its done.json matches this config): nothing to do; "
-                  "`selfee-fast run --force` after a change redoes it")  # fmt: skip
+            say(f"{stage.name} is finished (its done.json matches this config): nothing to do; "
+                "`selfee-fast run --force` after a change redoes it")  # fmt: skip
             return 0
         remedy = "redo it with `selfee-fast run --force`, or use a new run_dir"
-        pipeline.run_stage(config, runtime, stage, until=args.command, remedy=remedy, log=print)
+        pipeline.run_stage(config, runtime, stage, until=args.command, remedy=remedy, log=say)
     if args.command == "train":
-        print(f"saved {Path(config.run_dir) / stage.name / 'model'} (done.json is written by `selfee-fast run` only)")
+        say(f"saved {Path(config.run_dir) / stage.name / 'model'} (done.json is written by `selfee-fast run` only)")
     return 0
 
 
@@ -315,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args)
 
 
+# The commands torchrun can start on several processes.
+DISTRIBUTED_COMMANDS = ("run", "generate", "judge", "train")
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run a subcommand; what goes wrong is one line on stderr and an exit code, never a traceback.
 
@@ -325,26 +336,33 @@ def run_command(args: argparse.Namespace) -> int:
     from .data import DataError
     from .demo.run import DemoSettingsError
     from .demo.tasks import TaskError
+    from .distributed import start_world, stop_world, world
     from .files import RunFolderBusy, WriteFailed
     from .stopping import Interrupted
     from .train import CheckpointMismatch
 
+    # Under torchrun every process runs the command; its messages say which process it is.
+    ranks = start_world() if args.command in DISTRIBUTED_COMMANDS else world()
+    name = f"selfee-fast (rank {ranks.rank} of {ranks.size})" if ranks.distributed else "selfee-fast"
     try:
+        if ranks.distributed and args.command not in DISTRIBUTED_COMMANDS:
+            raise ConfigError(f"{args.command} runs on one process; torchrun runs {', '.join(DISTRIBUTED_COMMANDS)}")
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError, RunFolderBusy, TaskError, DemoSettingsError) as error:
-        print(f"selfee-fast: {error}", file=sys.stderr)
+        print(f"{name}: {error}", file=sys.stderr)
         return 2
     except (WriteFailed, FloatingPointError, CheckpointMismatch) as error:
-        print(f"selfee-fast: {error}", file=sys.stderr)
+        print(f"{name}: {error}", file=sys.stderr)
         return 1
     except Interrupted as error:
-        print(f"selfee-fast: {error}; rerun the same command to resume", file=sys.stderr)
+        print(f"{name}: {error}; rerun the same command to resume", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # the second Ctrl-C: at once, every file still whole
-        print("selfee-fast: stopped at once; the run folder is consistent: rerun the same command to resume",
+        print(f"{name}: stopped at once; the run folder is consistent: rerun the same command to resume",
               file=sys.stderr)  # fmt: skip
         return 130
-    return args.func(args)
+    finally:
+        stop_world()
 
 
 if __name__ == "__main__":

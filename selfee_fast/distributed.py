@@ -92,6 +92,15 @@ def broadcast_value(value):
     return box[0]
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on one (a stop signal that reached one process)."""
+    if not _world.distributed:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     if _world.distributed:
         dist.all_reduce(tensor)

@@ -132,9 +132,7 @@ def complete_batch_records(path: Path, plan: list[list[int]], log=None) -> dict[
     found: dict[int, list[dict]] = {}
     for r in records:
         found.setdefault(r["batch"], []).append(r)
-    return {
-        b: rs for b, rs in found.items() if b < len(plan) and sorted(r["index"] for r in rs) == sorted(plan[b])
-    }
+    return {b: rs for b, rs in found.items() if b < len(plan) and sorted(r["index"] for r in rs) == sorted(plan[b])}
 
 
 def rank_shard(path: Path, rank: int) -> Path:

@@ -20,6 +20,7 @@ of a stage, used by `run` and by the single-step commands (generate / judge / tr
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from . import roles
 from .config import ConfigError, RunConfig, lr_note, save_config
 from .data import DataError, DataReport, load_preferences, load_prompts, padding_id, tokenize_pairs, with_system_prompt
+from .distributed import barrier, world
 from .files import folder_problem, refuse_if_busy, run_folder_lock, write_json_atomic
 from .generate import GenerationSettings, generate_responses, generate_stage_vllm
 from .judge import judge_generations
@@ -52,10 +54,31 @@ from .train import TrainPair, TrainSettings, iteration_pairs, last_metrics, trai
 
 
 def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
-    refuse_if_busy(config.run_dir)  # at once: the preflight reads every data file
+    """The whole run; under torchrun every process calls it, rank 0 holds the folder and speaks."""
+    ranks = world()
+    if not ranks.is_main:
+        log = quiet
+    else:
+        refuse_if_busy(config.run_dir)  # at once: the preflight reads every data file
     runtime = preflight(config)
-    with run_folder_lock(config.run_dir, "selfee-fast run"), stop_requests():
+    with main_holds_folder(config.run_dir, "selfee-fast run"), stop_requests():
         return run_stages(config, runtime, force=force, log=log)
+
+
+def quiet(*_) -> None:
+    """The log of ranks other than 0: they do the same work, rank 0 reports it."""
+
+
+@contextlib.contextmanager
+def main_holds_folder(run_dir: str, command: str):
+    """Rank 0 takes the run folder's lock; the others start once it holds it (one process: the lock)."""
+    if world().is_main:
+        with run_folder_lock(run_dir, command):
+            barrier()
+            yield
+    else:
+        barrier()
+        yield
 
 
 def run_stages(config: RunConfig, runtime: Runtime, *, force: bool, log) -> dict:
@@ -90,14 +113,20 @@ def run_stages(config: RunConfig, runtime: Runtime, *, force: bool, log) -> dict
             continue
         started = read_stage_record(stage_dir / "started.json")
         if redo_rest or (started and started["fingerprint"] != prints[stage.name]):
-            shutil.rmtree(stage_dir, ignore_errors=True)  # force: redo it and every stage after it
+            barrier()  # every rank has read the record before rank 0 removes it
+            if world().is_main:
+                shutil.rmtree(stage_dir, ignore_errors=True)  # force: redo it and every stage after it
+            barrier()
             redo_rest = True
         done = {"fingerprint": prints[stage.name], **run_stage(config, runtime, stage, log=log)}
-        write_json_atomic(stage_dir / "done.json", done)
+        if world().is_main:
+            write_json_atomic(stage_dir / "done.json", done)
         summary["stages"][stage.name] = done
-    # The configuration the summary describes, even when every stage was finished before.
-    save_config(config, Path(config.run_dir) / "config.yaml")
-    write_json_atomic(Path(config.run_dir) / "summary.json", summary)
+    if world().is_main:
+        # The configuration the summary describes, even when every stage was finished before.
+        save_config(config, Path(config.run_dir) / "config.yaml")
+        write_json_atomic(Path(config.run_dir) / "summary.json", summary)
+    barrier()
     return summary
 
 
@@ -220,7 +249,9 @@ def judge(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, g
             log(f"{stage.name}: {len(judged)} judged pairs found, judgment skipped")
             return judged
         log(f"{stage.name}: {problem}: judging again")
-        pairs_path.unlink()
+        barrier()  # every rank has read it
+        if world().is_main:
+            pairs_path.unlink()
     if config.spa.judge == "reward_model":
         reward_model = RewardModel(fit_to_seed(config, tokenizer, log), device=runtime.device)
         return judge_generations(model, tokenizer, generations, pairs_path, reward_model=reward_model, log=log)

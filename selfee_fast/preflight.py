@@ -13,11 +13,13 @@ import importlib.util
 from . import models
 from .config import ConfigError, RunConfig, check_values
 from .data import DataError, load_preferences, load_prompts, record_prompt_ids, with_system_prompt
+from .distributed import world
 from .runtime import Runtime, resolve_runtime
 
 
 def preflight(config: RunConfig, *, check_data: bool = True) -> Runtime:
     check_values(config)
+    check_processes(config)
     runtime = resolve_runtime(config)
     check_libraries(config, runtime)
     check_model_folders(config)
@@ -26,14 +28,40 @@ def preflight(config: RunConfig, *, check_data: bool = True) -> Runtime:
     return runtime
 
 
+def check_processes(config: RunConfig) -> None:
+    """What several processes (torchrun) do not support yet, refused with what to set instead."""
+    ranks = world().size
+    if ranks == 1:
+        return
+    if config.train.micro_batch_size % ranks:
+        raise ConfigError(
+            f"train.micro_batch_size={config.train.micro_batch_size} must split evenly over the {ranks} processes: "
+            f"each takes micro_batch_size / {ranks} pairs of a micro-batch"
+        )
+    if config.generation.backend == "vllm":
+        raise ConfigError("generation.backend=vllm runs on one process; under torchrun use generation.backend=hf")
+    if config.model.quantization != "none":
+        raise ConfigError(
+            "model.quantization=4bit (bitsandbytes NF4) cannot be sharded by FSDP2 here: run QLoRA on one process"
+        )
+    if config.train.optimizer == "paged_adamw8bit":
+        raise ConfigError("train.optimizer=paged_adamw8bit has no sharded form: use adamw8bit (torchao) or adamw")
+    if config.train.optimizer == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+        raise ConfigError(
+            "train.optimizer=adamw8bit on several processes needs torchao (bitsandbytes' 8-bit states assume whole "
+            "tensors, FSDP2 shards them): pip install torchao, or use train.optimizer=adamw"
+        )
+
+
 def check_libraries(config: RunConfig, runtime: Runtime) -> None:
     have_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
     if config.model.quantization != "none" and not have_bitsandbytes:
         raise ConfigError("model.quantization=4bit needs bitsandbytes: pip install bitsandbytes")
     optimizer = config.train.optimizer
-    if optimizer != "adamw" and not have_bitsandbytes:
+    several = world().distributed  # torchao's 8-bit AdamW there (check_processes)
+    if optimizer != "adamw" and not have_bitsandbytes and not several:
         raise ConfigError(f"train.optimizer={optimizer!r} needs bitsandbytes: pip install bitsandbytes, or use adamw")
-    if optimizer != "adamw" and runtime.device.type == "cuda":
+    if optimizer != "adamw" and runtime.device.type == "cuda" and not several:
         from .train import eight_bit_optimizer_problem
 
         problem = eight_bit_optimizer_problem(runtime.device)

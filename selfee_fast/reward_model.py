@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import TokenizedPair, collate_pairs, padding_id, right_pad
+from .distributed import barrier, world
 from .files import folder_written_atomically, write_json_atomic
 from .models import check_model_dir
 
@@ -123,4 +124,8 @@ def fit_to_seed(config, tokenizer, log=print) -> Path:
     settings = RewardModelSettings(
         epochs=config.spa.reward_model_epochs, lr=config.spa.reward_model_lr, seed=config.seed
     )
-    return train_reward_model(config.model.path, pairs, Path(config.run_dir) / "reward_model", settings, log=log)
+    out_dir = Path(config.run_dir) / "reward_model"
+    if world().is_main:  # under torchrun rank 0 fits it, the others load what it saved
+        train_reward_model(config.model.path, pairs, out_dir, settings, log=log)
+    barrier()
+    return out_dir

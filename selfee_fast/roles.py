@@ -16,6 +16,7 @@ import torch
 
 from . import models
 from .config import ConfigError, RunConfig
+from .distributed import barrier, full_tensor, world
 from .files import folder_written_atomically, write_manifest
 from .runtime import Runtime
 
@@ -140,14 +141,29 @@ def judge_reference(config: RunConfig, runtime: Runtime, model, earlier: Path) -
 
 
 def save_policy(model, tokenizer, path: Path) -> None:
-    """The stage's model in standard form: a peft adapter, or the full model in safetensors."""
-    with folder_written_atomically(path) as staging:
-        if models.is_peft(model):
-            model.save_pretrained(staging, selected_adapters=[models.POLICY_ADAPTER])
-        else:
-            model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        write_manifest(staging)
+    """The stage's model in standard form: a peft adapter, or the full model in safetensors.
+
+    Under FSDP2 every rank gathers the whole tensors (of the adapter only, with LoRA) and
+    rank 0 writes them: the folder is the one a single process saves.
+    """
+    ranks = world()
+    state = None
+    if ranks.distributed and models.is_peft(model):
+        adapter = f".{models.POLICY_ADAPTER}"
+        state = {n: full_tensor(v.detach()).cpu() for n, v in model.state_dict().items() if adapter in n}
+    elif ranks.distributed:  # the whole model, gathered on rank 0 only
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ranks.is_main:
+        with folder_written_atomically(path) as staging:
+            if models.is_peft(model):
+                model.save_pretrained(staging, selected_adapters=[models.POLICY_ADAPTER], state_dict=state)
+            else:
+                model.save_pretrained(staging, safe_serialization=True, state_dict=state)
+            tokenizer.save_pretrained(staging)
+            write_manifest(staging)
+    barrier()
 
 
 def check_packing(config: RunConfig, model) -> None:

@@ -23,6 +23,7 @@ from .config import (
     effective_lr,
     save_config,
 )
+from .distributed import world
 from .files import write_json_atomic
 
 FORCE_REMEDY = "rerun with --force to redo it and every stage after it, or use a new run_dir"
@@ -174,9 +175,10 @@ def claim_stage(config: RunConfig, stage: Stage, remedy: str) -> None:
     check_unchanged(config, stage, remedy)
     stage_dir = Path(config.run_dir) / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
-    # Saved as a stage starts, not before: a refused command leaves the run's config as it was.
-    save_config(config, Path(config.run_dir) / "config.yaml")
-    write_json_atomic(stage_dir / "started.json", stage_record(config, stage))
+    if world().is_main:  # under torchrun every rank claims, rank 0 writes
+        # Saved as a stage starts, not before: a refused command leaves the run's config as it was.
+        save_config(config, Path(config.run_dir) / "config.yaml")
+        write_json_atomic(stage_dir / "started.json", stage_record(config, stage))
 
 
 def read_stage_record(path: Path) -> dict | None:

@@ -47,7 +47,12 @@ def stop_requested() -> bool:
     return bool(_requested)
 
 
-def stop_here(where: str) -> None:
-    """Raise `Interrupted` if a stop was asked for; call at a boundary whose state is on disk."""
+def stop_here(where: str, *, requested: bool | None = None) -> None:
+    """Raise `Interrupted` if a stop was asked for; call at a boundary whose state is on disk.
+
+    `requested`: a stop the processes of a run agreed on (a signal reached one of them).
+    """
     if _requested:
         raise Interrupted(f"stopped on {_requested[0]} {where}")
+    if requested:
+        raise Interrupted(f"stopped with the run's other processes {where}")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .config import CHOICES, LAYOUT_SETTINGS, RunConfig, effective_lr
 from .data import TokenizedPair, collate_pairs, next_token_targets
 from .distributed import (
+    any_rank,
     average_whole_gradients,
     barrier,
     clip_grad_norm,
@@ -401,9 +402,11 @@ def train_stage(
             acc=f"{record['rewards/accuracies']:.2f}",
             tok_s=f"{record['tokens_per_s']:.0f}",
         )
-        if (step + 1) % settings.save_every == 0 or step + 1 == total_steps or stop_requested():
+        stopping = any_rank(stop_requested())  # every rank saves, and stops, together
+        if (step + 1) % settings.save_every == 0 or step + 1 == total_steps or stopping:
             save_checkpoint(out_dir, step + 1, model, names, optimizer, scheduler, threshold, settings)
-        stop_here(f"after training step {step + 1}/{total_steps} of {out_dir.parent.name} (checkpoint written)")
+        where = f"after training step {step + 1}/{total_steps} of {out_dir.parent.name} (checkpoint written)"
+        stop_here(where, requested=stopping)
     progress.close()
     if writer is not None:
         writer.close()

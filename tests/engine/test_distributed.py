@@ -99,3 +99,64 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(model_dir, tmp_path
     resumed = torch.load(tmp_path / "whole" / "final.pt")
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------- the whole run under torchrun
+
+
+def selfee_fast(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    command = [sys.executable, *(launcher if processes > 1 else []), "-m", "selfee_fast", *args]
+    return subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_dir, tmp_path_factory) -> Path:
+    """A one-process run of stage 0 and one iteration, with prompts enough for several batches."""
+    root = tmp_path_factory.mktemp("pipeline")
+    rng = random.Random(1)
+    words = "the cat dog sat ran on a mat log".split()
+
+    def sentence(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    seed = [{"prompt": sentence(3), "chosen": sentence(2), "rejected": sentence(4)} for _ in range(8)]
+    (root / "seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seed))
+    (root / "pool1.jsonl").write_text("".join(json.dumps({"prompt": sentence(rng.randint(2, 5))}) + "\n"
+                                              for _ in range(10)))  # fmt: skip
+    (root / "run.yaml").write_text(
+        f"model: {{path: {model_dir}, lora_r: 4, lora_alpha: 8, gradient_checkpointing: false}}\n"
+        "data: {seed_pairs: seed.jsonl, prompt_pools: [pool1.jsonl], max_length: 48, max_prompt_length: 24}\n"
+        "generation: {max_new_tokens: 8, batch_size: 2}\n"
+        "train: {lr: 1e-3, batch_size: 4, micro_batch_size: 2, seed_epochs: 1, optimizer: adamw, save_every: 1}\n"
+        "spa: {iterations: 1, tau_window: 4}\nrun_dir: one\n"
+    )
+    done = selfee_fast(["run", "run.yaml"], 1, root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def test_a_torchrun_iteration_writes_the_files_one_process_writes(finished_run):
+    """iter1 redone on 2 processes from the same pi_0: generations and pairs byte-identical, training equal."""
+    import shutil
+
+    shutil.copytree(finished_run / "one", finished_run / "two")
+    shutil.rmtree(finished_run / "two" / "iter1")
+    done = selfee_fast(["run", "run.yaml", "run_dir=two"], 2, finished_run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stage0: finished earlier, skipped" in done.stdout
+    assert done.stdout.count("stage0: finished earlier, skipped") == 1, "only rank 0 reports"
+    one, two = finished_run / "one" / "iter1", finished_run / "two" / "iter1"
+    for name in ("generations.jsonl", "pairs.jsonl"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert not list(two.glob("*.rank*")), "shards are merged and removed"
+    metrics_one, metrics_two = read_jsonl(one / "train" / "metrics.jsonl"), read_jsonl(two / "train" / "metrics.jsonl")
+    for a, b in zip(metrics_one, metrics_two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+    from safetensors.torch import load_file
+
+    adapter_one = load_file(one / "model" / "adapter_model.safetensors")
+    adapter_two = load_file(two / "model" / "adapter_model.safetensors")
+    assert adapter_one.keys() == adapter_two.keys()
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-5, msg=name)
