@@ -160,3 +160,58 @@ def test_a_torchrun_iteration_writes_the_files_one_process_writes(finished_run):
     assert adapter_one.keys() == adapter_two.keys()
     for name in adapter_one:
         torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def rank_process(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the worker torchrun started as `rank` (read from /proc: its parent and LOCAL_RANK)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher_pid and f"LOCAL_RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc (Linux)")
+def test_a_rank_killed_mid_training_resumes_on_one_process_to_the_same_end(finished_run):
+    import shutil
+    import signal
+    import time
+
+    longer = ["train.iteration_epochs=4"]  # 12 steps: time to kill one in the middle
+    for name in ("uninterrupted", "killed"):
+        shutil.copytree(finished_run / "one", finished_run / name)
+        shutil.rmtree(finished_run / name / "iter1")
+    done = selfee_fast(["run", "run.yaml", "run_dir=uninterrupted", *longer], 1, finished_run)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [sys.executable, *launcher, "-m", "selfee_fast", "run", "run.yaml", "run_dir=killed", *longer]
+    process = subprocess.Popen(command, env=worker_env(), cwd=finished_run, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoint, killed = finished_run / "killed" / "iter1" / "train" / "checkpoint-0000003", False
+    deadline = time.time() + 240
+    while process.poll() is None and time.time() < deadline and not killed:
+        if checkpoint.exists() and (pid := rank_process(process.pid, 1)) is not None:
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+        time.sleep(0.005)
+    process.wait(timeout=240)
+    assert killed and process.returncode != 0, "rank 1 was killed mid-training and the run stopped"
+
+    resumed = selfee_fast(["run", "run.yaml", "run_dir=killed", *longer], 1, finished_run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "train: resuming at step" in resumed.stdout
+    steps = [r["step"] for r in read_jsonl(finished_run / "killed" / "iter1" / "train" / "metrics.jsonl")]
+    assert steps == list(range(1, 13)), "no step lost or doubled"
+    from safetensors.torch import load_file
+
+    expected = load_file(finished_run / "uninterrupted" / "iter1" / "model" / "adapter_model.safetensors")
+    got = load_file(finished_run / "killed" / "iter1" / "model" / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
