@@ -342,11 +342,12 @@ def run_command(args: argparse.Namespace) -> int:
     from .train import CheckpointMismatch
 
     # Under torchrun every process runs the command; its messages say which process it is.
-    ranks = start_world() if args.command in DISTRIBUTED_COMMANDS else world()
+    command = getattr(args, "command", None)
+    ranks = start_world() if command in DISTRIBUTED_COMMANDS else world()
     name = f"selfee-fast (rank {ranks.rank} of {ranks.size})" if ranks.distributed else "selfee-fast"
     try:
-        if ranks.distributed and args.command not in DISTRIBUTED_COMMANDS:
-            raise ConfigError(f"{args.command} runs on one process; torchrun runs {', '.join(DISTRIBUTED_COMMANDS)}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command not in DISTRIBUTED_COMMANDS:
+            raise ConfigError(f"{command} runs on one process; torchrun runs {', '.join(DISTRIBUTED_COMMANDS)}")
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError, RunFolderBusy, TaskError, DemoSettingsError) as error:
         print(f"{name}: {error}", file=sys.stderr)

@@ -164,3 +164,13 @@ def test_every_failure_of_every_command_is_one_line_and_an_exit_code(error, code
     assert run_command(argparse.Namespace(func=fail)) == code
     err = capsys.readouterr().err
     assert err.startswith("selfee-fast: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_command_that_runs_on_one_process_is_refused_under_torchrun(monkeypatch, capsys):
+    import argparse
+
+    from selfee_fast.cli import run_command
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run_command(argparse.Namespace(command="demo", func=lambda args: 0)) == 2
+    assert "demo runs on one process; torchrun runs run, generate, judge, train" in capsys.readouterr().err
