@@ -125,12 +125,6 @@ def iteration_pairs(
 def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    if world().distributed:
-        # bitsandbytes' 8-bit states assume whole tensors; torchao's 8-bit AdamW takes FSDP2's
-        # sharded ones (preflight refuses the run when torchao is missing).
-        from torchao.optim import AdamW8bit
-
-        return AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
     import bitsandbytes as bnb
 
     if settings.optimizer == "adamw8bit":

@@ -1,6 +1,6 @@
 """Run by tests/engine/test_distributed.py, once alone and once under torchrun: one training stage.
 
-argv: model folder, output folder, mode (lora | full), micro_batch_size.
+argv: model folder, output folder, mode (lora | full), micro_batch_size[, optimizer].
 """
 
 import faulthandler
@@ -17,6 +17,7 @@ from selfee_fast.train import TrainPair, TrainSettings, train_stage
 
 def main() -> None:
     model_dir, out_dir, mode, micro = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    optimizer = sys.argv[5] if len(sys.argv) > 5 else "adamw"
     faulthandler.dump_traceback_later(120, exit=True)  # a hang (a collective one rank skipped) shows where
     start_world()
     torch.manual_seed(0)
@@ -33,7 +34,7 @@ def main() -> None:
                     param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
     pairs = [TrainPair(**p) for p in json.loads((model_dir / "pairs.json").read_text())]
     settings = TrainSettings(
-        lr=1e-3, batch_size=8, micro_batch_size=micro, epochs=2, optimizer="adamw", save_every=2,
+        lr=1e-3, batch_size=8, micro_batch_size=micro, epochs=2, optimizer=optimizer, save_every=2,
         refine=True, alpha=0.1, alpha_warmup=0.0, tau_window=4, noise_percentile=0.3,
         extrapolate=0.5 if lora else None,
     )  # fmt: skip

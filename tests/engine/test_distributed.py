@@ -215,3 +215,24 @@ def test_a_rank_killed_mid_training_resumes_on_one_process_to_the_same_end(finis
     got = load_file(finished_run / "killed" / "iter1" / "model" / "adapter_model.safetensors")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.micro_batch_size=3", r"train\.micro_batch_size=3 must split evenly over the 2 processes"),
+        ("generation.backend=vllm", r"generation\.backend=vllm runs on one process"),
+        ("model.quantization=4bit", r"model\.quantization=4bit .* cannot be sharded by FSDP2"),
+        ("train.optimizer=adamw8bit", r"train\.optimizer=adamw8bit does not run on FSDP2's sharded parameters"),
+    ],
+)
+def test_what_several_processes_cannot_do_yet_is_refused_up_front(monkeypatch, override, message):
+    import selfee_fast.distributed as distributed
+    from selfee_fast.config import ConfigError, load_config
+    from selfee_fast.preflight import check_processes
+
+    monkeypatch.setattr(distributed, "_world", distributed.World(rank=0, size=2))
+    base = ["model.path=m", "train.optimizer=adamw", "train.batch_size=6", "train.micro_batch_size=2"]
+    check_processes(load_config(None, base))
+    with pytest.raises(ConfigError, match=message):
+        check_processes(load_config(None, [*base, override]))

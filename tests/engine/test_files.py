@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from selfee_fast.files import append_batch, complete_batches
+from selfee_fast.files import append_batch, complete_batches, merge_shards, rank_shard
 
 
 def write(path, records, torn=""):
@@ -120,3 +120,17 @@ def test_a_garbled_line_in_the_middle_is_named_and_what_follows_is_redone(tmp_pa
     assert complete_batches(path, [[0, 1], [2, 3], [4]], log=logs.append) == {0}
     assert logs == [f"{path}:3 is garbled: it and the 2 lines after it are dropped, and their batches done again"]
     assert [json.loads(line)["index"] for line in path.read_text().splitlines()] == [0, 1]
+
+
+def test_shards_of_several_processes_merge_in_batch_order_and_resume_on_any_number(tmp_path):
+    """What two ranks left (rank 1 killed mid-batch) merges into what one process writes, batch by batch."""
+    path = tmp_path / "gen.jsonl"
+    plan = [[0], [1, 2], [3], [4]]
+    write(rank_shard(path, 0), [[{"batch": 0, "index": 0}], [{"batch": 2, "index": 3}]])
+    write(rank_shard(path, 1), [[{"batch": 1, "index": 2}, {"batch": 1, "index": 1}]], torn='{"batch": 3, "ind')
+    assert merge_shards(path, plan) == {0, 1, 2}
+    assert [json.loads(line)["index"] for line in path.read_text().splitlines()] == [0, 2, 1, 3]
+    assert not list(tmp_path.glob("*.rank*")), "shards removed once merged"
+    write(rank_shard(path, 0), [[{"batch": 3, "index": 4}]])  # a later run on one or more processes
+    assert merge_shards(path, plan) == {0, 1, 2, 3}
+    assert merge_shards(path, plan) == {0, 1, 2, 3}, "no shards: the file's own complete batches"
