@@ -86,6 +86,10 @@ class GenerationConfig:
     max_new_tokens: int = 300
     responses_per_prompt: int = 2
     batch_size: int = 16
+    # Ours, off by default: transformers' static KV cache (preallocated to prompt + max_new_tokens),
+    # which transformers compiles with CUDA graphs on a GPU. The same samples on the CPU (tested),
+    # where it is no faster (bench/NOTES.md); on a GPU it waits for a measurement.
+    static_cache: bool = False
 
 
 @dataclass

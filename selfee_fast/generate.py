@@ -48,6 +48,7 @@ class GenerationSettings:
     max_new_tokens: int = 300
     responses_per_prompt: int = 2
     batch_size: int = 16
+    static_cache: bool = False  # transformers' static KV cache (compiled on a GPU)
     seed: int = 0
     max_prompt_length: int | None = None  # longer prompts keep their last tokens (counted)
     system_prompt: str | None = None  # a system turn for templates that take one (data.with_system_prompt)
@@ -215,6 +216,7 @@ def sample_batch(
         eos_token_id=sorted(stop_ids),
         pad_token_id=pad_id,
         use_cache=True,
+        **({"cache_implementation": "static"} if settings.static_cache else {}),
         **neutral_model_sampling(),
     ).cpu()
     n = settings.responses_per_prompt

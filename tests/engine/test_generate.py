@@ -115,6 +115,19 @@ def test_hf_samples_are_seeded_stop_at_eos_and_resume_a_torn_batch(workspace, tm
     assert len(path.read_text().splitlines()) == len(prompts), "no record lost or duplicated"
 
 
+def test_a_static_kv_cache_samples_what_the_dynamic_one_does(workspace, tmp_path):
+    """generation.static_cache changes where the cache lives, not the samples (fp32 on the CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    root, tokenizer, prompts = workspace
+    model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
+    quiet = {"log": lambda *_: None}
+    dynamic = generate_responses(model, tokenizer, prompts, SETTINGS, tmp_path / "dynamic.jsonl", **quiet)
+    static = generate_responses(model, tokenizer, prompts, replace(SETTINGS, static_cache=True),
+                                tmp_path / "static.jsonl", **quiet)  # fmt: skip
+    assert [r.responses for r in static] == [r.responses for r in dynamic]
+
+
 def test_long_prompts_keep_their_end_and_are_counted(workspace, tmp_path):
     from transformers import AutoModelForCausalLM
 
