@@ -40,9 +40,12 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 8 / (64 * 256)
 # bitsandbytes keeps tensors under this many elements in 32-bit state even in its 8-bit optimizers.
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCK = 256  # 8-bit optimizer state: one fp32 absmax per block of this many elements
-# The fused head on a GPU: the fp32 hidden-gradient accumulator of the fused backward
-# (triton_logprobs.ACCUMULATOR_BYTES); on the CPU one chunk of logits (chunked.DEFAULT_CHUNK_BYTES).
+# The fused head's working memory. GPU: the fp32 hidden-gradient accumulator of the fused backward
+# (triton_logprobs.ACCUMULATOR_BYTES). CPU: a chunk of policy and reference logits
+# (chunked.DEFAULT_CHUNK_BYTES together) and logsumexp's temporaries of the same size; measured
+# 65-78 MiB with the 32 MiB default (bench/NOTES.md).
 TRITON_HEAD_BUFFER_BYTES = 64 * 2**20
+CPU_HEAD_BUFFER_BYTES = 2 * DEFAULT_CHUNK_BYTES
 JUDGE_BATCH_PROMPTS = 16  # judge.judge_generations' batch: fixed, its batches are part of a resumed judgment
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -210,7 +213,7 @@ def attention_mask_bytes(rows: int, tokens: int) -> int:
 
 
 def head_buffer_bytes(precision: Precision) -> int:
-    return TRITON_HEAD_BUFFER_BYTES if precision.on_gpu else DEFAULT_CHUNK_BYTES
+    return TRITON_HEAD_BUFFER_BYTES if precision.on_gpu else CPU_HEAD_BUFFER_BYTES
 
 
 # --------------------------------------------------------------------------- the stages

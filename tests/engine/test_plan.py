@@ -71,7 +71,7 @@ def test_a_training_estimate_equals_its_hand_computed_components(tmp_path):
     backward = 4 * (2 * 64 + 3 * 128) * tokens
     mask = 2 * 10 * 10
     assert est.components["activations"] == checkpoints + per_layer * tokens + backward + mask
-    head = tokens * (2 * 4 * 64 + (4 * 64 + 4 * 64) + 4 * 64) + 32 * 2**20 + tokens * 4 * 64
+    head = tokens * (2 * 4 * 64 + (4 * 64 + 4 * 64) + 4 * 64) + 2 * 32 * 2**20 + tokens * 4 * 64
     assert est.components["fused head"] == head
     assert est.peak_bytes == sum(est.components.values())
 
