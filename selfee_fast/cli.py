@@ -178,9 +178,11 @@ def print_memory_plan(config) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .config import check_values, load_config
+    from .files import refuse_if_busy
     from .pipeline import run_pipeline
 
     config = load_config(args.config, args.overrides)
+    refuse_if_busy(config.run_dir)  # a folder in use is refused before anything else is said
     check_values(config)  # the plan reads model.path: the values first
     print_memory_plan(config)
     summary = run_pipeline(config, force=args.force)
