@@ -6,13 +6,15 @@
 Each case builds a Llama of the shape with random weights, loads it through the engine's own
 path (fp32 on the CPU, LoRA r=16 on every linear layer) in a fresh process, and runs one
 training step of `selfee_fast.train.train_stage` (stage 0: the reference is the base with
-the adapter off), after a first step on two tokens that loads what a step loads once (lazy
-imports, TensorBoard's writer, thread pools: the process's, not tensors a GPU would hold).
-Measured: the process's peak RSS during the step above its RSS before it (Linux VmHWM reset through /proc/self/clear_refs; glibc maps every block of 1 MiB or
-more on its own, so RSS follows the tensors). Predicted: `selfee_fast.plan.training_estimate`
-less what is loaded before the step (the weights and the adapter). The rejected responses
-are a few tokens shorter than the chosen, so the batch is padded and carries its attention
-mask, as the plan assumes.
+the adapter off). Measured, what the plan predicts for a GPU: the peak of the bytes held in
+tensors during the step above those held when it starts (torch.profiler's memory timeline).
+Shown beside it: the process's peak RSS during the step above its RSS before it (Linux VmHWM
+reset through /proc/self/clear_refs; glibc maps every block of 1 MiB or more on its own), after
+a first step on two tokens has loaded what a step loads once (lazy imports, thread pools); RSS
+also holds what the CPU libraries and glibc keep beside the tensors, which a GPU's
+allocator does not. Predicted: `selfee_fast.plan.training_estimate` less what is loaded before
+the step (the weights and the adapter). The rejected responses are a few tokens shorter than
+the chosen, so the batch is padded and carries its attention mask, as the plan assumes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,24 @@ CASES = [
     (384, 1024, 6, 6, 2, 8000, 512, 2),
 ]
 LORA_R = 16
+
+
+def tensor_peak_of(step, work: Path) -> int:
+    """The peak of the bytes held in CPU tensors while `step` runs, above those held when it starts.
+
+    torch.profiler's memory timeline follows every tensor the step creates or touches (the weights
+    it reads count from the start); allocator slack and libraries' own buffers are not tensors.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in favour of a CUDA-only snapshot API
+        prof.export_memory_timeline(str(work / "timeline.json"), device="cpu")
+    _, sizes = json.loads((work / "timeline.json").read_text())
+    totals = [sum(row) for row in sizes]
+    return max(totals) - totals[0]
 
 
 def _measure(case: tuple, checkpointing: bool, results) -> None:
@@ -88,7 +108,13 @@ def _measure(case: tuple, checkpointing: bool, results) -> None:
         baseline = memory_start(torch.device("cpu"))
         train_stage(model, train_pairs, settings, work / "t", pad_id=tokenizer.pad_token_id, reference="init",
                     log=lambda message: None)  # fmt: skip
-        results.put({"measured": memory_peak(torch.device("cpu")) - baseline})
+        rss = memory_peak(torch.device("cpu")) - baseline
+        for p in model.parameters():
+            p.grad = None
+        tensors = tensor_peak_of(lambda: train_stage(model, train_pairs, settings, work / "profiled",
+                                                     pad_id=tokenizer.pad_token_id, reference="init",
+                                                     log=lambda message: None), work)  # fmt: skip
+        results.put({"measured": tensors, "rss": rss})
     except Exception as error:
         results.put({"error": f"{type(error).__name__}: {error}"})
     finally:
@@ -132,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = CASES[:1] if args.quick else CASES
     rows = []
     print(f"{'H':>5}{'I':>6}{'L':>3}{'heads':>7}{'V':>7}{'T':>6}{'pairs':>6}{'ckpt':>6}"
-          f"{'predicted MiB':>15}{'measured MiB':>14}{'pred/meas':>11}")  # fmt: skip
+          f"{'predicted MiB':>15}{'tensors MiB':>13}{'pred/tensors':>14}{'RSS MiB':>9}")  # fmt: skip
     for case in cases:
         for checkpointing in (True, False):
             result = measure(case, checkpointing)
@@ -144,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{head}  {row['error']}")
                 continue
             ratio = row["predicted"] / row["measured"]
-            print(f"{head}{row['predicted'] / 2**20:>15.1f}{row['measured'] / 2**20:>14.1f}{ratio:>11.2f}")
+            print(f"{head}{row['predicted'] / 2**20:>15.1f}{row['measured'] / 2**20:>13.1f}{ratio:>14.2f}"
+                  f"{row['rss'] / 2**20:>9.1f}")  # fmt: skip
     measured = [r for r in rows if "measured" in r]
     if measured:
         ratios = [r["predicted"] / r["measured"] for r in measured]
-        print(f"predicted / measured: {min(ratios):.2f} to {max(ratios):.2f} over {len(ratios)} cases")
+        print(f"predicted / measured tensor peak: {min(ratios):.2f} to {max(ratios):.2f} over {len(ratios)} cases")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "plan_check-cpu.json").write_text(json.dumps(rows, indent=2))

@@ -244,22 +244,25 @@ def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_l
         # The reference is a model of its own: pi_init in stage 0, pi_{i-1} in an iteration.
         est.components["frozen reference"] = weight_bytes(shape, Precision(a, a, on_gpu=precision.on_gpu))
     est.components["optimizer"] = optimizer_bytes(sizes, precision.optimizer)
-    saved = layer_saved_bytes_per_token(shape, precision)
-    if precision.gradient_checkpointing:
-        # Each layer keeps only its input; the backward recomputes one layer at a time.
-        activations = shape.layers * a * h * tokens + saved * tokens
-    else:
-        activations = shape.layers * saved * tokens
-    activations += backward_working_bytes_per_token(shape, precision) * tokens
-    activations += attention_mask_bytes(rows, max_length)
-    est.components["activations"] = int(activations)
-    # The fused head: the policy's and the reference's final hidden states, the final norm's saved
-    # input, the gradient it hands back, and one working buffer (never [tokens, vocab] logits).
-    # The CPU path also keeps each token's input-gradient direction from its forward (fp32).
+    saved = layer_saved_bytes_per_token(shape, precision) * tokens
+    working = backward_working_bytes_per_token(shape, precision) * tokens
+    # Kept through the backward: each layer's input alone with checkpointing (a layer is recomputed
+    # when its backward comes), everything every layer saved without it; the batch's attention mask.
+    kept = shape.layers * a * h * tokens if precision.gradient_checkpointing else shape.layers * saved
+    est.components["activations"] = int(kept + attention_mask_bytes(rows, max_length))
+    # On top of that, one of two phases at a time, never both: the fused head (the policy's and the
+    # reference's final hidden states, the final norm's saved input, the gradient it hands back, one
+    # working buffer, never [tokens, vocab] logits; the CPU path also keeps each token's fp32
+    # input-gradient direction), then, once the head's buffers are freed, one layer's backward (its
+    # recomputed activations with checkpointing, and the gradients in flight).
     head = tokens * (2 * a * h + (4 * h + a * h) + a * h) + head_buffer_bytes(precision)
     if not precision.on_gpu:
         head += tokens * 4 * h
-    est.components["fused head"] = int(head)
+    layer = working + (saved if precision.gradient_checkpointing else 0)
+    if head >= layer:
+        est.components["working: fused head"] = int(head)
+    else:
+        est.components["working: a layer's backward"] = int(layer)
     return est
 
 

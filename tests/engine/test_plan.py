@@ -66,13 +66,17 @@ def test_a_training_estimate_equals_its_hand_computed_components(tmp_path):
     assert est.components["frozen reference"] == 4 * adapter  # an iteration's pi_{i-1}
     assert est.components["optimizer"] == 8 * adapter  # fp32 AdamW: two moments
     tokens = 2 * 10  # one pair: chosen and rejected rows of 10 tokens
-    per_layer = 2 * (4 * 64 + 4 * 64) + 4 * (7 * 64 + 2 * 32) + 4 * 4 + 4 * 4 * 128 + 7 * 4 * 4  # saved for backward
-    checkpoints = 2 * 4 * 64 * tokens  # each layer's input
-    backward = 4 * (2 * 64 + 3 * 128) * tokens
-    mask = 2 * 10 * 10
-    assert est.components["activations"] == checkpoints + per_layer * tokens + backward + mask
+    checkpoints, mask = 2 * 4 * 64 * tokens, 2 * 10 * 10  # each layer's input; the [2, 1, 10, 10] mask
+    assert est.components["activations"] == checkpoints + mask
+    # The fused head's phase (final hidden states, norm, gradient, 2 x 32 MiB chunk, the CPU's direction)
+    # outweighs a layer's backward (what the layer saved, recomputed, and the gradients in flight).
     head = tokens * (2 * 4 * 64 + (4 * 64 + 4 * 64) + 4 * 64) + 2 * 32 * 2**20 + tokens * 4 * 64
-    assert est.components["fused head"] == head
+    per_layer = 2 * (4 * 64 + 4 * 64) + 4 * (7 * 64 + 2 * 32) + 4 * 4 + 4 * 4 * 128 + 7 * 4 * 4
+    layer_backward = (per_layer + 4 * (2 * 64 + 3 * 128)) * tokens
+    assert head > layer_backward and est.components["working: fused head"] == head
+    no_checkpoints = training_estimate(shape, Precision(4, 4, lora_r=4, gradient_checkpointing=False,
+                                                        optimizer="adamw", on_gpu=False), 1, 10)  # fmt: skip
+    assert no_checkpoints.components["activations"] == 2 * per_layer * tokens + mask
     assert est.peak_bytes == sum(est.components.values())
 
 
