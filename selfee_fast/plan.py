@@ -114,6 +114,12 @@ class ModelShape:
     def params(self) -> int:
         return self.body_linear_params + self.other_params
 
+    def tensor_sizes(self) -> list[int]:
+        """The element count of every weight tensor (an 8-bit optimizer keeps the small ones in 32 bits)."""
+        per_layer = [a * b for a, b in self.linear_shapes()] + [self.hidden_size] * 2
+        embeddings = [self.vocab_size * self.hidden_size] * (1 if self.tied_embeddings else 2)
+        return per_layer * self.layers + embeddings + [self.hidden_size]
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -237,10 +243,10 @@ def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_l
         if frozen_reference:
             est.components["frozen reference"] = 4 * sum(sizes)  # pi_{i-1}: a frozen copy of the adapter
     else:
-        sizes = [shape.params]
-        # fp32 master weights replace the base weights above; their gradients are fp32 too.
-        est.components["weights"] = 4 * shape.params
-        est.components["gradients"] = 4 * shape.params
+        sizes = shape.tensor_sizes()
+        # Every weight trains (fp32 master weights under model.dtype=auto), gradients in the same dtype.
+        est.components["weights"] = precision.weight_bytes * shape.params
+        est.components["gradients"] = precision.weight_bytes * shape.params
         # The reference is a model of its own: pi_init in stage 0, pi_{i-1} in an iteration.
         est.components["frozen reference"] = weight_bytes(shape, Precision(a, a, on_gpu=precision.on_gpu))
     est.components["optimizer"] = optimizer_bytes(sizes, precision.optimizer)
@@ -332,9 +338,6 @@ class Plan:
     stages: list[StagePlan]
     notes: list[str]
 
-    def fits(self) -> bool:
-        return self.budget_bytes is None or all(s.configured_bytes <= self.budget_bytes for s in self.stages)
-
     def to_json(self) -> dict:
         return {
             "model": asdict(self.shape), "budget_bytes": self.budget_bytes, "budget_source": self.budget_source,
@@ -398,8 +401,7 @@ def precision_of(config: RunConfig, on_gpu: bool) -> Precision:
     return Precision(
         weight_bytes=weight, activation_bytes=activation, quantization=config.model.quantization,
         lora_r=config.model.lora_r, gradient_checkpointing=config.model.gradient_checkpointing,
-        optimizer=config.train.optimizer,
-        on_gpu=on_gpu,
+        optimizer=config.train.optimizer, on_gpu=on_gpu,
     )  # fmt: skip
 
 
@@ -447,7 +449,7 @@ def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool
     if shape.model_type not in LLAMA_SHAPED:
         notes.append(f"model_type {shape.model_type!r} is estimated as a Llama-shaped decoder")
     if not on_gpu:
-        notes.append("CPU run: everything in fp32, the chunked head; the plan advises, no batch is changed")
+        notes.append("CPU run: no autocast, the chunked head; the plan advises, no batch is changed")
 
     def train(n: int) -> Estimate:
         return training_estimate(shape, precision, n, d.max_length, frozen_reference=iterations)

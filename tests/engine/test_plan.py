@@ -191,3 +191,18 @@ def test_an_out_of_memory_error_is_a_message_with_the_plan(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "out of GPU memory: CUDA out of memory" in err and "memory plan: mistral" in err
     assert "train.micro_batch_size=32 is estimated at" in err and "lower train.micro_batch_size" in err
+
+
+def test_full_fine_tuning_counts_master_weights_gradients_and_a_frozen_copy(tmp_path):
+    path = config_file(tmp_path, SMALL, lora_r=0, device="cuda", max_memory_gb=24)
+    (train,) = [s for s in plan_run(load_config(path)).stages if s.stage == "train"]
+    params = 86848
+    assert train.components["weights"] == train.components["gradients"] == 4 * params  # fp32 master weights
+    assert train.components["frozen reference"] == 2 * params  # its linear layers in bf16: the whole copy here
+    # adamw8bit: 2 bytes per element plus an absmax per 256 for the q, o, MLP, embedding and head matrices;
+    # k and v (2048 elements) and the norms (64) stay in 32 bits, 8 bytes per element.
+    eight_bit = 2 * (4096 + 4096 + 3 * 8192) + 2 * 6400
+    blocks = 2 * (16 + 16 + 3 * 32) + 2 * 25
+    assert train.components["optimizer"] == 2 * eight_bit + 8 * blocks + 8 * (2 * (2 * 2048 + 2 * 64) + 64)
+    stages = plan_run(load_config(path, ["generation.backend=vllm"]))
+    assert [s.stage for s in stages.stages] == ["train", "judge"] and "vLLM" in " ".join(stages.notes)
