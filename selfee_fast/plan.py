@@ -319,6 +319,10 @@ def judge_estimate(shape: ModelShape, precision: Precision, prompts: int, respon
 # --------------------------------------------------------------------------- the plan
 
 
+def readable(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB / 10 else f"{num_bytes / 2**20:.1f} MiB"
+
+
 @dataclass
 class StagePlan:
     stage: str
@@ -348,23 +352,22 @@ class Plan:
         }  # fmt: skip
 
     def table(self) -> str:
-        budget = (
-            f"{self.budget_bytes / GIB:.1f} GiB ({self.budget_source})" if self.budget_bytes else self.budget_source
-        )
+        budget = f"{readable(self.budget_bytes)} ({self.budget_source})" if self.budget_bytes else self.budget_source
         s = self.shape
+        size = f"{s.params / 1e9:.2f}B" if s.params >= 1e9 else f"{s.params / 1e6:.1f}M"
         lines = [
-            f"memory plan: {s.model_type} {s.params / 1e9:.2f}B parameters (H={s.hidden_size}, {s.layers} layers, "
+            f"memory plan: {s.model_type} {size} parameters (H={s.hidden_size}, {s.layers} layers, "
             f"vocab {s.vocab_size}); budget {budget}",
             f"{'stage':<12}{'setting':<28}{'batch':>6}{'est. peak':>12}{'fits':>6}{'est. peak':>12}",
         ]
         for st in self.stages:
             fits = "-" if st.fits is None else str(st.fits)
-            fits_bytes = "-" if st.fits_bytes is None else f"{st.fits_bytes / GIB:.2f} GiB"
-            lines.append(f"{st.stage:<12}{st.setting:<28}{st.configured:>6}{st.configured_bytes / GIB:>8.2f} GiB"
+            fits_bytes = "-" if st.fits_bytes is None else readable(st.fits_bytes)
+            lines.append(f"{st.stage:<12}{st.setting:<28}{st.configured:>6}{readable(st.configured_bytes):>12}"
                          f"{fits:>6}{fits_bytes:>12}")  # fmt: skip
         train = next(st for st in self.stages if st.stage == "train")
-        parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in train.components.items())
-        lines.append(f"train at {train.configured} pairs/micro-batch (GiB): {parts}")
+        parts = ", ".join(f"{name} {readable(value)}" for name, value in train.components.items())
+        lines.append(f"train at {train.configured} pairs/micro-batch: {parts}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -377,14 +380,14 @@ class Plan:
             if st.configured_bytes <= self.budget_bytes:
                 continue
             if st.fits is None:
-                out.append(f"{st.stage}: even a batch of 1 is estimated at {st.fits_bytes / GIB:.2f} GiB, over the "
+                out.append(f"{st.stage}: even a batch of 1 is estimated at {readable(st.fits_bytes)}, over the "
                            "budget: lower data.max_length, or use model.quantization=4bit and gradient checkpointing")  # fmt: skip
             elif st.stage == "judge":
-                out.append(f"judge: {st.configured} prompts per batch are estimated at {st.configured_bytes / GIB:.2f} "
-                           f"GiB; batches that run out of memory are finished in halves")  # fmt: skip
+                out.append(f"judge: {st.configured} prompts per batch are estimated at {readable(st.configured_bytes)}; "
+                           "batches that run out of memory are finished in halves")  # fmt: skip
             else:
-                out.append(f"{st.stage}: {st.setting}={st.configured} is estimated at {st.configured_bytes / GIB:.2f} "
-                           f"GiB, over the budget; {st.setting}={st.fits} fits ({st.fits_bytes / GIB:.2f} GiB)")  # fmt: skip
+                out.append(f"{st.stage}: {st.setting}={st.configured} is estimated at {readable(st.configured_bytes)}, "
+                           f"over the budget; {st.setting}={st.fits} fits ({readable(st.fits_bytes)})")  # fmt: skip
         return out
 
 
@@ -421,7 +424,7 @@ def device_budget(config: RunConfig) -> tuple[int | None, str, bool]:
     else:
         return None, "none: no GPU and model.max_memory_gb is not set, estimates only", on_gpu
     usable = int((total - (CUDA_CONTEXT_BYTES if on_gpu else 0)) * FRAGMENTATION_FACTOR)
-    return usable, f"{source}, less context and fragmentation", on_gpu
+    return usable, f"{source}, less {'the CUDA context and ' if on_gpu else ''}10% for fragmentation", on_gpu
 
 
 def largest_fitting(estimate, candidates, budget: int | None) -> tuple[int | None, int | None]:
