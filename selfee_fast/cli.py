@@ -1,4 +1,4 @@
-"""Command line: `selfee-fast {run,generate,judge,train,demo,kernel-demo,bench}` (or `python -m selfee_fast`).
+"""Command line: `selfee-fast {run,plan,generate,judge,train,demo,kernel-demo,bench}` (or `python -m selfee_fast`).
 
 `demo` runs SPA end to end on a task with a known gold reward (selfee_fast/demo/run.py).
 `kernel-demo` shows the fused head on this machine: one DPO step's LM-head work (policy and
@@ -165,15 +165,50 @@ def spa_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_memory_plan(config) -> None:
+    """The plan's table, then a warning where a configured batch is estimated not to fit. The batches stay as
+    configured (each is part of its stage's fingerprint); a batch that runs out of memory is still finished in halves."""
+    from .plan import plan_run
+
+    memory_plan = plan_run(config)
+    print(memory_plan.table())
+    for line in memory_plan.advice():
+        print(f"warning: {line}")
+
+
 def run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import check_values, load_config
     from .distributed import world
+    from .files import refuse_if_busy
     from .pipeline import run_pipeline
 
     config = load_config(args.config, args.overrides)
+    if world().is_main:  # under torchrun rank 0 speaks for the run
+        refuse_if_busy(config.run_dir)  # a folder in use is refused before anything else is said
+        check_values(config)  # the plan reads model.path: the values first
+        print_memory_plan(config)
     summary = run_pipeline(config, force=args.force)
     if world().is_main:
         print(f"done: {len(summary['stages'])} stages in {config.run_dir} (summary.json)")
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    """The memory plan of a config, from the model's config.json alone: nothing loads, nothing is written."""
+    import json
+
+    from .config import check_values, load_config
+    from .plan import plan_run
+
+    config = load_config(args.config, args.overrides)
+    check_values(config)
+    memory_plan = plan_run(config)
+    if args.json:
+        print(json.dumps(memory_plan.to_json(), indent=2))
+    else:
+        print(memory_plan.table())
+        for line in memory_plan.advice():
+            print(f"advice: {line}")
     return 0
 
 
@@ -254,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-6")
     p.add_argument("--force", action="store_true", help="redo finished stages whose configuration changed")
     p.set_defaults(func=run)
+    p = sub.add_parser("plan", help="estimate each stage's peak GPU memory and the batches that fit (no weights load)")
+    p.add_argument("config", help="the run's YAML config; the plan reads model.path's config.json")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.max_memory_gb=24")
+    p.add_argument(
+        "--json", action="store_true", help="the same as JSON: each stage's estimated peak bytes and batches"
+    )
+    p.set_defaults(func=plan)
     for name, what in (
         ("generate", "sample responses for one iteration (resumes a partial file)"),
         ("judge", "generate if needed, then label the responses with the implicit reward"),
@@ -355,6 +397,13 @@ def run_command(args: argparse.Namespace) -> int:
     except (WriteFailed, FloatingPointError, CheckpointMismatch) as error:
         print(f"{name}: {error}", file=sys.stderr)
         return 1
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        from .batching import is_out_of_memory
+
+        if not is_out_of_memory(error) or not getattr(args, "config", None):
+            raise
+        print(f"{name}: {out_of_memory_report(args, error)}", file=sys.stderr)
+        return 1
     except Interrupted as error:
         print(f"{name}: {error}; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -364,6 +413,18 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     finally:
         stop_world()
+
+
+def out_of_memory_report(args: argparse.Namespace, error: BaseException) -> str:
+    """The memory plan of the command's config and what to change, for an out-of-memory error that got through."""
+    from .config import ConfigError, load_config
+    from .plan import out_of_memory_message
+
+    try:
+        config = load_config(args.config, getattr(args, "overrides", []))
+    except ConfigError:  # the config loaded once already; this cannot fail short of the file changing meanwhile
+        return f"out of GPU memory: {error}"
+    return out_of_memory_message(config, error)
 
 
 if __name__ == "__main__":

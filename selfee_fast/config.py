@@ -62,6 +62,9 @@ class ModelConfig:
     # off with flash-attention; under sdpa the row's block-diagonal mask costs attention work
     # quadratic in the whole row.
     packing: bool = False
+    # GiB of GPU memory the memory plan (selfee_fast/plan.py) fits the batches under; null: the
+    # card's total memory on a GPU, and on a CPU no budget (the plan reports estimates only).
+    max_memory_gb: float | None = None
 
 
 @dataclass
@@ -161,7 +164,7 @@ class RunConfig:
 # Settings that change how the work is laid out, not what it computes: not part of a stage's
 # fingerprint, so a run may switch them and resume; a training checkpoint ignores them too.
 LAYOUT_SETTINGS = {
-    "model": ("attention", "packing"),
+    "model": ("attention", "packing", "max_memory_gb"),
     "train": ("save_every",),
     "generation": ("vllm_gpu_memory_utilization",),
 }
@@ -201,6 +204,10 @@ RANGES: dict[str, tuple[Callable, str]] = {
     "model.lora_r": (_at_least(0), ">= 0 (0: full fine-tuning)"),
     "model.lora_alpha": (_at_least(1), ">= 1"),
     "model.lora_dropout": (_finite(0, 1, open_high=True), "in [0, 1)"),
+    "model.max_memory_gb": (
+        lambda v: v is None or _finite(0, 16384, open_low=True)(v),
+        "a number of GiB in (0, 16384], or null (the card's memory)",
+    ),
     "data.max_length": (_at_least(2), ">= 2"),
     "data.max_prompt_length": (_at_least(1), ">= 1"),
     "generation.vllm_gpu_memory_utilization": (_finite(0, 1, open_low=True), "in (0, 1]"),

@@ -1,0 +1,502 @@
+"""A memory plan before anything loads: each stage's peak GPU memory, from the model's config.json alone.
+
+`plan_run(config)` reads the model folder's `config.json` (no weights) and estimates the peak
+memory of generation, the judge and training for a Llama/Mistral-shaped decoder (attention
+with grouped KV heads, a gated MLP, RMSNorm, an untied or tied head), as the engine runs
+them: the frozen base in its precision (16-bit, 8-bit or NF4 with its quantisation
+constants), LoRA adapters and their gradients, the optimizer's state, the frozen reference
+copies the stage needs, activations with or without gradient checkpointing, the fused head's
+working buffer (it never holds [tokens, vocab] logits), the KV cache of generation. It then
+picks the largest training micro-batch, generation batch and judge batch that fit
+`model.max_memory_gb` (by default the card's memory; on a CPU estimates only).
+
+The activation terms count, per token and layer, the tensors autograd saves in transformers'
+Llama forward (bench/NOTES.md lists them and compares the total with peaks measured on the
+CPU). Every batch is taken at its longest: all rows `data.max_length` tokens, padded (the
+attention mask held), so the plan errs on the high side.
+
+`selfee-fast plan cfg.yaml [--json]` prints it; `selfee-fast run` prints it first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .chunked import DEFAULT_CHUNK_BYTES
+from .config import ConfigError, RunConfig
+
+GIB = 2**30
+# Model types whose decoder layer is the one the activation terms describe.
+LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3")
+# A CUDA context, cuBLAS workspaces and the caching allocator's fragmentation take card memory that
+# torch.cuda.max_memory_allocated never counts: the plan fits its estimates under what is left.
+CUDA_CONTEXT_BYTES = GIB // 2
+FRAGMENTATION_FACTOR = 0.9
+# NF4 with double quantisation (QLoRA, bitsandbytes): 4 bits per weight, an 8-bit absmax per block
+# of 64 weights, and an fp32 absmax (plus offset) per 256 of those blocks.
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 8 / (64 * 256)
+# bitsandbytes keeps tensors under this many elements in 32-bit state even in its 8-bit optimizers.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCK = 256  # 8-bit optimizer state: one fp32 absmax per block of this many elements
+# The fused head's working memory. GPU: the fp32 hidden-gradient accumulator of the fused backward
+# (triton_logprobs.ACCUMULATOR_BYTES). CPU: a chunk of policy and reference logits
+# (chunked.DEFAULT_CHUNK_BYTES together) and logsumexp's temporaries of the same size; measured
+# 65-78 MiB with the 32 MiB default (bench/NOTES.md).
+TRITON_HEAD_BUFFER_BYTES = 64 * 2**20
+CPU_HEAD_BUFFER_BYTES = 2 * DEFAULT_CHUNK_BYTES
+JUDGE_BATCH_PROMPTS = 16  # judge.judge_generations' batch: fixed, its batches are part of a resumed judgment
+BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a decoder: read from config.json, nothing else."""
+
+    hidden_size: int
+    intermediate_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool = False
+    model_type: str = "llama"
+
+    @classmethod
+    def from_config_json(cls, folder: str | Path) -> ModelShape:
+        path = Path(folder) / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"model.path: {path} does not exist (the plan reads the model's config.json)") from None
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model.path: {path} is not readable JSON ({error})") from None
+        raw = raw.get("text_config", raw)  # a multimodal wrapper: its language model
+        try:
+            hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+            return cls(
+                hidden_size=hidden, intermediate_size=int(raw["intermediate_size"]),
+                layers=int(raw["num_hidden_layers"]), heads=heads,
+                kv_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or hidden // heads), vocab_size=int(raw["vocab_size"]),
+                tied_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                model_type=str(raw.get("model_type", "unknown")),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"model.path: {path} lacks a decoder's shape ({error!r})") from None
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of one layer's linear layers: q, k, v, o, gate, up, down."""
+        h, i = self.hidden_size, self.intermediate_size
+        return [(h, self.q_width), (h, self.kv_width), (h, self.kv_width), (self.q_width, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def body_linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes())
+
+    @property
+    def other_params(self) -> int:
+        """Embedding, head (untied) and RMSNorm weights: never quantised."""
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+        return embeddings + (2 * self.layers + 1) * self.hidden_size
+
+    @property
+    def params(self) -> int:
+        return self.body_linear_params + self.other_params
+
+    def tensor_sizes(self) -> list[int]:
+        """The element count of every weight tensor (an 8-bit optimizer keeps the small ones in 32 bits)."""
+        per_layer = [a * b for a, b in self.linear_shapes()] + [self.hidden_size] * 2
+        embeddings = [self.vocab_size * self.hidden_size] * (1 if self.tied_embeddings else 2)
+        return per_layer * self.layers + embeddings + [self.hidden_size]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run holds and computes: what the plan needs of model.* and the device."""
+
+    weight_bytes: int  # the base weights' dtype (2: bf16/fp16, 4: fp32)
+    activation_bytes: int  # what the forward computes in (the autocast dtype, else the weights')
+    quantization: str = "none"  # none | 8bit | 4bit
+    lora_r: int = 16  # 0: full fine-tuning
+    gradient_checkpointing: bool = True
+    optimizer: str = "adamw8bit"
+    on_gpu: bool = True
+
+
+@dataclass
+class Estimate:
+    """One stage's peak at one batch size, by component (bytes)."""
+
+    stage: str
+    batch_size: int  # pairs per micro-batch (train) or prompts per batch (generation, judge)
+    components: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.components.values())
+
+
+# --------------------------------------------------------------------------- the components
+
+
+def weight_bytes(shape: ModelShape, precision: Precision) -> int:
+    """The base model's weights: body linears by quantisation; embeddings, head and norms in the weights' dtype."""
+    linear = shape.body_linear_params
+    if precision.quantization == "4bit":
+        body = linear * NF4_BYTES_PER_WEIGHT
+    elif precision.quantization == "8bit":
+        # LLM.int8: one byte per weight and an fp32 scale per output row.
+        body = linear + 4 * shape.layers * sum(out for _, out in shape.linear_shapes())
+    else:
+        body = linear * precision.weight_bytes
+    return int(body + shape.other_params * precision.weight_bytes)
+
+
+def lora_params(shape: ModelShape, r: int) -> list[int]:
+    """The element count of every LoRA matrix (A: r x in, B: out x r) on every linear of the body."""
+    return [n for _ in range(shape.layers) for a, b in shape.linear_shapes() for n in (r * a, r * b)]
+
+
+def optimizer_bytes(tensor_sizes: list[int], optimizer: str) -> int:
+    """AdamW's two moments: fp32 (8 bytes per element) or bitsandbytes' 8-bit (2 bytes plus block absmaxes)."""
+    if optimizer == "adamw":
+        return 8 * sum(tensor_sizes)
+    total = 0
+    for n in tensor_sizes:
+        total += 8 * n if n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * -(-n // BNB_BLOCK)
+    return total
+
+
+def layer_saved_bytes_per_token(shape: ModelShape, precision: Precision) -> float:
+    """What autograd keeps of one decoder layer, per token, for its backward (transformers' Llama, sdpa).
+
+    RMSNorm (x2) upcasts its input to fp32 and keeps it, plus its normalised output in the compute dtype;
+    attention keeps q and k before RoPE and their rotated halves, q and k after it, k and v repeated to
+    every head (GQA, when the batch is padded), sdpa's output and its fp32 log-sum-exp, and o_proj's
+    input; the gated MLP keeps gate, up, silu(gate) and their product; LoRA keeps each A's r outputs.
+    """
+    a, h, q, kv = precision.activation_bytes, shape.hidden_size, shape.q_width, shape.kv_width
+    norms = 2 * (4 * h + a * h)
+    attention = a * (q + q + kv + kv + q + q + q + q + q) + 4 * shape.heads
+    mlp = 4 * a * shape.intermediate_size
+    lora = 0
+    if precision.lora_r:
+        lora = 7 * precision.lora_r * a
+        if a < 4:
+            # peft casts each adapted linear's input to the adapter's fp32 dtype and autocast casts it
+            # back: a copy of the input per adapted linear is what lora_A keeps (q, k, v, gate, up
+            # read the normalised hidden state, o and down their own inputs).
+            lora += a * (5 * h + q + shape.intermediate_size)
+    return norms + attention + mlp + lora
+
+
+def backward_working_bytes_per_token(shape: ModelShape, precision: Precision) -> float:
+    """The gradients in flight inside one layer's backward: the residual's, and the MLP's widest."""
+    a = precision.activation_bytes
+    return a * (2 * shape.hidden_size + 3 * shape.intermediate_size)
+
+
+def forward_working_bytes_per_token(shape: ModelShape, precision: Precision) -> float:
+    """One layer's transient tensors in a forward without gradient (nothing is kept past the layer)."""
+    a, h = precision.activation_bytes, shape.hidden_size
+    return 4 * h + a * (2 * h + 2 * shape.q_width + 2 * shape.kv_width + 3 * shape.intermediate_size)
+
+
+def attention_mask_bytes(rows: int, tokens: int) -> int:
+    """transformers' 4D boolean mask of a padded batch: [rows, 1, T, T], one per forward."""
+    return rows * tokens * tokens
+
+
+def head_buffer_bytes(precision: Precision) -> int:
+    return TRITON_HEAD_BUFFER_BYTES if precision.on_gpu else CPU_HEAD_BUFFER_BYTES
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_length: int, *,
+                      frozen_reference: bool = True) -> Estimate:  # fmt: skip
+    """One training step of `pairs` pairs per micro-batch, all rows `max_length` tokens.
+
+    `frozen_reference`: an SPA iteration's reference pi_{i-1} (a frozen adapter copy with LoRA,
+    a frozen model copy with full fine-tuning); stage 0's reference is the base (adapters off).
+    """
+    a, h = precision.activation_bytes, shape.hidden_size
+    rows = 2 * pairs
+    tokens = rows * max_length
+    est = Estimate("train", pairs)
+    est.components["weights"] = weight_bytes(shape, precision)
+    if precision.lora_r:
+        sizes = lora_params(shape, precision.lora_r)
+        est.components["adapter + gradients"] = 2 * 4 * sum(sizes)  # fp32 adapter, fp32 gradients
+        if frozen_reference:
+            est.components["frozen reference"] = 4 * sum(sizes)  # pi_{i-1}: a frozen copy of the adapter
+    else:
+        sizes = shape.tensor_sizes()
+        # Every weight trains (fp32 master weights under model.dtype=auto), gradients in the same dtype.
+        est.components["weights"] = precision.weight_bytes * shape.params
+        est.components["gradients"] = precision.weight_bytes * shape.params
+        # The reference is a model of its own: pi_init in stage 0, pi_{i-1} in an iteration.
+        est.components["frozen reference"] = weight_bytes(shape, Precision(a, a, on_gpu=precision.on_gpu))
+    est.components["optimizer"] = optimizer_bytes(sizes, precision.optimizer)
+    saved = layer_saved_bytes_per_token(shape, precision) * tokens
+    working = backward_working_bytes_per_token(shape, precision) * tokens
+    # Kept through the backward: each layer's input alone with checkpointing (a layer is recomputed
+    # when its backward comes), everything every layer saved without it; the batch's attention mask.
+    kept = shape.layers * a * h * tokens if precision.gradient_checkpointing else shape.layers * saved
+    est.components["activations"] = int(kept + attention_mask_bytes(rows, max_length))
+    # On top of that, one of two phases at a time, never both: the fused head (the policy's and the
+    # reference's final hidden states, the final norm's saved input, the gradient it hands back, one
+    # working buffer, never [tokens, vocab] logits; the CPU path also keeps each token's fp32
+    # input-gradient direction), then, once the head's buffers are freed, one layer's backward (its
+    # recomputed activations with checkpointing, and the gradients in flight).
+    head = tokens * (2 * a * h + (4 * h + a * h) + a * h) + head_buffer_bytes(precision)
+    if not precision.on_gpu:
+        head += tokens * 4 * h
+    layer = working + (saved if precision.gradient_checkpointing else 0)
+    if head >= layer:
+        est.components["working: fused head"] = int(head)
+    else:
+        est.components["working: a layer's backward"] = int(layer)
+    return est
+
+
+def generation_estimate(shape: ModelShape, precision: Precision, prompts: int, responses: int, prompt_length: int,
+                        new_tokens: int) -> Estimate:  # fmt: skip
+    """transformers' generate: `prompts` x `responses` sequences, KV cache for every token, last-token logits."""
+    a = precision.activation_bytes
+    sequences = prompts * responses
+    est = Estimate("generation", prompts)
+    est.components["weights"] = weight_bytes(shape, precision)
+    if precision.lora_r:
+        est.components["adapter"] = 4 * sum(lora_params(shape, precision.lora_r))
+    cache_tokens = sequences * (prompt_length + new_tokens)
+    # K and V per layer; growing the cache concatenates, so one layer's cache exists twice for a moment.
+    est.components["KV cache"] = int(2 * a * shape.kv_width * cache_tokens * (shape.layers + 1))
+    prefill = sequences * prompt_length
+    working = forward_working_bytes_per_token(shape, precision) * prefill + attention_mask_bytes(
+        sequences, prompt_length
+    )
+    if precision.quantization != "none":
+        working += a * max(x * y for x, y in shape.linear_shapes())  # one dequantised weight at a time
+    est.components["prefill working"] = int(working)
+    # Each step's logits of the last token, in fp32: the logits, the processed scores, the probabilities.
+    est.components["logits"] = 3 * 4 * sequences * shape.vocab_size
+    return est
+
+
+def judge_estimate(shape: ModelShape, precision: Precision, prompts: int, responses: int, max_length: int, *,
+                   frozen_reference: bool = False) -> Estimate:  # fmt: skip
+    """The implicit-reward judge: policy and reference forwards without gradient over every response."""
+    a, h = precision.activation_bytes, shape.hidden_size
+    rows = prompts * responses
+    tokens = rows * max_length
+    est = Estimate("judge", prompts)
+    est.components["weights"] = weight_bytes(shape, precision)
+    if precision.lora_r:
+        copies = 2 if frozen_reference else 1  # the policy adapter, and pi_{i-2}'s for judge_reference=previous
+        est.components["adapters"] = 4 * copies * sum(lora_params(shape, precision.lora_r))
+    else:
+        frozen = Precision(a, a, on_gpu=precision.on_gpu)
+        est.components["frozen reference"] = weight_bytes(shape, frozen)
+    working = forward_working_bytes_per_token(shape, precision) * tokens + attention_mask_bytes(rows, max_length)
+    est.components["forward working"] = int(working)
+    est.components["fused head"] = int(tokens * 2 * a * h + head_buffer_bytes(precision))
+    return est
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def readable(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB / 10 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    configured: int  # the config's batch (the judge's is the engine's fixed one)
+    configured_bytes: int
+    fits: int | None  # the largest batch whose estimate fits the budget; None: not even 1, or no budget
+    fits_bytes: int | None  # its estimate; when nothing fits, the smallest batch's
+    components: dict[str, int]  # at the configured batch
+    setting: str  # the config key that sets this batch
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    budget_bytes: int | None  # what the estimates must fit under (None: no budget, estimates only)
+    budget_source: str  # where the budget came from
+    stages: list[StagePlan]
+    notes: list[str]
+
+    def to_json(self) -> dict:
+        return {
+            "model": asdict(self.shape), "budget_bytes": self.budget_bytes, "budget_source": self.budget_source,
+            "stages": {s.stage: {"setting": s.setting, "batch_size": s.configured, "peak_bytes": s.configured_bytes,
+                                 "fits_batch_size": s.fits, "fits_peak_bytes": s.fits_bytes,
+                                 "components": s.components} for s in self.stages},
+            "notes": self.notes,
+        }  # fmt: skip
+
+    def table(self) -> str:
+        budget = f"{readable(self.budget_bytes)} ({self.budget_source})" if self.budget_bytes else self.budget_source
+        s = self.shape
+        size = f"{s.params / 1e9:.2f}B" if s.params >= 1e9 else f"{s.params / 1e6:.1f}M"
+        lines = [
+            f"memory plan: {s.model_type} {size} parameters (H={s.hidden_size}, {s.layers} layers, "
+            f"vocab {s.vocab_size}); budget {budget}",
+            f"{'stage':<12}{'setting':<28}{'batch':>6}{'est. peak':>12}{'fits':>6}{'est. peak':>12}",
+        ]
+        for st in self.stages:
+            fits = "-" if st.fits is None else str(st.fits)
+            fits_bytes = "-" if st.fits_bytes is None else readable(st.fits_bytes)
+            lines.append(f"{st.stage:<12}{st.setting:<28}{st.configured:>6}{readable(st.configured_bytes):>12}"
+                         f"{fits:>6}{fits_bytes:>12}")  # fmt: skip
+        train = next(st for st in self.stages if st.stage == "train")
+        parts = ", ".join(f"{name} {readable(value)}" for name, value in train.components.items())
+        lines.append(f"train at {train.configured} pairs/micro-batch: {parts}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def advice(self) -> list[str]:
+        """What to change where the config's batch is estimated not to fit (nothing when it does, or no budget)."""
+        if self.budget_bytes is None:
+            return []
+        out = []
+        for st in self.stages:
+            if st.configured_bytes <= self.budget_bytes:
+                continue
+            if st.fits is None:
+                out.append(f"{st.stage}: even a batch of 1 is estimated at {readable(st.fits_bytes)}, over the "
+                           "budget: lower data.max_length, or use model.quantization=4bit and gradient checkpointing")  # fmt: skip
+            elif st.stage == "judge":
+                out.append(f"judge: {st.configured} prompts per batch are estimated at {readable(st.configured_bytes)}; "
+                           "batches that run out of memory are finished in halves")  # fmt: skip
+            else:
+                out.append(f"{st.stage}: {st.setting}={st.configured} is estimated at {readable(st.configured_bytes)}, "
+                           f"over the budget; {st.setting}={st.fits} fits ({readable(st.fits_bytes)})")  # fmt: skip
+        return out
+
+
+def precision_of(config: RunConfig, on_gpu: bool) -> Precision:
+    """The run's precision as runtime.resolve_runtime settles it, without touching a device."""
+    full = config.model.lora_r == 0
+    dtype = config.model.dtype
+    if dtype == "auto":
+        weight = 2 if on_gpu and not full else 4
+        activation = 2 if on_gpu else 4
+    else:
+        weight = 4 if dtype == "float32" else 2
+        activation = 2 if on_gpu and dtype == "bfloat16" else weight
+    return Precision(
+        weight_bytes=weight, activation_bytes=activation, quantization=config.model.quantization,
+        lora_r=config.model.lora_r, gradient_checkpointing=config.model.gradient_checkpointing,
+        optimizer=config.train.optimizer, on_gpu=on_gpu,
+    )  # fmt: skip
+
+
+def device_budget(config: RunConfig) -> tuple[int | None, str, bool]:
+    """(budget bytes or None, where it came from, whether the run is on a GPU)."""
+    import torch
+
+    device = config.model.device
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if config.model.max_memory_gb is not None:
+        total = int(config.model.max_memory_gb * GIB)
+        source = f"model.max_memory_gb={config.model.max_memory_gb:g}"
+    elif on_gpu and torch.cuda.is_available():
+        index = torch.device(device if device.startswith("cuda") else "cuda").index or 0
+        total = torch.cuda.get_device_properties(index).total_memory
+        source = f"the card's {total / GIB:.1f} GiB"
+    else:
+        return None, "none: no GPU and model.max_memory_gb is not set, estimates only", on_gpu
+    usable = int((total - (CUDA_CONTEXT_BYTES if on_gpu else 0)) * FRAGMENTATION_FACTOR)
+    return usable, f"{source}, less {'the CUDA context and ' if on_gpu else ''}10% for fragmentation", on_gpu
+
+
+def largest_fitting(estimate, candidates, budget: int | None) -> tuple[int | None, int | None]:
+    """The largest candidate whose estimate fits; (None, estimate at the smallest) when none does."""
+    if budget is None:
+        return None, None
+    best = None
+    for n in sorted(candidates):
+        peak = estimate(n).peak_bytes
+        if peak > budget:
+            break  # estimates grow with the batch
+        best = (n, peak)
+    return best if best else (None, estimate(min(candidates)).peak_bytes)
+
+
+def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool | None = None) -> Plan:
+    """The memory plan of `config` (its values already checked): each stage's estimate and the batches that fit."""
+    shape = shape or ModelShape.from_config_json(config.model.path)
+    budget, source, gpu = device_budget(config)
+    on_gpu = gpu if on_gpu is None else on_gpu
+    precision = precision_of(config, on_gpu)
+    d, g, t = config.data, config.generation, config.train
+    iterations = config.spa.iterations > 0
+    notes = []
+    if shape.model_type not in LLAMA_SHAPED:
+        notes.append(f"model_type {shape.model_type!r} is estimated as a Llama-shaped decoder")
+    if not on_gpu:
+        notes.append("CPU run: no autocast, the chunked head; the plan advises, no batch is changed")
+
+    def train(n: int) -> Estimate:
+        return training_estimate(shape, precision, n, d.max_length, frozen_reference=iterations)
+
+    def generate(n: int) -> Estimate:
+        return generation_estimate(shape, precision, n, g.responses_per_prompt, d.max_prompt_length, g.max_new_tokens)
+
+    def judge(n: int) -> Estimate:
+        return judge_estimate(shape, precision, n, g.responses_per_prompt, d.max_length,
+                              frozen_reference=config.spa.judge_reference == "previous")  # fmt: skip
+
+    micro_candidates = [n for n in range(1, t.batch_size + 1) if t.batch_size % n == 0]
+    stages = []
+    rows = [("train", train, t.micro_batch_size, micro_candidates, "train.micro_batch_size")]
+    if iterations:
+        if g.backend == "hf":
+            rows.append(("generation", generate, g.batch_size, sorted({*BATCH_CANDIDATES, g.batch_size}),
+                         "generation.batch_size"))  # fmt: skip
+        else:
+            notes.append("generation.backend=vllm: vLLM sizes its own batches (generation.vllm_gpu_memory_utilization)")
+        if config.spa.judge == "implicit":
+            rows.append(("judge", judge, JUDGE_BATCH_PROMPTS, BATCH_CANDIDATES, "(fixed: 16 prompts)"))
+    for name, estimate, configured, candidates, setting in rows:
+        at_config = estimate(configured)
+        fits, fits_bytes = largest_fitting(estimate, candidates, budget)
+        stages.append(StagePlan(name, configured, at_config.peak_bytes, fits, fits_bytes, at_config.components,
+                                setting))  # fmt: skip
+    return Plan(shape, budget, source, stages, notes)
+
+
+def out_of_memory_message(config: RunConfig, error: BaseException) -> str:
+    """What the CLI says when a stage ran out of GPU memory anyway: the error, the plan, and what to change."""
+    lines = [f"out of GPU memory: {str(error).splitlines()[0] if str(error) else type(error).__name__}"]
+    try:
+        plan = plan_run(config)
+    except (ConfigError, OSError) as plan_error:
+        lines.append(f"(no memory plan: {plan_error})")
+        plan = None
+    if plan is not None:
+        lines.append(plan.table())
+        lines += plan.advice()
+    lines.append(
+        "to use less: lower train.micro_batch_size (train.batch_size stays: the gradient accumulates), "
+        "generation.batch_size or data.max_length; model.gradient_checkpointing=true; model.quantization=4bit; "
+        "train.optimizer=adamw8bit; set model.max_memory_gb to what the card really has free"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""The memory plan: estimates from config.json alone, batches that fit, the CLI command and its JSON."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from selfee_fast import cli
+from selfee_fast.config import ConfigError, check_values, load_config
+from selfee_fast.plan import (
+    NF4_BYTES_PER_WEIGHT,
+    ModelShape,
+    Precision,
+    generation_estimate,
+    largest_fitting,
+    plan_run,
+    training_estimate,
+)
+from selfee_fast.stages import stage_fingerprints
+
+SMALL = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)  # fmt: skip
+MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)  # fmt: skip
+
+
+def model_folder(tmp_path, shape: dict):
+    """A model folder holding config.json alone: no weights, no tokenizer."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(shape))
+    return folder
+
+
+def config_file(tmp_path, shape: dict, **model):
+    folder = model_folder(tmp_path, shape)
+    lines = [f"model: {json.dumps({'path': str(folder), **model})}",
+             "data: {seed_pairs: seed.jsonl, prompt_pools: [p1.jsonl], max_length: 64, max_prompt_length: 32}",
+             "generation: {max_new_tokens: 32}", "spa: {iterations: 1, extrapolate: [0.5]}"]  # fmt: skip
+    path = tmp_path / "cfg.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_shape_counts_the_parameters_transformers_builds(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = ModelShape.from_config_json(model_folder(tmp_path, SMALL))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in SMALL.items() if k != "model_type"}))
+    assert shape.params == sum(p.numel() for p in model.parameters()) == 86848
+    assert (shape.heads, shape.kv_heads, shape.head_dim, shape.kv_width) == (4, 2, 16, 32)
+
+
+def test_a_training_estimate_equals_its_hand_computed_components(tmp_path):
+    shape = ModelShape.from_config_json(model_folder(tmp_path, SMALL))
+    cpu = Precision(weight_bytes=4, activation_bytes=4, lora_r=4, optimizer="adamw", on_gpu=False)
+    est = training_estimate(shape, cpu, pairs=1, max_length=10)
+    # Per layer: q 64x64, k and v 64x32, o 64x64, gate and up 64x128, down 128x64 = 36864 weights; two
+    # layers, plus embedding and head 2x100x64 and five norms of 64: 86848 parameters in fp32.
+    assert est.components["weights"] == 4 * (2 * 36864 + 12800 + 320)
+    # LoRA r=4: r x (in + out) per linear = 512 + 384 + 384 + 512 + 768 + 768 + 768 = 4096 per layer.
+    adapter = 2 * 4096
+    assert est.components["adapter + gradients"] == 8 * adapter
+    assert est.components["frozen reference"] == 4 * adapter  # an iteration's pi_{i-1}
+    assert est.components["optimizer"] == 8 * adapter  # fp32 AdamW: two moments
+    tokens = 2 * 10  # one pair: chosen and rejected rows of 10 tokens
+    checkpoints, mask = 2 * 4 * 64 * tokens, 2 * 10 * 10  # each layer's input; the [2, 1, 10, 10] mask
+    assert est.components["activations"] == checkpoints + mask
+    # The fused head's phase (final hidden states, norm, gradient, 2 x 32 MiB chunk, the CPU's direction)
+    # outweighs a layer's backward (what the layer saved, recomputed, and the gradients in flight).
+    head = tokens * (2 * 4 * 64 + (4 * 64 + 4 * 64) + 4 * 64) + 2 * 32 * 2**20 + tokens * 4 * 64
+    per_layer = 2 * (4 * 64 + 4 * 64) + 4 * (7 * 64 + 2 * 32) + 4 * 4 + 4 * 4 * 128 + 7 * 4 * 4
+    layer_backward = (per_layer + 4 * (2 * 64 + 3 * 128)) * tokens
+    assert head > layer_backward and est.components["working: fused head"] == head
+    no_checkpoints = training_estimate(shape, Precision(4, 4, lora_r=4, gradient_checkpointing=False,
+                                                        optimizer="adamw", on_gpu=False), 1, 10)  # fmt: skip
+    assert no_checkpoints.components["activations"] == 2 * per_layer * tokens + mask
+    assert est.peak_bytes == sum(est.components.values())
+
+
+def test_qlora_holds_the_body_in_nf4_and_the_rest_in_16_bits(tmp_path):
+    shape = ModelShape.from_config_json(model_folder(tmp_path, MISTRAL_7B))
+    qlora = Precision(weight_bytes=2, activation_bytes=2, quantization="4bit")
+    body = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336)
+    other = 2 * 32000 * 4096 + 65 * 4096
+    est = training_estimate(shape, qlora, pairs=1, max_length=1024)
+    assert est.components["weights"] == int(body * NF4_BYTES_PER_WEIGHT + other * 2)
+    assert 3.5 * 2**30 < est.components["weights"] < 4.2 * 2**30  # QLoRA's Mistral-7B: about 4 GB
+    lora16 = Precision(weight_bytes=2, activation_bytes=2)
+    assert training_estimate(shape, lora16, 1, 1024).components["weights"] == 2 * (body + other)
+
+
+def test_checkpointing_and_8bit_adam_cost_less_and_estimates_grow_with_the_batch(tmp_path):
+    shape = ModelShape.from_config_json(model_folder(tmp_path, MISTRAL_7B))
+    gpu = Precision(weight_bytes=2, activation_bytes=2, quantization="4bit")
+    no_ckpt = Precision(weight_bytes=2, activation_bytes=2, quantization="4bit", gradient_checkpointing=False)
+    fp32_adam = Precision(weight_bytes=2, activation_bytes=2, quantization="4bit", optimizer="adamw")
+    assert training_estimate(shape, gpu, 2, 1024).peak_bytes < training_estimate(shape, no_ckpt, 2, 1024).peak_bytes
+    assert (training_estimate(shape, gpu, 2, 1024).components["optimizer"]
+            < training_estimate(shape, fp32_adam, 2, 1024).components["optimizer"] / 3)  # fmt: skip
+    peaks = [training_estimate(shape, gpu, n, 1024).peak_bytes for n in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4
+    kv = [generation_estimate(shape, gpu, n, 2, 512, 300).components["KV cache"] for n in (1, 2)]
+    assert kv[1] == 2 * kv[0] == 2 * (2 * 2 * 1024 * 2 * (512 + 300) * 33)
+
+
+def test_the_batch_that_fits_grows_with_the_memory(tmp_path):
+    shape = ModelShape.from_config_json(model_folder(tmp_path, MISTRAL_7B))
+    gpu = Precision(weight_bytes=2, activation_bytes=2, quantization="4bit")
+
+    def estimate(n):
+        return training_estimate(shape, gpu, n, 2048)
+
+    candidates = [1, 2, 4, 8, 16, 32]
+    chosen = [largest_fitting(estimate, candidates, gib * 2**30)[0] for gib in (4, 8, 12, 16, 24, 40, 80)]
+    assert chosen[0] is None  # the weights alone are about 4 GiB
+    fitted = [c or 0 for c in chosen]
+    assert fitted == sorted(fitted) and fitted[-1] > fitted[1] >= 1
+    for n, gib in zip(chosen, (4, 8, 12, 16, 24, 40, 80), strict=True):
+        if n is not None:
+            assert estimate(n).peak_bytes <= gib * 2**30
+            if n < 32:
+                assert estimate(candidates[candidates.index(n) + 1]).peak_bytes > gib * 2**30
+
+
+def test_plan_picks_batches_under_max_memory_gb(tmp_path):
+    path = config_file(tmp_path, MISTRAL_7B, quantization="4bit", device="cuda")
+    longer = ["data.max_length=2048", "data.max_prompt_length=1024"]
+    plan = plan_run(load_config(path, [*longer, "model.max_memory_gb=24"]))
+    assert plan.budget_bytes < 24 * 2**30 and "model.max_memory_gb=24" in plan.budget_source
+    stages = {s.stage: s for s in plan.stages}
+    assert set(stages) == {"train", "generation", "judge"}
+    for stage in stages.values():
+        assert stage.fits is not None and stage.fits_bytes <= plan.budget_bytes
+    assert 32 % stages["train"].fits == 0  # a micro-batch divides train.batch_size
+    smaller = plan_run(load_config(path, [*longer, "model.max_memory_gb=12"]))
+    assert {s.stage: s.fits for s in smaller.stages}["train"] < stages["train"].fits
+
+
+def test_on_a_cpu_without_max_memory_gb_the_plan_reports_estimates_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = plan_run(load_config(config_file(tmp_path, SMALL)))
+    assert plan.budget_bytes is None and "estimates only" in plan.budget_source
+    assert all(s.fits is None for s in plan.stages) and plan.advice() == []
+    assert "estimates only" in plan.table()
+
+
+def test_the_cli_prints_the_plan_from_config_json_alone(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = config_file(tmp_path, MISTRAL_7B, quantization="4bit", max_memory_gb=24, device="cuda")
+    assert cli.main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: mistral 7.24B parameters" in out and "train.micro_batch_size" in out
+    assert cli.main(["plan", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"model", "budget_bytes", "budget_source", "stages", "notes"}
+    assert set(result["stages"]) == {"train", "generation", "judge"}
+    for stage in result["stages"].values():
+        assert {"batch_size", "peak_bytes", "fits_batch_size", "fits_peak_bytes", "components", "setting"} <= set(stage)
+        assert stage["peak_bytes"] == sum(stage["components"].values())
+    assert result["model"]["kv_heads"] == 8
+
+
+def test_a_bad_max_memory_gb_is_refused_naming_the_key(tmp_path, capsys):
+    path = config_file(tmp_path, SMALL)
+    for bad in ("0", "-4", ".inf", "1e9"):
+        with pytest.raises(ConfigError, match=r"model\.max_memory_gb"):
+            check_values(load_config(path, [f"model.max_memory_gb={bad}"]))
+    assert cli.main(["plan", str(path), "model.max_memory_gb=-1"]) == 2
+    assert "model.max_memory_gb" in capsys.readouterr().err
+    assert cli.main(["plan", str(path), "model.max_memory_gb=lots"]) == 2
+    assert "model.max_memory_gb" in capsys.readouterr().err
+
+
+def test_max_memory_gb_leaves_every_stage_fingerprint_as_it_was(tmp_path):
+    path = config_file(tmp_path, SMALL)
+    assert stage_fingerprints(load_config(path, ["model.max_memory_gb=24"])) == stage_fingerprints(load_config(path))
+
+
+def test_an_out_of_memory_error_is_a_message_with_the_plan(tmp_path, capsys):
+    path = config_file(tmp_path, MISTRAL_7B, quantization="4bit", max_memory_gb=24, device="cuda")
+
+    def runs_out(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    overrides = ["train.micro_batch_size=32", "data.max_length=2048", "data.max_prompt_length=1024"]
+    args = argparse.Namespace(func=runs_out, config=str(path), overrides=overrides)
+    assert cli.run_command(args) == 1
+    err = capsys.readouterr().err
+    assert "out of GPU memory: CUDA out of memory" in err and "memory plan: mistral" in err
+    assert "train.micro_batch_size=32 is estimated at" in err and "lower train.micro_batch_size" in err
+
+
+def test_full_fine_tuning_counts_master_weights_gradients_and_a_frozen_copy(tmp_path):
+    path = config_file(tmp_path, SMALL, lora_r=0, device="cuda", max_memory_gb=24)
+    (train,) = [s for s in plan_run(load_config(path)).stages if s.stage == "train"]
+    params = 86848
+    assert train.components["weights"] == train.components["gradients"] == 4 * params  # fp32 master weights
+    assert train.components["frozen reference"] == 2 * params  # its linear layers in bf16: the whole copy here
+    # adamw8bit: 2 bytes per element plus an absmax per 256 for the q, o, MLP, embedding and head matrices;
+    # k and v (2048 elements) and the norms (64) stay in 32 bits, 8 bytes per element.
+    eight_bit = 2 * (4096 + 4096 + 3 * 8192) + 2 * 6400
+    blocks = 2 * (16 + 16 + 3 * 32) + 2 * 25
+    assert train.components["optimizer"] == 2 * eight_bit + 8 * blocks + 8 * (2 * (2 * 2048 + 2 * 64) + 64)
+    stages = plan_run(load_config(path, ["generation.backend=vllm"]))
+    assert [s.stage for s in stages.stages] == ["train", "judge"] and "vLLM" in " ".join(stages.notes)
