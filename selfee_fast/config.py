@@ -62,6 +62,11 @@ class ModelConfig:
     # off with flash-attention; under sdpa the row's block-diagonal mask costs attention work
     # quadratic in the whole row.
     packing: bool = False
+    # Under torchrun with LoRA, where the frozen base lives: whole on every GPU (only the adapters
+    # are sharded: DDP's traffic) or sharded by FSDP2 (an all-gather of the base per forward and
+    # backward, for a base one GPU cannot hold). auto: whole when the memory plan's training
+    # estimate fits the budget (or there is no budget), else sharded. Full fine-tuning always shards.
+    shard_frozen_base: str = "auto"
     # GiB of GPU memory the memory plan (selfee_fast/plan.py) fits the batches under; null: the
     # card's total memory on a GPU, and on a CPU no budget (the plan reports estimates only).
     max_memory_gb: float | None = None
@@ -164,7 +169,7 @@ class RunConfig:
 # Settings that change how the work is laid out, not what it computes: not part of a stage's
 # fingerprint, so a run may switch them and resume; a training checkpoint ignores them too.
 LAYOUT_SETTINGS = {
-    "model": ("attention", "packing", "max_memory_gb"),
+    "model": ("attention", "packing", "max_memory_gb", "shard_frozen_base"),
     "train": ("save_every",),
     "generation": ("vllm_gpu_memory_utilization",),
 }
@@ -174,6 +179,7 @@ CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "model.quantization": ("none", "4bit"),
     "model.attention": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "model.shard_frozen_base": ("auto", "whole", "sharded"),
     "generation.backend": ("hf", "vllm"),
     "train.optimizer": ("adamw8bit", "paged_adamw8bit", "adamw"),
     "train.loss_type": LOSS_TYPES,

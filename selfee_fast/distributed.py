@@ -116,12 +116,14 @@ def model_body(model):
     return base.get_decoder()
 
 
-def shard_model(model) -> None:
+def shard_model(model, *, frozen_whole: bool = False) -> None:
     """FSDP2 over the body: each decoder layer a unit, then the rest of the body; the head stays whole.
 
     The body is what `models.final_hidden_states` calls, so its hooks gather and free each
     layer's weights around that call (twice per micro-batch with a shared reference: once
     with gradient, once without). A head tied to the input embedding stays whole with it.
+    `frozen_whole`: frozen parameters (a LoRA base) stay whole on every rank too, so only the
+    trained ones are sharded and gathered.
     """
     if getattr(model, "_sharded_by_selfee_fast", False) or not _world.distributed:
         return
@@ -131,13 +133,16 @@ def shard_model(model) -> None:
     device_type = next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (_world.size,))
     body = model_body(model)
-    head = set(model.get_output_embeddings().parameters())
+    whole = set(model.get_output_embeddings().parameters())
+    if frozen_whole:
+        whole |= {p for p in model.parameters() if not p.requires_grad}
     layers = getattr(body, "layers", None)
     if layers is None:
         raise ValueError(f"{type(body).__name__} has no `layers`: FSDP2 sharding knows decoder stacks only")
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(body, mesh=mesh, ignored_params=head)
+        if any(p not in whole for p in layer.parameters()):  # a layer with nothing to shard stays as it is
+            fully_shard(layer, mesh=mesh, ignored_params=whole & set(layer.parameters()))
+    fully_shard(body, mesh=mesh, ignored_params=whole)
     model._sharded_by_selfee_fast = True
 
 

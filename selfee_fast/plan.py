@@ -483,6 +483,19 @@ def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool
     return Plan(shape, budget, source, stages, notes)
 
 
+def frozen_base_layout(config: RunConfig, processes: int) -> str:
+    """Where a LoRA run's frozen base lives under torchrun: "whole" on every rank unless the plan says
+    one GPU cannot hold the training step, then "sharded" (model.shard_frozen_base=auto)."""
+    if config.model.shard_frozen_base != "auto":
+        return config.model.shard_frozen_base
+    if processes == 1 or config.model.lora_r == 0:
+        return "whole"  # nothing to share out; full fine-tuning shards every weight it trains anyway
+    plan = plan_run(config)
+    train = next(s for s in plan.stages if s.stage == "train")
+    # The estimate is one process holding a whole micro-batch: an upper bound for a rank's share.
+    return "whole" if plan.budget_bytes is None or train.configured_bytes <= plan.budget_bytes else "sharded"
+
+
 def out_of_memory_message(config: RunConfig, error: BaseException) -> str:
     """What the CLI says when a stage ran out of GPU memory anyway: the error, the plan, and what to change."""
     lines = [f"out of GPU memory: {str(error).splitlines()[0] if str(error) else type(error).__name__}"]

@@ -44,6 +44,7 @@ from .distributed import (
 from .files import sha256_of, write_text_atomic, writing
 from .loss import NoiseThreshold, spa_loss
 from .models import sequence_token_logprobs
+from .plan import frozen_base_layout
 from .stopping import stop_here, stop_requested
 
 OPTIMIZERS = CHOICES["train.optimizer"]
@@ -78,6 +79,8 @@ class TrainSettings:
     autocast_dtype: str | None = None
     # One packed row per micro-batch instead of padded rows (`data.pack`): no padding tokens.
     packing: bool = False
+    # Several processes, LoRA: "whole" keeps the frozen base on every rank, "sharded" lets FSDP2 split it.
+    shard_frozen_base: str = "whole"
 
     @classmethod
     def for_stage(
@@ -90,6 +93,7 @@ class TrainSettings:
         return cls(
             **{**named, "lr": effective_lr(config), "epochs": epochs, "refine": refine, "extrapolate": extrapolate},
             seed=config.seed, autocast_dtype=autocast_dtype, packing=config.model.packing,
+            shard_frozen_base=frozen_base_layout(config, world().size),
         )  # fmt: skip
 
 
@@ -260,7 +264,10 @@ def train_stage(
     # ---- setup
     compute_dtype = getattr(torch, settings.autocast_dtype) if settings.autocast_dtype else None
     # Several processes: FSDP2 shards the bodies (parameters become DTensors, so before the optimizer sees them).
-    shard_model(model)
+    if world().distributed:
+        what = "the frozen base whole on every rank" if settings.shard_frozen_base == "whole" else "the base sharded"
+        log(f"train: FSDP2 over {world().size} processes, {what}, the LM head whole")
+    shard_model(model, frozen_whole=settings.shard_frozen_base == "whole")
     if reference_model is not None:
         shard_model(reference_model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,6 +1,7 @@
 """Run by tests/engine/test_distributed.py, once alone and once under torchrun: one training stage.
 
-argv: model folder, output folder, mode (lora | full), micro_batch_size[, optimizer].
+argv: model folder, output folder, mode (lora | lora-sharded | full), micro_batch_size[, optimizer].
+"lora" keeps the frozen base whole on every rank, "lora-sharded" lets FSDP2 shard it.
 """
 
 import faulthandler
@@ -21,7 +22,7 @@ def main() -> None:
     faulthandler.dump_traceback_later(120, exit=True)  # a hang (a collective one rank skipped) shows where
     start_world()
     torch.manual_seed(0)
-    lora = models.LoraSettings(r=4, alpha=8) if mode == "lora" else None
+    lora = models.LoraSettings(r=4, alpha=8) if mode.startswith("lora") else None
     model, _ = models.load_model(model_dir, lora=lora, gradient_checkpointing=True)
     reference_model = None
     if lora is None:
@@ -36,7 +37,7 @@ def main() -> None:
     settings = TrainSettings(
         lr=1e-3, batch_size=8, micro_batch_size=micro, epochs=2, optimizer=optimizer, save_every=2,
         refine=True, alpha=0.1, alpha_warmup=0.0, tau_window=4, noise_percentile=0.3,
-        extrapolate=0.5 if lora else None,
+        extrapolate=0.5 if lora else None, shard_frozen_base="sharded" if mode == "lora-sharded" else "whole",
     )  # fmt: skip
     train_stage(model, pairs, settings, out_dir, pad_id=0, reference="init" if lora else None,
                 reference_model=reference_model, log=lambda *_: None)  # fmt: skip

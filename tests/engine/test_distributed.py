@@ -60,7 +60,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", "lora-sharded", "full"])
 def test_two_processes_train_as_one_with_the_same_settings(model_dir, tmp_path, mode):
     run_worker([str(model_dir), str(tmp_path / "one"), mode, "4"], processes=1)
     run_worker([str(model_dir), str(tmp_path / "two"), mode, "4"], processes=2)

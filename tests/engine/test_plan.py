@@ -12,6 +12,7 @@ from selfee_fast.plan import (
     NF4_BYTES_PER_WEIGHT,
     ModelShape,
     Precision,
+    frozen_base_layout,
     generation_estimate,
     largest_fitting,
     plan_run,
@@ -206,3 +207,18 @@ def test_full_fine_tuning_counts_master_weights_gradients_and_a_frozen_copy(tmp_
     assert train.components["optimizer"] == 2 * eight_bit + 8 * blocks + 8 * (2 * (2 * 2048 + 2 * 64) + 64)
     stages = plan_run(load_config(path, ["generation.backend=vllm"]))
     assert [s.stage for s in stages.stages] == ["train", "judge"] and "vLLM" in " ".join(stages.notes)
+
+
+def test_a_lora_base_stays_whole_on_each_gpu_unless_the_plan_says_it_cannot(tmp_path):
+    """model.shard_frozen_base=auto under torchrun: whole when the training step fits one card, else sharded."""
+    path = config_file(tmp_path, MISTRAL_7B, lora_r=16)
+    one_card = load_config(path, ["model.max_memory_gb=80"])
+    assert frozen_base_layout(one_card, 8) == "whole"
+    assert frozen_base_layout(load_config(path, ["model.max_memory_gb=8"]), 8) == "sharded"
+    assert frozen_base_layout(load_config(path, ["model.max_memory_gb=8"]), 1) == "whole", "one process"
+    assert frozen_base_layout(load_config(path, ["model.max_memory_gb=80", "model.shard_frozen_base=sharded"]), 8) == (
+        "sharded"
+    )
+    assert stage_fingerprints(load_config(path, ["model.shard_frozen_base=sharded"])) == stage_fingerprints(
+        load_config(path)
+    ), "a layout setting: a run may switch it and resume"
