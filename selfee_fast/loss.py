@@ -165,7 +165,7 @@ class _SPALossFunction(torch.autograd.Function):
         return (token_grad * grad_loss).reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
 
 
-def _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing, gamma=0.0, discopop_tau=0.05) -> None:
+def _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing, gamma, discopop_tau) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if not beta > 0:

@@ -75,7 +75,7 @@ class FusedLinearPairLoss(torch.nn.Module):
                 deterministic=self.deterministic, backend=self.backend,
             )  # fmt: skip
         except (TypeError, ValueError) as error:
-            raise as_liger_error(error) from None
+            raise _as_liger_error(error) from None
         mask = target != self.ignore_index
         out = spa_loss(
             logps.policy, logps.reference, mask=mask, extrapolated_logps=logps.extrapolated,
@@ -96,7 +96,7 @@ class FusedLinearPairLoss(torch.nn.Module):
                         deterministic=self.deterministic, backend=self.backend,
                     ).policy  # fmt: skip
                 except (TypeError, ValueError) as error:
-                    raise as_liger_error(error) from None
+                    raise _as_liger_error(error) from None
                 chosen_mask = chosen_nll_target != self.ignore_index
             nll_loss = -(chosen_logps * chosen_mask).sum() / chosen_mask.sum().clamp(min=1)
             loss = loss + nll_weight * nll_loss
@@ -237,7 +237,7 @@ _AS_LIGER = {"ref_hidden": "ref_input", "hidden": "_input", "weight": "lin_weigh
 _LIGER_NAMES = re.compile(r"(?<![\w.])(ref_hidden|hidden|weight|targets)(?=(?: has| is| must|\[| \(|\)|,|;))")
 
 
-def as_liger_error(error: Exception) -> Exception:
+def _as_liger_error(error: Exception) -> Exception:
     """The same error with `linear_logprobs`' argument names replaced by the ones a Liger user passed."""
     return type(error)(_LIGER_NAMES.sub(lambda m: _AS_LIGER[m.group(0)], str(error)))
 
