@@ -19,7 +19,9 @@ The loss equals TRL's own for the settings it accepts: one loss type of
 not (f-divergences, `ld_alpha`, WPO weighting, precomputed reference log-probs, MoE
 auxiliary losses, PEFT without an explicit `ref_model`, vision inputs) are refused when
 the trainer is built. The hidden states come through `model(...)`, not around it, so
-wrappers such as DDP see the call. Requires `trl` (not a dependency of this package).
+wrappers such as DDP see the call. Logged: TRL's `rewards/*` and `logps/*` metrics; its
+`entropy`, `logits/*` and `mean_token_accuracy` are not (they read per-token logits).
+Requires `trl` (not a dependency of this package).
 """
 
 from __future__ import annotations
