@@ -28,7 +28,6 @@ import re
 import torch
 
 from .backend import Backend
-from .kernels.spa_loss import LOSS_TYPE_INFO
 from .logprobs import linear_logprobs
 from .loss import SPALossOutput, spa_loss
 
@@ -129,7 +128,7 @@ class FusedLinearSimPOLoss(FusedLinearPairLoss):
     ):
         """Arguments mean what they mean in Liger; `alpha` weighs the NLL term of the chosen rows."""
         super().__init__(ignore_index=ignore_index, deterministic=deterministic, backend=backend)
-        _check_smoothing("sigmoid", label_smoothing, "SimPO")
+        _check_smoothing(label_smoothing, "SimPO")
         self.beta, self.alpha, self.gamma = beta, alpha, gamma
         self.label_smoothing = label_smoothing
         self.compute_nll_loss = compute_nll_loss
@@ -167,7 +166,7 @@ class FusedLinearCPOLoss(FusedLinearPairLoss):
     ):
         """Arguments mean what they mean in Liger; `alpha` weighs the NLL term of the chosen rows."""
         super().__init__(ignore_index=ignore_index, deterministic=deterministic, backend=backend)
-        _check_smoothing("sigmoid", label_smoothing, "CPO")
+        _check_smoothing(label_smoothing, "CPO")
         self.beta, self.alpha = beta, alpha
         self.label_smoothing = label_smoothing
         self.compute_nll_loss = compute_nll_loss
@@ -227,8 +226,9 @@ class FusedLinearORPOLoss(FusedLinearPairLoss):
         return loss, (*aux, log_odds_ratio, log_odds.mean().float())
 
 
-def _check_smoothing(loss_type: str, label_smoothing: float, name: str) -> None:
-    if LOSS_TYPE_INFO[loss_type].smoothing == "optional" and not 0.0 <= label_smoothing < 0.5:
+def _check_smoothing(label_smoothing: float, name: str) -> None:
+    """The sigmoid loss's smoothing: beyond 0.5 it would prefer the rejected response."""
+    if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for {name}. Got {label_smoothing}.")
 
 
