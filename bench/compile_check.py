@@ -47,7 +47,7 @@ from triton.runtime.jit import JITFunction
 from selfee_fast.kernels.config import LaunchConfig, gpu_config
 from selfee_fast.kernels.logprobs_backward import logit_gradients, logprobs_backward
 from selfee_fast.kernels.logprobs_forward import logprobs_forward
-from selfee_fast.kernels.spa_loss import spa_pair_loss
+from selfee_fast.kernels.spa_loss import LOSS_TYPE_INFO, LOSS_TYPES, spa_pair_loss
 
 # Opt-in shared memory per block (bytes), CUDA programming guide, "compute capabilities".
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -227,11 +227,13 @@ def scenarios(dtype: torch.dtype, config: LaunchConfig) -> list[tuple[str, Calla
             config=split,
         )  # fmt: skip
 
-    def loss() -> None:
+    def loss(loss_type: str) -> None:
         offsets = torch.tensor([0, 10, 20, 30, rows], dtype=torch.int32)
+        smoothing = LOSS_TYPE_INFO[loss_type].smoothing
         spa_pair_loss(
-            stat, stat, stat, active, offsets,
-            beta=0.1, alpha=0.1, tau=0.5, label_smoothing=0.0, loss_type="sigmoid", average_log_prob=False,
+            stat, stat if LOSS_TYPE_INFO[loss_type].takes_reference else None, stat, active, offsets,
+            beta=0.1, alpha=0.1 if smoothing == "optional" else 0.0, tau=0.5,
+            label_smoothing=0.1 if smoothing == "required" else 0.0, loss_type=loss_type, average_log_prob=False,
         )  # fmt: skip
 
     return [
@@ -245,20 +247,21 @@ def scenarios(dtype: torch.dtype, config: LaunchConfig) -> list[tuple[str, Calla
             f"split backward: dz of a row chunk {tag}",
             lambda: logit_gradients(hidden, weight, active, targets, stat, stat, 3, rows, bias=bias, config=config),
         ),
-        ("spa loss", loss),
+        # Each loss type is its own compiled branch (LOSS is a constexpr).
+        *((f"spa loss {loss_type}", lambda loss_type=loss_type: loss(loss_type)) for loss_type in LOSS_TYPES),
     ]
 
 
 def collect_launches(dtypes: list[torch.dtype], overrides: dict[str, int | None]) -> list[Launch]:
     """Every launch the library makes for these input dtypes, with its GPU default config (plus overrides)."""
     launches: list[Launch] = []
-    seen_loss = False
+    seen_losses: set[str] = set()
     for dtype in dtypes:
         for name, call in scenarios(dtype, gpu_config(dtype).with_overrides(**overrides)):
-            if name == "spa loss":
-                if seen_loss:
+            if name.startswith("spa loss"):  # fp32 log-probs whatever the input dtype: once is enough
+                if name in seen_losses:
                     continue
-                seen_loss = True
+                seen_losses.add(name)
             with intercepted_launches(name, launches):
                 call()
     return launches

@@ -12,6 +12,10 @@ task "dpo" -- the whole sigmoid DPO loss from x [2B, T, H]:
     naive-dpo      materialised logits + DPO loss in PyTorch
     ours-dpo-*     selfee_fast.FusedLinearDPOLoss (backend "torch" / "triton")
     liger-dpo      liger_kernel.chunked_loss.LigerFusedLinearDPOLoss
+tasks "simpo", "cpo", "orpo" -- the reference-free losses from x [2B, T, H], each class at its
+    defaults (NLL term included):
+    ours-<task>-torch  selfee_fast.FusedLinear{SimPO,CPO,ORPO}Loss (chunked PyTorch)
+    liger-<task>       liger_kernel.chunked_loss.LigerFusedLinear{SimPO,CPO,ORPO}Loss
 
 Every number in the output comes from this run: the matmul rate that defines the
 6·M·H·V floor is measured on the same device right before the implementations.
@@ -60,7 +64,15 @@ CPU_SHAPES = [(256, 128, 32000)]
 GPU_QUICK_SHAPES = [(8192, 4096, 32000)]
 CPU_QUICK_SHAPES = [(256, 128, 4096)]
 
-OURS = ("ours-torch", "ours-triton", "ours-triton-split", "ours-dpo-torch", "ours-dpo-triton")
+# task: (our class, Liger's class, whether its sequence log-probs are averages over tokens)
+PAIR_TASKS = {
+    "simpo": ("FusedLinearSimPOLoss", "LigerFusedLinearSimPOLoss", True),
+    "cpo": ("FusedLinearCPOLoss", "LigerFusedLinearCPOLoss", False),
+    "orpo": ("FusedLinearORPOLoss", "LigerFusedLinearORPOLoss", True),
+}
+OURS = ("ours-torch", "ours-triton", "ours-triton-split", "ours-dpo-torch", "ours-dpo-triton",
+        *(f"ours-{task}-torch" for task in PAIR_TASKS))  # fmt: skip
+TASKS = ("logprobs", "dpo", *PAIR_TASKS)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -249,6 +261,8 @@ class Truth:
     grad_dpo: torch.Tensor | None  # [R, H] d DPO loss / d hidden, float64
     seq_policy: torch.Tensor | None  # [2B] per-sequence sums of policy log-probs
     dpo_loss: float | None
+    grad_pair: dict[str, torch.Tensor] = field(default_factory=dict)  # task -> [R, H] d loss / d hidden
+    pair_loss: dict[str, float] = field(default_factory=dict)
 
 
 def float64_truth(inp: Inputs, max_rows: int = GRAD_CHECK_ROWS) -> Truth:
@@ -285,7 +299,32 @@ def float64_truth(inp: Inputs, max_rows: int = GRAD_CHECK_ROWS) -> Truth:
         coef = -BETA * torch.sigmoid(-margin) / pairs
         per_seq = torch.cat([coef, -coef])
         grad_dpo = per_seq[grad_rows // inp.seq_len, None] * grad_logprobs
-    return Truth(policy, reference, grad_rows, grad_logprobs, grad_dpo, seq_policy, dpo_loss)
+    truth = Truth(policy, reference, grad_rows, grad_logprobs, grad_dpo, seq_policy, dpo_loss)
+    if inp.seq_len:
+        for task in PAIR_TASKS:
+            loss, per_seq = pair_loss_float64(task, seq_policy, inp.seq_len)
+            truth.pair_loss[task] = loss
+            truth.grad_pair[task] = per_seq[grad_rows // inp.seq_len, None] * grad_logprobs
+    return truth
+
+
+def pair_loss_float64(task: str, seq_policy: torch.Tensor, seq_len: int) -> tuple[float, torch.Tensor]:
+    """The class's loss at its defaults (every token counts) and d loss / d sequence log-prob sum."""
+    sums = seq_policy.detach().clone().requires_grad_(True)
+    pairs = sums.shape[0] // 2
+    logps = sums / seq_len if PAIR_TASKS[task][2] else sums
+    chosen, rejected = logps[:pairs], logps[pairs:]
+    if task == "simpo":  # beta 0.1, gamma 0.5
+        preference = -F.logsigmoid(0.1 * (chosen - rejected) - 0.5).mean()
+    elif task == "cpo":  # beta 0.1
+        preference = -F.logsigmoid(0.1 * (chosen - rejected)).mean()
+    else:  # orpo, beta 0.1
+        log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+        preference = -0.1 * F.logsigmoid(log_odds).mean()
+    nll = -sums[:pairs].sum() / (pairs * seq_len)  # weight 1: alpha's default, ORPO's fixed weight
+    loss = preference + nll
+    (per_seq,) = torch.autograd.grad(loss, sums)
+    return float(loss), per_seq
 
 
 # --------------------------------------------------------------------------- implementations
@@ -359,10 +398,20 @@ def run_dpo_module(inp: Inputs, loss_fn) -> dict:
     return {"loss": loss.detach(), "seq_policy": torch.cat([aux[0], aux[1]]).detach().float()}
 
 
+def run_pair_module(inp: Inputs, loss_fn, averages: bool) -> dict:
+    """A reference-free loss: loss_fn(weight, x, target) -> (loss, aux), ours and Liger's alike."""
+    x, _, target = dpo_view(inp)
+    loss, aux = loss_fn(inp.weight, x, target)
+    loss.backward()
+    seq_policy = torch.cat([aux[0], aux[1]]).detach().float()
+    # Every token counts in these inputs, so an average times the length is the sum.
+    return {"loss": loss.detach(), "seq_policy": seq_policy * inp.seq_len if averages else seq_policy}
+
+
 @dataclass
 class Impl:
     name: str
-    task: str  # "logprobs" or "dpo"
+    task: str  # one of TASKS
     fn: Callable[[Inputs], dict] | None
     note: str = ""  # why it cannot run, when fn is None
 
@@ -408,6 +457,14 @@ def collect_impls(device: torch.device, dpo_ok: bool) -> list[Impl]:
         impls.append(Impl("liger-dpo", "dpo", lambda inp: run_dpo_module(inp, liger)))
     except Exception as exc:
         impls.append(Impl("liger-dpo", "dpo", None, _import_note(exc)))
+    for task, (ours_name, liger_name, averages) in PAIR_TASKS.items():
+        ours_fn = getattr(sf, ours_name)(backend="torch")
+        impls.append(Impl(f"ours-{task}-torch", task, lambda inp, f=ours_fn, a=averages: run_pair_module(inp, f, a)))
+        try:
+            liger_fn = getattr(importlib.import_module("liger_kernel.chunked_loss"), liger_name)(compiled=gpu)
+            impls.append(Impl(f"liger-{task}", task, lambda inp, f=liger_fn, a=averages: run_pair_module(inp, f, a)))
+        except Exception as exc:
+            impls.append(Impl(f"liger-{task}", task, None, _import_note(exc)))
     return impls
 
 
@@ -522,7 +579,7 @@ def check_accuracy(row: Row, outputs: dict, inp: Inputs, truth: Truth) -> None:
     else:
         row.logp_max_abs_err = float((outputs["seq_policy"].double() - truth.seq_policy).abs().max())
         row.loss = float(outputs["loss"])
-        want = truth.grad_dpo
+        want = truth.grad_dpo if row.task == "dpo" else truth.grad_pair[row.task]
     if grad is not None:
         got = grad[truth.grad_rows].double()
         row.grad_rel_err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
@@ -591,7 +648,7 @@ def bench_shape(shape, args, device, cpu_rss_ok) -> dict:
             row.tflops_6mhv = 6.0 * m * h * v / (row.time_ms / 1e3) / 1e12
         print(f"  {row.impl:16s} {row.status:14s} " + (f"{row.time_ms:10.2f} ms" if row.time_ms else ""), flush=True)
 
-    for task in ("logprobs", "dpo"):
+    for task in TASKS:
         peer_times = [r.time_ms for r in rows if r.task == task and r.time_ms and r.impl not in OURS]
         for r in rows:
             if r.task == task and r.time_ms and peer_times:

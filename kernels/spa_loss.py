@@ -1,4 +1,4 @@
-"""Fused SPA / DPO pair loss: per-token log-probs in, loss, gradient and statistics out.
+"""Fused preference pair loss: per-token log-probs in, loss, gradient and statistics out.
 
 One program per preference pair k (chosen sequence k, rejected sequence k + P). It sums
 the per-token log-probs of both sequences (policy, reference, extrapolated) in float64
@@ -6,12 +6,25 @@ and in a fixed order — tokens are visited through a CSR layout (`order`, `offs
 by the caller — then evaluates the pair's loss and writes the gradient w.r.t. every
 per-token policy log-prob of the pair. No atomics: the result is deterministic.
 
-With z = [pi(y_w) - pi(y_l)] - [ref(y_w) - ref(y_l)] and x = beta * z:
+With the log-ratios c = pi(y_w) - ref(y_w), r = pi(y_l) - ref(y_l) (c = pi(y_w) without a
+reference), z = c - r, x = beta * z and s the sigmoid:
 
-    sigmoid  -(1 - e) log s(x) - e log s(-x)          (e = 0: DPO; e > 0: cDPO)
-    robust   [-(1 - e) log s(x) + e log s(-x)] / (1 - 2e)   (rDPO)
-    ipo      (z - 1 / (2 beta))^2
-    hinge    max(0, 1 - x)
+    sigmoid    -(1 - e) log s(x - g) - e log s(g - x)   (DPO; e > 0: cDPO; g > 0, no reference: SimPO)
+    robust     [-(1 - e) log s(x) + e log s(-x)] / (1 - 2e)   (rDPO)
+    ipo        (z - 1 / (2 beta))^2
+    hinge      max(0, 1 - x)
+    exo_pair   s(x) [log s(x) - log(1 - e)] + s(-x) [log s(-x) - log e]
+    nca_pair   -log s(beta c) - log s(-beta c) / 2 - log s(-beta r) / 2
+    bco_pair   -log s(beta c) - log s(-beta r)
+    sppo_hard  (c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2
+    apo_zero   1 - s(beta c) + s(beta r)
+    apo_down   s(beta c) + 1 - s(x)
+    discopop   -log s(x) (1 - s(x / t)) + exp(-x) s(x / t)    (t = discopop_tau)
+    orpo       -beta log s(w),  w = [c - log(1 - exp c)] - [r - log(1 - exp r)]  (reference-free)
+
+(e = label_smoothing, g = gamma). These are the formulas of Liger-Kernel's and TRL's
+preference losses of the same names; ORPO's is its odds-ratio term (the NLL term is added
+by the caller).
 
 SPA's self-refinement is the sigmoid (or robust) loss with a per-pair smoothing
 e_k = label_smoothing + alpha * (1 - p_k), where p_k = [m_k > tau] flags confident pairs and
@@ -21,15 +34,41 @@ margin (m_k = beta * z without extrapolated log-probs).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-# The one list of loss types; the engine's config, loss API and drop-in read it from here.
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
-LOSS_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}
+
+class LossType(NamedTuple):
+    name: str
+    # "optional": e in [0, 0.5) smooths the labels (cDPO), and SPA's per-pair smoothing applies;
+    # "required": e in (0, 1) is part of the formula; "none": the formula has no smoothing.
+    smoothing: Literal["optional", "required", "none"]
+    # False: the loss reads probabilities, not log-ratios, so a reference has no place in it.
+    takes_reference: bool
+
+
+# The one table of loss types, in kernel-code order; the engine's config, loss API and
+# drop-ins read it from here. New types go at the end: a code is never renumbered.
+LOSS_TABLE = (
+    LossType("sigmoid", "optional", True),
+    LossType("robust", "optional", True),
+    LossType("ipo", "none", True),
+    LossType("hinge", "none", True),
+    LossType("exo_pair", "required", True),
+    LossType("nca_pair", "none", True),
+    LossType("bco_pair", "none", True),
+    LossType("sppo_hard", "none", True),
+    LossType("apo_zero", "none", True),
+    LossType("apo_down", "none", True),
+    LossType("discopop", "none", True),
+    LossType("orpo", "none", False),
+)
+LOSS_TYPES = tuple(t.name for t in LOSS_TABLE)
+LOSS_CODES = {t.name: code for code, t in enumerate(LOSS_TABLE)}
+LOSS_TYPE_INFO = {t.name: t for t in LOSS_TABLE}
 
 
 class PairLossResult(NamedTuple):
@@ -69,11 +108,16 @@ def _log_sigmoid(x):
 
 
 @triton.jit
+def _sigmoid(x):
+    return tl.exp(_log_sigmoid(x))
+
+
+@triton.jit
 def _spa_pair_kernel(
     policy_ptr, ref_ptr, ext_ptr, order_ptr, offsets_ptr,
     losses_ptr, chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, noise_margin_ptr, confident_ptr,
     token_grad_ptr,
-    num_pairs, beta, alpha, tau, label_smoothing, grad_scale,
+    num_pairs, beta, alpha, tau, label_smoothing, gamma, discopop_tau, grad_scale,
     HAS_REF: tl.constexpr, HAS_EXT: tl.constexpr, HAS_TAU: tl.constexpr, AVERAGE: tl.constexpr,
     LOSS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -102,7 +146,9 @@ def _spa_pair_kernel(
         rejected, ref_rejected, ext_rejected = rejected / len_r, ref_rejected / len_r, ext_rejected / len_r
 
     ref_margin = ref_chosen - ref_rejected
-    z = (chosen - rejected) - ref_margin
+    c = chosen - ref_chosen
+    r = rejected - ref_rejected
+    z = c - r
     noise_margin = beta * ((ext_chosen - ext_rejected) - ref_margin)
     confident = noise_margin == noise_margin  # True, as a tensor
     if HAS_TAU:
@@ -110,23 +156,85 @@ def _spa_pair_kernel(
         confident = noise_margin.to(tl.float32) > tau
     eps = label_smoothing + alpha * (1.0 - confident.to(tl.float64))
 
+    # Each branch gives the pair's loss and its derivatives w.r.t. c and r.
     x = beta * z
-    if LOSS == 0:  # sigmoid / cDPO / SPA
-        loss = -(1.0 - eps) * _log_sigmoid(x) - eps * _log_sigmoid(-x)
-        dloss_dz = beta * (-(1.0 - eps) * tl.exp(_log_sigmoid(-x)) + eps * tl.exp(_log_sigmoid(x)))
+    if LOSS == 0:  # sigmoid / cDPO / SPA / SimPO / CPO
+        u = x - gamma
+        loss = -(1.0 - eps) * _log_sigmoid(u) - eps * _log_sigmoid(-u)
+        dloss_dc = beta * (-(1.0 - eps) * _sigmoid(-u) + eps * _sigmoid(u))
+        dloss_dr = -dloss_dc
     elif LOSS == 1:  # robust
         loss = (-(1.0 - eps) * _log_sigmoid(x) + eps * _log_sigmoid(-x)) / (1.0 - 2.0 * eps)
-        dloss_dz = beta * (-(1.0 - eps) * tl.exp(_log_sigmoid(-x)) - eps * tl.exp(_log_sigmoid(x))) / (1.0 - 2.0 * eps)
+        dloss_dc = beta * (-(1.0 - eps) * _sigmoid(-x) - eps * _sigmoid(x)) / (1.0 - 2.0 * eps)
+        dloss_dr = -dloss_dc
     elif LOSS == 2:  # ipo
         gap = z - 0.5 / beta
         loss = gap * gap
-        dloss_dz = 2.0 * gap
-    else:  # hinge
+        dloss_dc = 2.0 * gap
+        dloss_dr = -dloss_dc
+    elif LOSS == 3:  # hinge
         loss = tl.maximum(1.0 - x, 0.0)
-        dloss_dz = tl.where(x < 1.0, -beta, 0.0)
+        dloss_dc = tl.where(x < 1.0, -beta, 0.0)
+        dloss_dr = -dloss_dc
+    elif LOSS == 4:  # exo_pair
+        log_target_odds = tl.log(1.0 - eps) - tl.log(eps)
+        loss = _sigmoid(x) * (_log_sigmoid(x) - tl.log(1.0 - eps)) + _sigmoid(-x) * (_log_sigmoid(-x) - tl.log(eps))
+        # d/dx = s(x) s(-x) (x - log((1 - e) / e)): log s(x) - log s(-x) = x.
+        dloss_dc = beta * _sigmoid(x) * _sigmoid(-x) * (x - log_target_odds)
+        dloss_dr = -dloss_dc
+    elif LOSS == 5:  # nca_pair
+        a = beta * c
+        b = beta * r
+        loss = -_log_sigmoid(a) - 0.5 * _log_sigmoid(-a) - 0.5 * _log_sigmoid(-b)
+        dloss_dc = beta * (-_sigmoid(-a) + 0.5 * _sigmoid(a))
+        dloss_dr = beta * 0.5 * _sigmoid(b)
+    elif LOSS == 6:  # bco_pair
+        a = beta * c
+        b = beta * r
+        loss = -_log_sigmoid(a) - _log_sigmoid(-b)
+        dloss_dc = -beta * _sigmoid(-a)
+        dloss_dr = beta * _sigmoid(b)
+    elif LOSS == 7:  # sppo_hard
+        gap_c = c - 0.5 / beta
+        gap_r = r + 0.5 / beta
+        loss = gap_c * gap_c + gap_r * gap_r
+        dloss_dc = 2.0 * gap_c
+        dloss_dr = 2.0 * gap_r
+    elif LOSS == 8:  # apo_zero
+        a = beta * c
+        b = beta * r
+        loss = 1.0 - _sigmoid(a) + _sigmoid(b)
+        dloss_dc = -beta * _sigmoid(a) * _sigmoid(-a)
+        dloss_dr = beta * _sigmoid(b) * _sigmoid(-b)
+    elif LOSS == 9:  # apo_down
+        a = beta * c
+        loss = _sigmoid(a) + 1.0 - _sigmoid(x)
+        slope_x = beta * _sigmoid(x) * _sigmoid(-x)
+        dloss_dc = beta * _sigmoid(a) * _sigmoid(-a) - slope_x
+        dloss_dr = slope_x
+    elif LOSS == 10:  # discopop
+        modulation = _sigmoid(x / discopop_tau)
+        modulation_slope = modulation * _sigmoid(-x / discopop_tau) / discopop_tau
+        logistic = -_log_sigmoid(x)
+        exponential = tl.exp(-x)
+        loss = logistic * (1.0 - modulation) + exponential * modulation
+        dloss_dx = (
+            -_sigmoid(-x) * (1.0 - modulation) - logistic * modulation_slope
+            - exponential * modulation + exponential * modulation_slope
+        )  # fmt: skip
+        dloss_dc = beta * dloss_dx
+        dloss_dr = -dloss_dc
+    else:  # orpo: c and r are the policy's log-probs (no reference)
+        not_chosen = 1.0 - tl.exp(c)
+        not_rejected = 1.0 - tl.exp(r)
+        log_odds = (c - tl.log(not_chosen)) - (r - tl.log(not_rejected))
+        loss = -beta * _log_sigmoid(log_odds)
+        slope = -beta * _sigmoid(-log_odds)
+        dloss_dc = slope / not_chosen
+        dloss_dr = -slope / not_rejected
 
-    grad_chosen = dloss_dz * grad_scale
-    grad_rejected = -dloss_dz * grad_scale
+    grad_chosen = dloss_dc * grad_scale
+    grad_rejected = dloss_dr * grad_scale
     if AVERAGE:
         grad_chosen = grad_chosen / len_c
         grad_rejected = grad_rejected / len_r
@@ -155,9 +263,12 @@ def spa_pair_loss(
     label_smoothing: float,
     loss_type: str,
     average_log_prob: bool,
+    gamma: float = 0.0,
+    discopop_tau: float = 0.05,
 ) -> PairLossResult:
     """Launch one program per pair. Per-token inputs are flat fp32; `order` lists token
-    positions grouped by sequence and `offsets` ([2P + 1]) delimits the sequences."""
+    positions grouped by sequence and `offsets` ([2P + 1]) delimits the sequences.
+    `gamma` is the target margin of the sigmoid loss (SimPO); `discopop_tau` DiscoPOP's temperature."""
     num_pairs = (offsets.numel() - 1) // 2
     device = policy.device
 
@@ -173,13 +284,46 @@ def spa_pair_loss(
             order, offsets,
             losses, chosen, rejected, ref_chosen, ref_rejected, noise_margin, confident, token_grad,
             num_pairs, float(beta), float(alpha), float(tau) if tau is not None else 0.0, float(label_smoothing),
-            1.0 / num_pairs,
+            float(gamma), float(discopop_tau), 1.0 / num_pairs,
             HAS_REF=reference is not None, HAS_EXT=extrapolated is not None, HAS_TAU=tau is not None,
             AVERAGE=average_log_prob, LOSS=LOSS_CODES[loss_type], BLOCK=128, num_warps=4,
         )  # fmt: skip
     return PairLossResult(
         losses, chosen, rejected, ref_chosen, ref_rejected, noise_margin, confident.bool(), token_grad
     )
+
+
+def _pair_losses(loss_type, c, r, *, beta, eps, gamma, discopop_tau):
+    """Per-pair losses from the log-ratios c, r (float64, differentiable): the module docstring's table."""
+    logsig, sig = torch.nn.functional.logsigmoid, torch.sigmoid
+    x = beta * (c - r)
+    if loss_type == "sigmoid":
+        return -(1 - eps) * logsig(x - gamma) - eps * logsig(gamma - x)
+    if loss_type == "robust":
+        return (-(1 - eps) * logsig(x) + eps * logsig(-x)) / (1 - 2 * eps)
+    if loss_type == "ipo":
+        return (c - r - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - x)
+    if loss_type == "exo_pair":
+        return sig(x) * (logsig(x) - torch.log1p(-eps)) + sig(-x) * (logsig(-x) - torch.log(eps))
+    if loss_type == "nca_pair":
+        return -logsig(beta * c) - 0.5 * logsig(-beta * c) - 0.5 * logsig(-beta * r)
+    if loss_type == "bco_pair":
+        return -logsig(beta * c) - logsig(-beta * r)
+    if loss_type == "sppo_hard":
+        return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return 1 - sig(beta * c) + sig(beta * r)
+    if loss_type == "apo_down":
+        return sig(beta * c) + 1 - sig(x)
+    if loss_type == "discopop":
+        modulation = sig(x / discopop_tau)
+        return -logsig(x) * (1 - modulation) + torch.exp(-x) * modulation
+    if loss_type == "orpo":
+        log_odds = (c - torch.log1p(-torch.exp(c))) - (r - torch.log1p(-torch.exp(r)))
+        return -beta * logsig(log_odds)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
 def spa_pair_loss_reference(
@@ -195,6 +339,8 @@ def spa_pair_loss_reference(
     label_smoothing: float,
     loss_type: str,
     average_log_prob: bool,
+    gamma: float = 0.0,
+    discopop_tau: float = 0.05,
 ) -> PairLossResult:
     """Plain-PyTorch twin of `spa_pair_loss` (float64 throughout, same layout and outputs)."""
     num_pairs = (offsets.numel() - 1) // 2
@@ -212,29 +358,18 @@ def spa_pair_loss_reference(
     chosen, rejected = pol[:num_pairs], pol[num_pairs:]
     ref_chosen, ref_rejected = ref[:num_pairs], ref[num_pairs:]
     ref_margin = ref_chosen - ref_rejected
-    z = (chosen - rejected) - ref_margin
     noise_margin = beta * ((ext[:num_pairs] - ext[num_pairs:]) - ref_margin)
-    confident = noise_margin.float() > tau if tau is not None else torch.ones_like(z, dtype=torch.bool)
+    confident = noise_margin.float() > tau if tau is not None else torch.ones_like(chosen, dtype=torch.bool)
     eps = label_smoothing + alpha * (~confident).double()
 
-    z_leaf = z.detach().requires_grad_(True)
+    c = (chosen - ref_chosen).detach().requires_grad_(True)
+    r = (rejected - ref_rejected).detach().requires_grad_(True)
     with torch.enable_grad():
-        x = beta * z_leaf
-        logsig = torch.nn.functional.logsigmoid
-        if loss_type == "sigmoid":
-            losses = -(1 - eps) * logsig(x) - eps * logsig(-x)
-        elif loss_type == "robust":
-            losses = (-(1 - eps) * logsig(x) + eps * logsig(-x)) / (1 - 2 * eps)
-        elif loss_type == "ipo":
-            losses = (z_leaf - 1 / (2 * beta)) ** 2
-        elif loss_type == "hinge":
-            losses = torch.relu(1 - x)
-        else:
-            raise ValueError(f"unknown loss_type {loss_type!r}")
-        (dloss_dz,) = torch.autograd.grad(losses.sum(), z_leaf)
+        losses = _pair_losses(loss_type, c, r, beta=beta, eps=eps, gamma=gamma, discopop_tau=discopop_tau)
+        dloss_dc, dloss_dr = torch.autograd.grad(losses.sum(), (c, r))
 
     scale = lengths.clamp(min=1).double() if average_log_prob else torch.ones_like(lengths, dtype=torch.float64)
-    per_sequence_grad = torch.cat([dloss_dz, -dloss_dz]) / num_pairs / scale
+    per_sequence_grad = torch.cat([dloss_dc, dloss_dr]) / num_pairs / scale
     token_grad = torch.zeros(policy.numel(), dtype=torch.float64, device=policy.device)
     token_grad[order] = per_sequence_grad[seq_of_token]
     f32 = torch.float32

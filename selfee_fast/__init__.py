@@ -9,10 +9,14 @@ if _os.environ.get("SELFEE_FAST_TRITON_INTERPRET", "0") == "1":
 from .dpo import FusedLinearDPOLoss
 from .logprobs import LogProbs, linear_logprobs
 from .loss import LOSS_TYPES, NoiseThreshold, SPALossOutput, spa_loss
+from .preference import FusedLinearCPOLoss, FusedLinearORPOLoss, FusedLinearSimPOLoss
 
 __all__ = [
     "LOSS_TYPES",
+    "FusedLinearCPOLoss",
     "FusedLinearDPOLoss",
+    "FusedLinearORPOLoss",
+    "FusedLinearSimPOLoss",
     "LogProbs",
     "NoiseThreshold",
     "SPALossOutput",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .kernels.spa_loss import LOSS_TYPES
+from .kernels.spa_loss import LOSS_TYPE_INFO, LOSS_TYPES
 
 
 class ConfigError(ValueError):
@@ -182,7 +182,12 @@ CHOICES = {
     "model.shard_frozen_base": ("auto", "whole", "sharded"),
     "generation.backend": ("hf", "vllm"),
     "train.optimizer": ("adamw8bit", "paged_adamw8bit", "adamw"),
-    "train.loss_type": LOSS_TYPES,
+    # The training config has no label-smoothing setting and always has a reference model.
+    "train.loss_type": tuple(
+        name
+        for name in LOSS_TYPES
+        if LOSS_TYPE_INFO[name].smoothing != "required" and LOSS_TYPE_INFO[name].takes_reference
+    ),
     "spa.judge_reference": ("init", "previous", "none"),
     "spa.judge": ("implicit", "reward_model"),
     "spa.judge_reward": ("sum", "mean"),
@@ -323,7 +328,7 @@ def check_values(config: RunConfig) -> None:
         raise ConfigError("model.quantization=4bit trains LoRA adapters on a frozen base: set model.lora_r > 0")
     if config.model.lora_dropout > 0 and config.model.disable_dropout:
         raise ConfigError("model.lora_dropout > 0 has no effect while model.disable_dropout is true: set one of them")
-    if spa.refine and t.loss_type in ("ipo", "hinge"):
+    if spa.refine and LOSS_TYPE_INFO[t.loss_type].smoothing != "optional":
         raise ConfigError(
             f"self-refinement smooths labels, which train.loss_type={t.loss_type!r} has not: use sigmoid or robust, or spa.refine=false"
         )

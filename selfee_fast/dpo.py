@@ -6,31 +6,36 @@ Change the import and keep the call:
            nll_loss, chosen_rewards, rejected_rewards) = loss_fn(lm_head.weight, x, target, ref_x=..., ...)
 
 with chosen rows stacked above rejected rows (`x` is [2B, T, H], `target` is [2B, T]).
-Differences, all deliberate:
+Every loss type of Liger's DPO loss is here (sigmoid, hinge, exo_pair, nca_pair, robust,
+bco_pair, sppo_hard, apo_zero, apo_down, discopop), with its constructor arguments,
+outputs and refusals (the same exception for the same bad setting). Differences, all deliberate:
 - policy and reference log-probs come from one fused sweep; no [chunk, T, V] logits;
 - `label_smoothing` works with `loss_type="sigmoid"` (cDPO); Liger ignores it there;
+- `loss_type="ipo"` works (Liger refuses it); its log-probs are sequence sums unless
+  `average_log_prob=True` (TRL's IPO always length-normalises; here the flag decides);
+- `label_smoothing` given to a loss without smoothing (hinge, ipo, nca_pair, bco_pair,
+  sppo_hard, apo_zero, apo_down, discopop) is ignored with a warning; Liger ignores it silently;
+- `ref_weight=None` shares the policy's head (Liger needs it spelled out);
 - `forward` takes SPA's extras: `spa_alpha` and `tau` (self-refinement smoothing of pairs
   flagged as noisy) and `extrapolate` (lam of de-coupled noise detection);
-- `compiled` and `chunk_size` are accepted and ignored (nothing is compiled or chunked by pairs);
-- loss types: sigmoid, robust, ipo, hinge (Liger's others raise a clear error); ipo and
-  hinge ignore `label_smoothing` with a warning, as Liger ignores it. IPO's log-probs are
-  sequence sums unless `average_log_prob=True` (TRL's IPO always length-normalises; here
-  the flag decides).
+- `compiled` and `chunk_size` are accepted and ignored (nothing is compiled or chunked by pairs).
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import torch
 
 from .backend import Backend
-from .logprobs import linear_logprobs
-from .loss import LOSS_TYPES, SPALossOutput, spa_loss
+from .kernels.spa_loss import LOSS_TYPE_INFO, LOSS_TYPES
+from .preference import FusedLinearPairLoss
+
+# Liger's DPO loss types, and ipo; orpo is a loss of its own (FusedLinearORPOLoss).
+DPO_LOSS_TYPES = tuple(name for name in LOSS_TYPES if LOSS_TYPE_INFO[name].takes_reference)
 
 
-class FusedLinearDPOLoss(torch.nn.Module):
+class FusedLinearDPOLoss(FusedLinearPairLoss):
     def __init__(
         self,
         ignore_index: int = -100,
@@ -49,30 +54,37 @@ class FusedLinearDPOLoss(torch.nn.Module):
         backend: Backend = "auto",
     ):
         """Arguments mean what they mean in Liger; `alpha` weighs the NLL term of the chosen rows."""
-        super().__init__()
-        if loss_type not in LOSS_TYPES:
+        super().__init__(ignore_index=ignore_index, deterministic=deterministic, backend=backend)
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"Unsupported loss_type: {loss_type}. Supported types are: {', '.join(DPO_LOSS_TYPES)}")
+        smoothing = LOSS_TYPE_INFO[loss_type].smoothing
+        if smoothing == "required" and not label_smoothing > 0.0:
+            raise ValueError(f"label_smoothing must be > 0 for loss_type={loss_type!r}. The EXO paper recommends 1e-3.")
+        if smoothing == "required" and not label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be < 1 for loss_type={loss_type!r}. Got {label_smoothing}.")
+        if smoothing == "optional" and not 0.0 <= label_smoothing < 0.5:
             raise ValueError(
-                f"loss_type must be one of {LOSS_TYPES} (Liger's others are not implemented), got {loss_type!r}"
+                f"label_smoothing must lie in [0.0, 0.5) for loss_type={loss_type!r}. Got {label_smoothing}."
             )
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-        if label_smoothing > 0 and loss_type in ("ipo", "hinge"):
+        if smoothing == "none" and label_smoothing != 0:
             # Liger takes the value and ignores it; a config that ran there keeps running here.
             warnings.warn(
                 f"loss_type={loss_type!r} has no label smoothing: label_smoothing={label_smoothing} is ignored",
                 stacklevel=2,
             )
             label_smoothing = 0.0
-        self.ignore_index = ignore_index
+        if not discopop_tau > 0:
+            raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
         self.beta = beta
         self.alpha = alpha
         self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
         self.use_ref_model = use_ref_model
         self.average_log_prob = average_log_prob
+        self.chunk_size = chunk_size
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
-        self.deterministic = deterministic
-        self.backend = backend
+        self.discopop_tau = discopop_tau
 
     def forward(
         self,
@@ -90,63 +102,17 @@ class FusedLinearDPOLoss(torch.nn.Module):
         return_output: bool = False,
     ):
         """Liger's call. With `return_output=True`, returns `(loss, aux, SPALossOutput)` for SPA's margins."""
-        if target.dim() != 2 or target.shape[0] % 2:
-            raise ValueError(f"target must be [2B, T] with chosen rows above rejected rows, got {tuple(target.shape)}")
         if self.use_ref_model and ref_input is None:
             raise ValueError("use_ref_model=True needs ref_input (the reference model's hidden states)")
         if extrapolate is not None and not self.use_ref_model:
             raise ValueError("extrapolate needs the reference model (use_ref_model=True)")
         use_ref = self.use_ref_model
-        try:
-            logps = linear_logprobs(
-                _input, lin_weight, target, bias=bias,
-                ref_hidden=ref_input if use_ref else None,
-                ref_weight=ref_weight if use_ref else None,
-                ref_bias=ref_bias if use_ref else None,
-                extrapolate=extrapolate if use_ref else None,
-                ignore_index=self.ignore_index, deterministic=self.deterministic, backend=self.backend,
-            )  # fmt: skip
-        except (TypeError, ValueError) as error:
-            # linear_logprobs names its own arguments; a Liger user passed these.
-            raise type(error)(_LIGER_NAMES.sub(lambda m: _AS_LIGER[m.group(0)], str(error))) from None
-        mask = target != self.ignore_index
-        out: SPALossOutput = spa_loss(
-            logps.policy, logps.reference, mask=mask, extrapolated_logps=logps.extrapolated,
-            beta=self.beta, alpha=spa_alpha, tau=tau, loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing, average_log_prob=self.average_log_prob, backend=self.backend,
-        )  # fmt: skip
-
-        num_pairs = target.shape[0] // 2
-        loss = out.loss
-        chosen_mask = mask[:num_pairs]
-        nll_loss = -(logps.policy[:num_pairs] * chosen_mask).sum() / chosen_mask.sum().clamp(min=1)
-        if self.compute_nll_loss:
-            loss = loss + self.alpha * nll_loss
-        else:
-            nll_loss = torch.zeros((), device=loss.device)
-        chosen_logits_mean, rejected_logits_mean = _logits_means(_input.detach(), lin_weight.detach(), bias, num_pairs)
-        aux = (
-            out.chosen_logps, out.rejected_logps, chosen_logits_mean, rejected_logits_mean,
-            nll_loss, out.chosen_rewards, out.rejected_rewards,
+        loss, aux, out = self._pair_loss(
+            lin_weight, _input, target, bias, loss_type=self.loss_type, beta=self.beta,
+            label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
+            average_log_prob=self.average_log_prob, compute_nll_loss=self.compute_nll_loss, nll_weight=self.alpha,
+            ref_input=ref_input if use_ref else None, ref_weight=ref_weight if use_ref else None,
+            ref_bias=ref_bias if use_ref else None, extrapolate=extrapolate if use_ref else None,
+            spa_alpha=spa_alpha, tau=tau,
         )  # fmt: skip
         return (loss, aux, out) if return_output else (loss, aux)
-
-
-_AS_LIGER = {"ref_hidden": "ref_input", "hidden": "_input", "weight": "lin_weight", "targets": "target"}
-# Argument names where a message uses them as names (before "has", "is", "must", "[", "(", ")", "," or ";").
-_LIGER_NAMES = re.compile(r"(?<![\w.])(ref_hidden|hidden|weight|targets)(?=(?: has| is| must|\[| \(|\)|,|;))")
-
-
-def _logits_means(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_pairs: int):
-    """Mean logit over all positions and vocabulary of the chosen and rejected halves.
-
-    sum_v z_v = h . sum_v W[v] + sum_v b_v, so the mean needs one [H] vector, not the logits.
-    """
-    weight_sum = weight.sum(dim=0, dtype=torch.float32)
-    # In the input dtype (fp32 accumulation inside the matmul): an fp32 copy of hidden would
-    # cost more memory than the whole fused loss.
-    row_sums = (hidden @ weight_sum.to(hidden.dtype)).float()
-    if bias is not None:
-        row_sums = row_sums + bias.detach().float().sum()
-    per_half = row_sums.reshape(2, num_pairs, -1).sum(dim=(1, 2)) / (row_sums[0].numel() * num_pairs * weight.shape[0])
-    return per_half[0], per_half[1]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .backend import Backend, use_triton
-from .kernels.spa_loss import LOSS_TYPES, PairLossResult
+from .kernels.spa_loss import LOSS_TYPE_INFO, LOSS_TYPES, PairLossResult
 
 
 @dataclass
@@ -68,6 +68,8 @@ def spa_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     average_log_prob: bool = False,
+    gamma: float = 0.0,
+    discopop_tau: float = 0.05,
     backend: Backend = "auto",
 ) -> SPALossOutput:
     """SPA's self-refinement loss (plain DPO when alpha = 0) from per-token log-probs.
@@ -84,11 +86,18 @@ def spa_loss(
         beta: DPO temperature.
         alpha: SPA's smoothing weight alpha_t for pairs flagged as noisy (needs `tau`).
         tau: noise threshold; pairs with margin <= tau are flagged. None: flag nothing.
-        loss_type: "sigmoid" (DPO/cDPO), "robust" (rDPO), "ipo" or "hinge".
-        label_smoothing: uniform label smoothing for sigmoid (cDPO) and robust.
+        loss_type: one of `LOSS_TYPES`: "sigmoid" (DPO/cDPO), "robust" (rDPO), "ipo", "hinge",
+            Liger's and TRL's other pair losses, and "orpo" (reference-free); formulas in
+            `selfee_fast.kernels.spa_loss`.
+        label_smoothing: uniform label smoothing for sigmoid (cDPO) and robust; EXO's
+            target probability (required, in (0, 1)) for exo_pair.
         average_log_prob: length-normalise each sequence's log-prob.
+        gamma: target margin subtracted from beta * z in the sigmoid loss (SimPO's gamma).
+        discopop_tau: DiscoPOP's modulation temperature.
     """
-    _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing)
+    _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing, gamma, discopop_tau)
+    if reference_logps is not None and not LOSS_TYPE_INFO[loss_type].takes_reference:
+        raise ValueError(f"loss_type={loss_type!r} is reference-free: pass reference_logps=None")
     tensors = {"reference_logps": reference_logps, "extrapolated_logps": extrapolated_logps}
     if not isinstance(policy_logps, torch.Tensor) or not policy_logps.dtype.is_floating_point:
         raise TypeError("policy_logps must be a floating-point tensor of per-token log-probs")
@@ -113,7 +122,7 @@ def spa_loss(
     flat = {k: (v.detach().reshape(-1).float().contiguous() if v is not None else None) for k, v in tensors.items()}
     options = dict(
         beta=beta, alpha=alpha, tau=tau, label_smoothing=label_smoothing,
-        loss_type=loss_type, average_log_prob=average_log_prob,
+        loss_type=loss_type, average_log_prob=average_log_prob, gamma=gamma, discopop_tau=discopop_tau,
     )  # fmt: skip
     loss, *fields = _SPALossFunction.apply(
         policy_logps, flat["reference_logps"], flat["extrapolated_logps"], order, offsets,
@@ -156,12 +165,15 @@ class _SPALossFunction(torch.autograd.Function):
         return (token_grad * grad_loss).reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
 
 
-def _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing) -> None:
+def _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing, gamma, discopop_tau) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
+    smoothing = LOSS_TYPE_INFO[loss_type].smoothing
+    if smoothing == "required" and not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in (0, 1) for loss_type={loss_type!r}, got {label_smoothing}")
+    if smoothing != "required" and not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     if not 0.0 <= alpha < 0.5:
         raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
@@ -169,10 +181,20 @@ def _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing) -> None:
         raise ValueError("tau is NaN (a NaN margin in the window?): pass a number, +-inf, or None")
     if alpha > 0 and tau is None:
         raise ValueError("alpha > 0 smooths the pairs flagged as noisy, which needs a threshold: pass tau")
+    if smoothing == "required" and alpha > 0:
+        raise ValueError(
+            f"loss_type={loss_type!r} has a fixed target probability; SPA's alpha needs 'sigmoid' or 'robust'"
+        )
     if alpha > 0 and label_smoothing > 0:
         raise ValueError("pass either label_smoothing (uniform cDPO) or alpha with tau (SPA), not both")
-    if (alpha > 0 or label_smoothing > 0) and loss_type in ("ipo", "hinge"):
+    if smoothing == "none" and (alpha > 0 or label_smoothing > 0):
         raise ValueError(f"loss_type={loss_type!r} has no label smoothing; use 'sigmoid' or 'robust'")
+    if gamma != 0 and loss_type != "sigmoid":
+        raise ValueError(f"gamma is the sigmoid loss's target margin; loss_type={loss_type!r} has none")
+    if not math.isfinite(gamma):
+        raise ValueError(f"gamma must be finite, got {gamma}")
+    if not discopop_tau > 0:
+        raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
 
 
 def _sequence_ids(policy_logps: torch.Tensor, seq_ids: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:

@@ -83,3 +83,15 @@ def test_new_options_are_checked():
     with pytest.raises(ConfigError, match="lora_dropout > 0 has no effect"):
         check_values(load_config(None, [*BASE, "model.lora_dropout=0.1"]))
     check_values(load_config(None, [*BASE, "model.lora_dropout=0.1", "model.disable_dropout=false"]))
+
+
+def test_the_loss_types_a_training_run_can_use():
+    """Every loss type of the table that needs no smoothing value and reads the reference; only
+    sigmoid and robust carry self-refinement."""
+    offered = CHOICES["train.loss_type"]
+    assert offered[:4] == ("sigmoid", "robust", "ipo", "hinge")
+    assert "exo_pair" not in offered and "orpo" not in offered  # a smoothing value; no reference
+    for name in offered:
+        check_values(load_config(None, [*BASE, f"train.loss_type={name}", "spa.refine=false"]))
+    with pytest.raises(ConfigError, match=r"which train\.loss_type='apo_zero' has not"):
+        check_values(load_config(None, [*BASE, "train.loss_type=apo_zero"]))

@@ -346,9 +346,13 @@ def test_aux_is_liger_shaped_and_positional_call_works():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(loss_type="apo_zero"), "loss_type"),
-        (dict(loss_type="discopop"), "loss_type"),
-        (dict(label_smoothing=0.5), "label_smoothing"),
+        (dict(loss_type="kto"), "^Unsupported loss_type"),
+        (dict(loss_type="orpo"), "^Unsupported loss_type"),  # a loss of its own: FusedLinearORPOLoss
+        (dict(label_smoothing=0.5), r"label_smoothing must lie in \[0\.0, 0\.5\) for loss_type='sigmoid'"),
+        (dict(loss_type="robust", label_smoothing=-0.1), r"label_smoothing must lie in \[0\.0, 0\.5\)"),
+        (dict(loss_type="exo_pair"), "label_smoothing must be > 0 for loss_type='exo_pair'"),
+        (dict(loss_type="exo_pair", label_smoothing=1.0), "label_smoothing must be < 1"),
+        (dict(loss_type="discopop", discopop_tau=0.0), "discopop_tau"),
     ],
 )
 def test_unsupported_configuration_raises(kwargs, match):

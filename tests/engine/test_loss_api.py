@@ -489,6 +489,13 @@ def simple_inputs(rows=4, width=3):
         (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
         (dict(alpha=0.5, tau=0.0), ValueError, "alpha"),
         (dict(backend="cuda"), ValueError, "backend"),
+        (dict(loss_type="exo_pair"), ValueError, r"label_smoothing must lie in \(0, 1\) for loss_type='exo_pair'"),
+        (dict(loss_type="exo_pair", label_smoothing=0.1, alpha=0.1, tau=0.0), ValueError, "fixed target probability"),
+        (dict(loss_type="nca_pair", label_smoothing=0.1), ValueError, "loss_type='nca_pair' has no label smoothing"),
+        (dict(loss_type="hinge", gamma=0.5), ValueError, "gamma"),
+        (dict(gamma=float("inf")), ValueError, "gamma"),
+        (dict(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau"),
+        (dict(loss_type="orpo", reference_logps=simple_inputs()), ValueError, "reference-free"),
     ],
 )
 def test_bad_options_raise(kwargs, error, match):

@@ -18,7 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfee_fast.kernels.spa_loss import PairLossResult, spa_pair_loss, spa_pair_loss_reference
+from selfee_fast.kernels.spa_loss import (
+    LOSS_TYPE_INFO,
+    LOSS_TYPES,
+    PairLossResult,
+    spa_pair_loss,
+    spa_pair_loss_reference,
+)
 
 # fp32 outputs of float64 arithmetic: one rounding apart at most.
 RTOL, ATOL = 1e-6, 1e-7
@@ -75,8 +81,9 @@ def random_logps(n: int, gen: torch.Generator, low: float = -4.0) -> torch.Tenso
 
 
 def transcribe(
-    policy, reference, extrapolated, seq_ids, num_pairs, *, beta, alpha, tau, label_smoothing, loss_type, average
-):
+    policy, reference, extrapolated, seq_ids, num_pairs, *, beta, alpha, tau, label_smoothing, loss_type, average,
+    gamma=0.0, discopop_tau=0.05,
+):  # fmt: skip
     """Per pair, in float64 Python: the loss, the statistics and d(mean loss)/d(policy token)."""
     policy = policy.double().detach().requires_grad_(True)
     ids = torch.tensor(seq_ids)
@@ -110,14 +117,45 @@ def transcribe(
             loss = (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
         elif loss_type == "ipo":
             loss = (z - 1 / (2 * beta)) ** 2
-        else:
+        elif loss_type == "hinge":
             loss = torch.relu(1 - x)
+        else:
+            loss = other_pair_loss(loss_type, pw - rw, pl - rl, beta, label_smoothing, gamma, discopop_tau)
+        if loss_type == "sigmoid" and gamma:  # SimPO: the margin moves into the sigmoid
+            loss = -(1 - label_smoothing) * F.logsigmoid(x - gamma) - label_smoothing * F.logsigmoid(gamma - x)
         total = total + loss
         rows.append((loss.item(), pw.item(), pl.item(), rw.item(), rl.item(), margin.item(), confident))
     (grad,) = torch.autograd.grad(total / num_pairs, policy) if num_pairs else (torch.zeros_like(policy),)
     cols = list(zip(*rows, strict=True)) if rows else [()] * 7
     as64 = lambda c: torch.tensor(c, dtype=torch.float64)
     return PairLossResult(*(as64(c) for c in cols[:6]), torch.tensor(cols[6], dtype=torch.bool), grad)
+
+
+def other_pair_loss(loss_type, chosen_ratio, rejected_ratio, beta, eps, gamma, discopop_tau):
+    """Liger's and TRL's pair losses beyond DPO's four, from the two log-ratios (ORPO: the two log-probs)."""
+    a, b = beta * chosen_ratio, beta * rejected_ratio
+    x = a - b
+    sig, logsig = torch.sigmoid, F.logsigmoid
+    if loss_type == "exo_pair":
+        return sig(x) * (logsig(x) - math.log(1 - eps)) + sig(-x) * (logsig(-x) - math.log(eps))
+    if loss_type == "nca_pair":
+        return -logsig(a) - 0.5 * logsig(-a) - 0.5 * logsig(-b)
+    if loss_type == "bco_pair":
+        return -logsig(a) - logsig(-b)
+    if loss_type == "sppo_hard":
+        return (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return (1 - sig(a)) + sig(b)
+    if loss_type == "apo_down":
+        return sig(a) + (1 - sig(x))
+    if loss_type == "discopop":
+        weight = sig(x / discopop_tau)
+        return -logsig(x) * (1 - weight) + torch.exp(-x) * weight
+    if loss_type == "orpo":
+        odds_chosen = chosen_ratio - torch.log(1 - torch.exp(chosen_ratio))
+        odds_rejected = rejected_ratio - torch.log(1 - torch.exp(rejected_ratio))
+        return -beta * logsig(odds_chosen - odds_rejected)
+    raise AssertionError(loss_type)
 
 
 def check_result(got: PairLossResult, want: PairLossResult, rtol=RTOL, atol=ATOL):
@@ -172,19 +210,32 @@ LENGTHS = [7, 0, 12, 5, 9, 3, 16, 1]  # P = 4; sequence 1 (a chosen response) an
 
 def smoothing_settings(loss_type):
     """(alpha, use tau, label_smoothing) combinations the public API allows for this loss."""
-    if loss_type in ("sigmoid", "robust"):
+    smoothing = LOSS_TYPE_INFO[loss_type].smoothing
+    if smoothing == "optional":
         return [(0.0, False, 0.0), (0.1, True, 0.0), (0.0, False, 0.2)]
+    if smoothing == "required":
+        return [(0.0, True, 0.1), (0.0, False, 1e-3)]
     return [(0.0, True, 0.0)]  # no smoothing: tau only sets the flags
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge"])
+REFERENCE_CASES = [(True, True, False), (True, True, True), (True, False, False), (False, True, True),
+                   (False, False, False), (False, False, True)]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("has_ref", "has_ext", "average"),
-    [(True, True, False), (True, True, True), (True, False, False), (False, True, True), (False, False, False),
-     (False, False, True)],
-)  # fmt: skip
+    ("loss_type", "has_ref", "has_ext", "average"),
+    [
+        (loss_type, *case)
+        for loss_type in LOSS_TYPES
+        for case in REFERENCE_CASES
+        # ORPO reads probabilities: its log-probs are the policy's own (spa_loss refuses a reference).
+        if LOSS_TYPE_INFO[loss_type].takes_reference or not case[0]
+    ],
+)
 def test_kernel_matches_twin_and_transcription(nan_empty, loss_type, has_ref, has_ext, average):
-    case = make_case(11, LENGTHS, reference=has_ref, extrapolated=has_ext)
+    # An empty sequence has log-prob 0, i.e. probability 1: ORPO's odds are infinite there.
+    lengths = [max(n, 2) for n in LENGTHS] if loss_type == "orpo" else LENGTHS
+    case = make_case(11, lengths, reference=has_ref, extrapolated=has_ext)
     beta = 0.5
     for alpha, use_tau, label_smoothing in smoothing_settings(loss_type):
         tau = split_tau(case, beta, average) if use_tau else None
@@ -203,6 +254,29 @@ def test_kernel_matches_twin_and_transcription(nan_empty, loss_type, has_ref, ha
             assert got.losses.shape == (case["num_pairs"],), name
             assert got.token_grad.shape == case["policy"].shape, name
             check_result(got, want)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "extra"),
+    [("sigmoid", dict(gamma=0.3)), ("sigmoid", dict(gamma=-0.4, label_smoothing=0.1)),
+     ("discopop", dict(discopop_tau=0.7))],
+)  # fmt: skip
+def test_gamma_and_discopop_tau(nan_empty, loss_type, extra):
+    """SimPO's target margin and DiscoPOP's temperature reach the kernel (defaults: 0 and 0.05)."""
+    case = make_case(12, LENGTHS, reference=loss_type != "sigmoid", extrapolated=False)
+    options = dict(beta=0.7, alpha=0.0, tau=None, label_smoothing=0.0, loss_type=loss_type, average_log_prob=True)
+    options.update(extra)
+    want = transcribe(
+        case["policy"], case["reference"], None, case["seq_ids"], case["num_pairs"],
+        **{k: v for k, v in options.items() if k != "average_log_prob"}, average=True,
+    )  # fmt: skip
+    default = transcribe(
+        case["policy"], case["reference"], None, case["seq_ids"], case["num_pairs"],
+        beta=0.7, alpha=0.0, tau=None, label_smoothing=options["label_smoothing"], loss_type=loss_type, average=True,
+    )  # fmt: skip
+    assert (want.losses - default.losses).abs().max() > 1e-3
+    for impl in IMPLEMENTATIONS.values():
+        check_result(run_case(impl, case, **options), want)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS.values(), ids=IMPLEMENTATIONS.keys())
@@ -295,17 +369,22 @@ def test_all_sequences_empty_and_no_pairs():
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS.values(), ids=IMPLEMENTATIONS.keys())
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_tokens_outside_sequences_are_never_read_nor_written(nan_empty, impl, loss_type):
     """Poison: NaN / huge values at positions of no sequence change nothing, and their gradient is exactly 0."""
-    case = make_case(21, LENGTHS, num_outside=9)
+    smoothing = LOSS_TYPE_INFO[loss_type].smoothing
+    lengths = [max(n, 2) for n in LENGTHS] if loss_type == "orpo" else LENGTHS
+    case = make_case(21, lengths, num_outside=9, reference=LOSS_TYPE_INFO[loss_type].takes_reference)
     outside = torch.tensor([sid < 0 for sid in case["seq_ids"]])
-    smoothing = 0.1 if loss_type in ("sigmoid", "robust") else 0.0
-    options = dict(beta=0.5, alpha=smoothing, tau=-0.1, label_smoothing=0.0, loss_type=loss_type, average_log_prob=True)
+    options = dict(
+        beta=0.5, alpha=0.1 if smoothing == "optional" else 0.0, tau=-0.1,
+        label_smoothing=0.1 if smoothing == "required" else 0.0, loss_type=loss_type, average_log_prob=True,
+    )  # fmt: skip
     clean = run_case(impl, case, **options)
     poisoned = dict(case)
     for key, value in (("policy", float("nan")), ("reference", float("inf")), ("extrapolated", -1e30)):
-        poisoned[key] = case[key].masked_fill(outside, value)
+        if case[key] is not None:
+            poisoned[key] = case[key].masked_fill(outside, value)
     dirty = run_case(impl, poisoned, **options)
     for name in FLOAT_FIELDS:
         assert torch.equal(getattr(dirty, name), getattr(clean, name)), name
@@ -326,13 +405,15 @@ def test_long_sequences_span_several_blocks():
         check_result(run_case(impl, case, **options), want)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge"])
+# DiscoPOP's exp(-beta z) overflows by definition (in Liger and TRL too); ORPO's log-probs
+# of -2700 have odds of exactly 0 in any float.
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t not in ("discopop", "orpo")])
 def test_extreme_margins_stay_finite(loss_type):
     """|beta z| in the hundreds: log-sigmoid must not overflow, the gradient must saturate, not NaN."""
     ids = [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     policy = torch.tensor([-900.0] * 3 + [-0.5] * 3 + [-0.5] * 3 + [-900.0] * 3)
     order, offsets = make_layout(ids, 2)
-    smoothing = 0.2 if loss_type in ("sigmoid", "robust") else 0.0
+    smoothing = 0.0 if LOSS_TYPE_INFO[loss_type].smoothing == "none" else 0.2
     options = dict(
         beta=0.1, alpha=0.0, tau=None, label_smoothing=smoothing, loss_type=loss_type, average_log_prob=False
     )
