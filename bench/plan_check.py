@@ -23,7 +23,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import queue
 import random
 import shutil
 import sys
@@ -122,19 +121,16 @@ def _measure(case: tuple, checkpointing: bool, results) -> None:
 
 
 def measure(case: tuple, checkpointing: bool) -> dict:
+    from selfee_fast.cli import result_or_none
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     worker = ctx.Process(target=_measure, args=(case, checkpointing, results))
     worker.start()
-    while True:
-        try:
-            result = results.get(timeout=1.0)
-            break
-        except queue.Empty:
-            if not worker.is_alive():
-                result = {"error": f"the process died (exit code {worker.exitcode})"}
-                break
+    result = result_or_none(worker, results)  # never waits on a worker that died
     worker.join()
+    if result is None:
+        result = {"error": f"the process died (exit code {worker.exitcode})"}
     return result
 
 

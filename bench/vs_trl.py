@@ -37,7 +37,6 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import queue
 import random
 import re
 import shutil
@@ -267,19 +266,16 @@ def _worker(engine: str, folder: str, pairs: list[dict], args, results) -> None:
 
 
 def run_in_fresh_process(engine: str, folder: Path, pairs: list[dict], args) -> dict:
+    from selfee_fast.cli import result_or_none
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     worker = ctx.Process(target=_worker, args=(engine, str(folder), pairs, args, results))
     worker.start()
-    while True:
-        try:
-            result = results.get(timeout=1.0)
-            break
-        except queue.Empty:
-            if not worker.is_alive():
-                result = {"engine": engine, "error": f"the process died (exit code {worker.exitcode})"}
-                break
+    result = result_or_none(worker, results)  # never waits on a worker that died
     worker.join()
+    if result is None:
+        result = {"engine": engine, "error": f"the process died (exit code {worker.exitcode})"}
     return result
 
 

@@ -78,7 +78,7 @@ def _demo_worker(impl: str, shape: tuple[int, int, int, int], seed: int, results
     )
 
 
-def _result_or_none(worker: mp.process.BaseProcess, results, poll_seconds: float = 0.5) -> dict | None:
+def result_or_none(worker: mp.process.BaseProcess, results, poll_seconds: float = 0.5) -> dict | None:
     """The worker's result, or None once it has died without one (its exitcode then says why).
 
     A bare `results.get()` would wait forever for a worker that crashed or was killed for memory.
@@ -115,7 +115,7 @@ def kernel_demo(args: argparse.Namespace) -> int:
         results = ctx.Queue()
         worker = ctx.Process(target=_demo_worker, args=(impl, shape, args.seed, results))
         worker.start()
-        result = _result_or_none(worker, results)
+        result = result_or_none(worker, results)
         worker.join()
         if result is None or worker.exitcode != 0:
             print(

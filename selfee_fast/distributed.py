@@ -125,14 +125,14 @@ def shard_model(model, *, frozen_whole: bool = False) -> None:
     `frozen_whole`: frozen parameters (a LoRA base) stay whole on every rank too, so only the
     trained ones are sharded and gathered.
     """
-    if getattr(model, "_sharded_by_selfee_fast", False) or not _world.distributed:
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    body = model_body(model)
+    if not _world.distributed or isinstance(body, FSDPModule):  # one process, or sharded by an earlier stage step
         return
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    device_type = next(model.parameters()).device.type
-    mesh = init_device_mesh(device_type, (_world.size,))
-    body = model_body(model)
+    mesh = init_device_mesh(next(model.parameters()).device.type, (_world.size,))
     whole = set(model.get_output_embeddings().parameters())
     if frozen_whole:
         whole |= {p for p in model.parameters() if not p.requires_grad}
@@ -143,7 +143,6 @@ def shard_model(model, *, frozen_whole: bool = False) -> None:
         if any(p not in whole for p in layer.parameters()):  # a layer with nothing to shard stays as it is
             fully_shard(layer, mesh=mesh, ignored_params=whole & set(layer.parameters()))
     fully_shard(body, mesh=mesh, ignored_params=whole)
-    model._sharded_by_selfee_fast = True
 
 
 def is_sharded(param: torch.Tensor) -> bool:

@@ -184,12 +184,9 @@ def generate_responses(
         if ranks.is_main:
             merge_shards(out_path, plan, log)
         barrier()
-    seconds = time.perf_counter() - start
-    log(
-        f"generation: {len(plan)} batches in {out_path}, {new_tokens} new tokens in {seconds:.1f} s "
-        f"({new_tokens / max(seconds, 1e-9):.0f} new tokens/s"
-        + (f" on rank {ranks.rank})" if ranks.distributed else ")")
-    )
+    seconds, where = time.perf_counter() - start, f" on rank {ranks.rank}" if ranks.distributed else ""
+    log(f"generation: {len(plan)} batches in {out_path}, {new_tokens} new tokens in {seconds:.1f} s "
+        f"({new_tokens / max(seconds, 1e-9):.0f} new tokens/s{where})")  # fmt: skip
     model.train(was_training)
     return read_generations(out_path)
 

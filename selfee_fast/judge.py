@@ -160,10 +160,12 @@ def judge_generations(
     barrier()  # every shard complete
     if ranks.is_main:
         merge_shards(partial_path, plan, log)
-        write_pairs(out_path, read_jsonl(partial_path, JudgedPair.from_json))
+        pairs = sorted(read_jsonl(partial_path, JudgedPair.from_json), key=lambda p: p.index)
+        write_pairs(out_path, pairs)
         partial_path.unlink()
     barrier()
-    pairs = read_pairs(out_path)
+    if not ranks.is_main:
+        pairs = read_pairs(out_path)  # what rank 0 wrote
     log(
         f"judge: {len(pairs)} pairs written to {out_path}"
         + (f", {dropped} prompts with < 2 responses dropped" if dropped else "")

@@ -350,8 +350,11 @@ def train_stage(
             )  # fmt: skip
             if settings.refine:
                 # Every rank's margins, in rank order, enter the window before the next round's tau.
-                mine = zip(micro, result.noise_margin.tolist(), result.confident.tolist(), strict=True)
-                round_flags = gather_lists([(p.location, m, c) for p, m, c in mine] if share else [])
+                margins, confident = torch.stack(
+                    [result.noise_margin, result.confident.to(result.noise_margin)]
+                ).tolist()
+                mine = [(p.location, m, bool(c)) for p, m, c in zip(micro, margins, confident, strict=True)]
+                round_flags = gather_lists(mine if share else [])  # one host sync per micro-batch, as before
                 margins = [m for _, m, _ in round_flags]
                 if all(math.isfinite(m) for m in margins):
                     threshold.update(margins)

@@ -112,3 +112,16 @@ def chunked_backend():
         os.environ.pop("SELFEE_FAST_BACKEND")
     else:
         os.environ["SELFEE_FAST_BACKEND"] = previous
+
+
+def sequence_logps(x, weight, bias, target, ignore_index, average):
+    """float64 transcription for the drop-in tests. Per row: the sum (or mean) over non-ignored tokens
+    of log_softmax(x @ W.T + b)[target]; also the per-token log-probs and the logits."""
+    logits = x @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    mask = target != ignore_index
+    picked = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+    token_logps = torch.where(mask, picked, torch.zeros_like(picked))
+    total = token_logps.sum(-1)
+    return (total / mask.sum(-1) if average else total), token_logps, logits

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import selfee_fast.demo
-from selfee_fast.cli import _result_or_none, build_parser, kernel_demo, main
+from selfee_fast.cli import build_parser, kernel_demo, main, result_or_none
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def test_a_worker_that_dies_is_noticed_not_waited_for():
     results = ctx.Queue()
     worker = ctx.Process(target=os._exit, args=(3,))
     worker.start()
-    assert _result_or_none(worker, results, poll_seconds=0.1) is None
+    assert result_or_none(worker, results, poll_seconds=0.1) is None
     worker.join()
     assert worker.exitcode == 3
 

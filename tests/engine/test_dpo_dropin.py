@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import sequence_logps
 
 from selfee_fast import FusedLinearDPOLoss, SPALossOutput
 
@@ -19,18 +20,6 @@ IGNORE = -100
 
 
 # ----------------------------------------------------------------------------- transcription
-
-
-def sequence_logps(x, weight, bias, target, ignore_index, average):
-    """Per row: sum (or mean) over non-ignored tokens of log_softmax(x @ W.T + b)[target]; also the logits."""
-    logits = x @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    mask = target != ignore_index
-    picked = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
-    token_logps = torch.where(mask, picked, torch.zeros_like(picked))
-    total = token_logps.sum(-1)
-    return (total / mask.sum(-1) if average else total), token_logps, logits
 
 
 def liger_reference(

@@ -121,10 +121,19 @@ def test_a_static_kv_cache_samples_what_the_dynamic_one_does(workspace, tmp_path
 
     root, tokenizer, prompts = workspace
     model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
+    caches = []  # the cache each forward of generation is handed
+    model.register_forward_pre_hook(
+        # transformers 5 hands it over as `cache`, earlier versions as `past_key_values`
+        lambda module, args, kwargs: caches.append(type(kwargs.get("cache", kwargs.get("past_key_values"))).__name__),
+        with_kwargs=True,
+    )
     quiet = {"log": lambda *_: None}
     dynamic = generate_responses(model, tokenizer, prompts, SETTINGS, tmp_path / "dynamic.jsonl", **quiet)
+    assert "StaticCache" not in caches
+    caches.clear()
     static = generate_responses(model, tokenizer, prompts, replace(SETTINGS, static_cache=True),
                                 tmp_path / "static.jsonl", **quiet)  # fmt: skip
+    assert set(caches) == {"StaticCache"}, "the option reaches generate"
     assert [r.responses for r in static] == [r.responses for r in dynamic]
 
 

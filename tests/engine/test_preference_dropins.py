@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, sequence_logps
 
 from selfee_fast import FusedLinearCPOLoss, FusedLinearDPOLoss, FusedLinearORPOLoss, FusedLinearSimPOLoss
 from selfee_fast.dpo import DPO_LOSS_TYPES
@@ -29,18 +29,6 @@ CLASSES = {"dpo": FusedLinearDPOLoss, "simpo": FusedLinearSimPOLoss, "cpo": Fuse
 
 
 # ----------------------------------------------------------------------------- transcription
-
-
-def sequence_logps(x, weight, bias, target, ignore_index, average):
-    """Per row: sum (or mean) over non-ignored tokens of log_softmax(x @ W.T + b)[target]; also per token and logits."""
-    logits = x @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    mask = target != ignore_index
-    picked = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
-    token_logps = torch.where(mask, picked, torch.zeros_like(picked))
-    total = token_logps.sum(-1)
-    return (total / mask.sum(-1) if average else total), token_logps, logits
 
 
 def liger_pair_losses(loss_type, chosen_ratio, rejected_ratio, *, beta, label_smoothing, gamma, discopop_tau):
