@@ -1,15 +1,20 @@
 """The chunked PyTorch path for CPU tensors: the same semantics as the Triton kernels.
 
-Rows are processed in chunks whose logits fit in `chunk_bytes`; at most one chunk of
-policy logits (and one of reference logits) is alive at a time. Unlike the GPU kernels it
-reaches the 6·N·H·V FLOP floor of a frozen head: with a whole vocabulary row in memory the
-softmax is exact at once, so the forward also forms each token's input-gradient direction
+Rows are processed in chunks, and each chunk sweeps the vocabulary in tiles whose logits fit
+in `chunk_bytes` together: no [rows, V] buffer ever exists, and the head is read once per
+chunk of rows, not once per handful of rows. Each tile updates a running max and the mass of
+every non-target entry (an online logsumexp, as the GPU kernels do), for the policy, the
+reference and the extrapolated logits alike.
+
+Unlike the GPU kernels this path reaches the 6·N·H·V FLOP floor of a frozen head: the forward
+also forms each token's input-gradient direction
 
     d_i = (1 - p_i[y_i]) · W[y_i] - sum_{v != y_i} p_i[v] · W[v]
 
-and the backward only scales it by the upstream gradient — no logits recompute. A
-trainable head recomputes the logits in the backward for dW (its direction depends on
-the upstream gradient of every token).
+accumulating the sum tile by tile (rescaled when the running max moves, as flash attention
+accumulates its output), and the backward only scales it by the upstream gradient — no logits
+recompute. A trainable head recomputes the logits in the backward for dW (its direction
+depends on the upstream gradient of every token).
 """
 
 from __future__ import annotations
@@ -17,50 +22,81 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
-_WEIGHT_SLICE_BYTES = 16 * 2**20  # a 16-bit head is upcast slice by slice, never whole
+_WEIGHT_SLICE_BYTES = 16 * 2**20  # a 16-bit head is upcast tile by tile, never whole
+# Narrower tiles make small matmuls; more rows per chunk is then the better use of the budget.
+_MIN_TILE_COLUMNS = 1024
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _weight_slices(weight: torch.Tensor, dtype: torch.dtype):
-    """Yield (start, stop, weight[start:stop] in dtype) without copying a head already in dtype."""
-    vocab, hidden_size = weight.shape
-    if weight.dtype == dtype:
-        yield 0, vocab, weight
-        return
-    step = max(1, _WEIGHT_SLICE_BYTES // (hidden_size * torch.finfo(dtype).bits // 8))
-    for start in range(0, vocab, step):
-        stop = min(vocab, start + step)
-        yield start, stop, weight[start:stop].to(dtype)
+def tile_shape(rows: int, vocab: int, hidden: int, buffers: int, itemsize: int, chunk_bytes: int,
+               upcast: bool) -> tuple[int, int]:  # fmt: skip
+    """(rows per chunk, vocabulary columns per tile) for `buffers` logits tiles within `chunk_bytes`.
+
+    All rows in one chunk when a tile of them is at least `_MIN_TILE_COLUMNS` wide (the head is
+    then read once); otherwise tiles of that width and as many rows as fit. A head stored in
+    another dtype is upcast one tile at a time, so the tile is also kept to `_WEIGHT_SLICE_BYTES`.
+    """
+    row_bytes = buffers * itemsize
+    widest = vocab
+    if upcast:
+        widest = max(1, min(vocab, _WEIGHT_SLICE_BYTES // (hidden * itemsize)))
+    columns = max(1, chunk_bytes // (max(rows, 1) * row_bytes), min(_MIN_TILE_COLUMNS, chunk_bytes // row_bytes))
+    columns = min(columns, widest)
+    return max(1, min(rows, chunk_bytes // (columns * row_bytes))), columns
 
 
-def chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[C, V] logits of the chunk `h` (already in the compute dtype)."""
-    logits = h.new_empty(h.shape[0], weight.shape[0])
-    for start, stop, w in _weight_slices(weight, h.dtype):
-        torch.matmul(h, w.T, out=logits[:, start:stop])
-    if bias is not None:
-        logits += bias.to(h.dtype)
-    return logits
+def _head_tile(weight: torch.Tensor, bias: torch.Tensor | None, start: int, stop: int, dtype: torch.dtype):
+    tile = weight[start:stop]
+    return tile.to(dtype), None if bias is None else bias[start:stop].to(dtype)
 
 
-def _probs_times_weight(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    out = probs.new_zeros(probs.shape[0], weight.shape[1])
-    for start, stop, w in _weight_slices(weight, probs.dtype):
-        out.addmm_(probs[:, start:stop], w)
-    return out
+def _tile_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    if bias is None:
+        return torch.matmul(h, weight.T, out=out)
+    return torch.addmm(bias, h, weight.T, out=out)
 
 
-def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise logsumexp that overwrites `x` instead of allocating a temporary of its size."""
-    row_max = x.amax(dim=1, keepdim=True)
-    return row_max.squeeze(1) + x.sub_(row_max).exp_().sum(dim=1).log()
+def _targets_in_tile(targets: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which rows' targets fall in vocabulary columns [start, stop), and their column there
+    ([rows, 1], clamped into the tile for the others, whose value is then left unused)."""
+    return (targets >= start) & (targets < stop), (targets - start).clamp_(0, stop - start - 1)[:, None]
 
 
-def chunk_rows(vocab: int, buffers: int, itemsize: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (vocab * buffers * itemsize))
+class _OnlineTargetSoftmax:
+    """Log-softmax at the target of a chunk of rows, fed one vocabulary tile at a time.
+
+    The target's own mass is kept apart from the others' so that 1 - p[target] is a sum of
+    small terms, exact even when p[target] -> 1. Every logits kind goes through the same
+    operations, so extrapolation with lam = 0 reproduces the policy bit for bit.
+    """
+
+    def __init__(self, rows: int, like: torch.Tensor):
+        self.row_max = like.new_full((rows,), float("-inf"))
+        self.others_mass = like.new_zeros(rows)
+        self.target_logit = like.new_zeros(rows)
+
+    def add_tile(self, logits: torch.Tensor, local_target: torch.Tensor, in_tile: torch.Tensor) -> torch.Tensor:
+        """Overwrite `logits` with exp(logits - max), the target zeroed; return the old sums' rescale."""
+        at_target = logits.gather(1, local_target)
+        self.target_logit = torch.where(in_tile, at_target.squeeze(1), self.target_logit)
+        new_max = torch.maximum(self.row_max, logits.amax(dim=1))
+        rescale = (self.row_max - new_max).exp()
+        mass = logits.sub_(new_max[:, None]).exp_()
+        mass.scatter_(1, local_target, mass.gather(1, local_target).masked_fill_(in_tile[:, None], 0.0))
+        self.others_mass = self.others_mass * rescale + mass.sum(dim=1)
+        self.row_max = new_max
+        return rescale
+
+    def total_mass(self) -> torch.Tensor:
+        return self.others_mass + (self.target_logit - self.row_max).exp()
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log p[target], logsumexp of the row, logsumexp without the target)."""
+        lse = self.row_max + self.total_mass().log()
+        return self.target_logit - lse, lse, self.row_max + self.others_mass.log()
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
@@ -72,54 +108,65 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         want_hidden_grad, chunk_bytes,
     ):  # fmt: skip
         dtype = compute_dtype(hidden)
-        num_rows, vocab = rows.numel(), weight.shape[0]
+        itemsize = torch.finfo(dtype).bits // 8
+        num_rows, vocab, hidden_size = rows.numel(), weight.shape[0], weight.shape[1]
         has_ref = ref_hidden is not None
         ref_weight = weight if ref_weight is None else ref_weight
-        step = chunk_rows(vocab, 2 if has_ref else 1, torch.finfo(dtype).bits // 8, chunk_bytes)
+        lam = None if extrapolate is None else float(extrapolate)
+        buffers = 1 + has_ref + (lam is not None)
+        upcast = weight.dtype != dtype or (has_ref and ref_weight.dtype != dtype)
+        same_head = ref_weight is weight and ref_bias is bias
+        row_step, tile = tile_shape(num_rows, vocab, hidden_size, buffers, itemsize, chunk_bytes, upcast)
 
         policy = hidden.new_empty(num_rows, dtype=dtype)
         lse_all = hidden.new_empty(num_rows, dtype=dtype)
         others_all = hidden.new_empty(num_rows, dtype=dtype)
         reference = hidden.new_empty(num_rows if has_ref else 0, dtype=dtype)
-        extrapolated = hidden.new_empty(num_rows if extrapolate is not None else 0, dtype=dtype)
-        direction = hidden.new_empty(num_rows, hidden.shape[1], dtype=dtype) if want_hidden_grad else None
+        extrapolated = hidden.new_empty(num_rows if lam is not None else 0, dtype=dtype)
+        direction = hidden.new_zeros(num_rows, hidden_size, dtype=dtype) if want_hidden_grad else None
+        tiles = hidden.new_empty(buffers, min(row_step, num_rows), tile, dtype=dtype)
 
-        for start in range(0, num_rows, step):
-            chunk = slice(start, min(num_rows, start + step))
-            idx, tgt = rows[chunk], targets[chunk].long()[:, None]
-            logits = chunk_logits(hidden[idx].to(dtype), weight, bias)
-            target_logit = logits.gather(1, tgt).squeeze(1)
+        for start in range(0, num_rows, row_step):
+            chunk = slice(start, min(num_rows, start + row_step))
+            idx, tgt = rows[chunk], targets[chunk].long()
+            h = hidden[idx].to(dtype)
+            ref_h = ref_hidden[idx].to(dtype) if has_ref else None
+            size = h.shape[0]
+            soft = _OnlineTargetSoftmax(size, h)
+            ref_soft = _OnlineTargetSoftmax(size, h) if has_ref else None
+            ext_soft = _OnlineTargetSoftmax(size, h) if lam is not None else None
+            acc = direction[chunk] if want_hidden_grad else None  # sum_v exp(z_v - max) W[v], in place
+
+            for v0 in range(0, vocab, tile):
+                v1 = min(vocab, v0 + tile)
+                in_tile, local_target = _targets_in_tile(tgt, v0, v1)
+                w, b = _head_tile(weight, bias, v0, v1, dtype)
+                logits = _tile_logits(h, w, b, tiles[0, :size, : v1 - v0])
+                if has_ref:
+                    rw, rb = (w, b) if same_head else _head_tile(ref_weight, ref_bias, v0, v1, dtype)
+                    ref_logits = _tile_logits(ref_h, rw, rb, tiles[1, :size, : v1 - v0])
+                    if lam is not None:  # (1 + lam) * z - lam * z_ref
+                        ext_logits = torch.mul(ref_logits, -lam, out=tiles[2, :size, : v1 - v0])
+                        ext_soft.add_tile(ext_logits.add_(logits, alpha=1 + lam), local_target, in_tile)
+                    ref_soft.add_tile(ref_logits, local_target, in_tile)
+                rescale = soft.add_tile(logits, local_target, in_tile)
+                if want_hidden_grad:
+                    acc.mul_(rescale[:, None]).addmm_(logits, w)
+
+            policy[chunk], lse_all[chunk], others_all[chunk] = soft.finish()
             if has_ref:
-                ref_logits = chunk_logits(ref_hidden[idx].to(dtype), ref_weight, ref_bias)
-                ref_target = ref_logits.gather(1, tgt).squeeze(1)
-                reference[chunk] = ref_target - torch.logsumexp(ref_logits, dim=1)
-                if extrapolate is not None:
-                    lam = float(extrapolate)
-                    ext_logits = ref_logits.mul_(-lam).add_(logits, alpha=1 + lam)  # reuses the reference buffer
-                    ext_target = (1 + lam) * target_logit - lam * ref_target
-                    extrapolated[chunk] = ext_target - _logsumexp_(ext_logits)
-                del ref_logits
-            # exp(z - max) in place of the logits; the target's own mass is kept apart so
-            # that 1 - p[target] is a sum of small terms, exact even when p[target] -> 1.
-            # (Same operations as _logsumexp_, so lam = 0 reproduces the policy bit for bit.)
-            row_max = logits.amax(dim=1, keepdim=True)
-            unnormalised = logits.sub_(row_max).exp_()
-            total_mass = unnormalised.sum(dim=1)
-            lse = row_max.squeeze(1) + total_mass.log()
-            policy[chunk] = target_logit - lse
-            lse_all[chunk] = lse
-            others_mass = unnormalised.scatter_(1, tgt, 0.0).sum(dim=1)
-            others_all[chunk] = row_max.squeeze(1) + others_mass.log()
+                reference[chunk] = ref_soft.finish()[0]
+            if lam is not None:
+                extrapolated[chunk] = ext_soft.finish()[0]
             if want_hidden_grad:
-                probs = unnormalised.div_(total_mass[:, None])
-                others_share = others_mass / total_mass
-                target_rows = weight[targets[chunk]].to(dtype)
-                direction[chunk] = others_share[:, None] * target_rows - _probs_times_weight(probs, weight)
-            del logits, unnormalised
+                total_mass = soft.total_mass()
+                others_share = soft.others_mass / total_mass
+                acc.div_(-total_mass[:, None]).add_(weight[tgt].to(dtype) * others_share[:, None])
+        del tiles
 
         ctx.mark_non_differentiable(reference, extrapolated)
         ctx.save_for_backward(hidden, weight, bias, rows, targets, lse_all, others_all, direction)
-        ctx.chunk_step = chunk_rows(vocab, 1, torch.finfo(dtype).bits // 8, chunk_bytes)
+        ctx.chunk_bytes = chunk_bytes
         out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         return policy.to(out_dtype), reference.to(out_dtype), extrapolated.to(out_dtype)
 
@@ -138,21 +185,32 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
 
         grad_weight = grad_bias = None
         if need_weight or need_bias:
+            num_rows, (vocab, hidden_size) = rows.numel(), weight.shape
             grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
-            grad_bias = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_bias else None
-            for start in range(0, rows.numel(), ctx.chunk_step):
-                chunk = slice(start, min(rows.numel(), start + ctx.chunk_step))
+            grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_bias else None
+            row_step, tile = tile_shape(num_rows, vocab, hidden_size, 1, torch.finfo(dtype).bits // 8,
+                                        ctx.chunk_bytes, weight.dtype != dtype)  # fmt: skip
+            buffer = hidden.new_empty(min(row_step, num_rows), tile, dtype=dtype)
+            for start in range(0, num_rows, row_step):
+                chunk = slice(start, min(num_rows, start + row_step))
                 h = hidden[rows[chunk]].to(dtype)
-                tgt = targets[chunk].long()[:, None]
-                logits = chunk_logits(h, weight, bias)
-                grad_logits = logits.sub_(lse[chunk, None]).exp_().neg_()
-                grad_logits.scatter_(1, tgt, (others_lse[chunk] - lse[chunk]).exp()[:, None])
-                grad_logits *= upstream[chunk, None]
-                if need_weight:
-                    grad_weight.addmm_(grad_logits.T, h)
-                if need_bias:
-                    grad_bias += grad_logits.sum(dim=0)
-                del logits, grad_logits
+                tgt = targets[chunk].long()
+                target_share = (others_lse[chunk] - lse[chunk]).exp()  # d log p[y] / d z[y] = 1 - p[y]
+                scale = upstream[chunk, None]
+                for v0 in range(0, vocab, tile):
+                    v1 = min(vocab, v0 + tile)
+                    w, b = _head_tile(weight, bias, v0, v1, dtype)
+                    grad_logits = _tile_logits(h, w, b, buffer[: h.shape[0], : v1 - v0])
+                    grad_logits.sub_(lse[chunk, None]).exp_().neg_()
+                    in_tile, local_target = _targets_in_tile(tgt, v0, v1)
+                    at_target = torch.where(
+                        in_tile[:, None], target_share[:, None], grad_logits.gather(1, local_target)
+                    )
+                    grad_logits.scatter_(1, local_target, at_target).mul_(scale)
+                    if need_weight:
+                        grad_weight[v0:v1].addmm_(grad_logits.T, h)
+                    if need_bias:
+                        grad_bias[v0:v1] += grad_logits.sum(dim=0)
             grad_weight = grad_weight.to(weight.dtype) if need_weight else None
             grad_bias = grad_bias.to(bias.dtype) if need_bias else None
 

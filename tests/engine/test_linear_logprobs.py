@@ -6,7 +6,7 @@ from conftest import assert_close, naive_extrapolated, naive_logprobs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfee_fast import linear_logprobs, spa_loss
+from selfee_fast import chunked, linear_logprobs, spa_loss
 
 BACKENDS = ["torch", "triton"]
 
@@ -149,6 +149,54 @@ def test_chunked_path_independent_of_chunk_size():
     whole = linear_logprobs(hidden, weight, targets, **kwargs)
     for a, b in zip(one_row, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# budgets: one column and one row per tile; a few columns (the targets fall in many tiles)
+# and rows; everything in one tile
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 5 * 4 + 3, 10**9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_path_tiles_the_vocabulary_exactly(poison_empty, chunk_bytes, dtype):
+    hidden, ref_hidden, weight, targets = make_batch(2, 11, 24, 97, dtype, seed=3, scale=3.0)
+    weight.requires_grad_()
+    ref_weight = (weight.detach().float() + 0.1 * torch.randn(97, 24)).to(dtype)
+    bias = torch.randn(97).to(dtype).requires_grad_()
+    ref_bias = torch.randn(97).to(dtype)
+    out = linear_logprobs(
+        hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+        extrapolate=0.5, chunk_bytes=chunk_bytes, backend="torch",
+    )  # fmt: skip
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    want, logits = naive_logprobs(h64, w64, targets, b64)
+    scale = float(logits.detach().abs().max())
+    assert_close(out.policy, want, dtype, scale)
+    assert_close(out.reference, naive_logprobs(ref_hidden, ref_weight, targets, ref_bias)[0], dtype, scale)
+    want_ext = naive_extrapolated(
+        hidden, weight.detach(), ref_hidden, ref_weight, targets, 0.5, bias.detach(), ref_bias
+    )
+    assert_close(out.extrapolated, want_ext, dtype, scale)
+
+    upstream = torch.randn(targets.shape)
+    got = grads_of(out.policy, upstream, [hidden, weight, bias])
+    expected = grads_of(want, upstream.double(), [h64, w64, b64])
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e, dtype, float(e.abs().max()))
+
+
+def test_tile_shape_keeps_the_budget_and_reads_the_head_once_when_it_can():
+    for rows, vocab, hidden, buffers, chunk_bytes, upcast in [
+        (1024, 128256, 512, 2, 32 * 2**20, False), (8192, 128256, 4096, 3, 32 * 2**20, True),
+        (7, 97, 24, 3, 63, False), (1, 5, 3, 1, 1, True), (300, 32000, 64, 2, 2**20, False),
+    ]:  # fmt: skip
+        row_step, columns = chunked.tile_shape(rows, vocab, hidden, buffers, 4, chunk_bytes, upcast)
+        assert 1 <= row_step <= rows and 1 <= columns <= vocab
+        if columns > 1 or row_step > 1:
+            assert row_step * columns * buffers * 4 <= chunk_bytes
+        if upcast and columns > 1:
+            assert columns * hidden * 4 <= chunked._WEIGHT_SLICE_BYTES
+    # Llama-3's vocabulary, 1024 rows: all rows in one chunk, the head read once
+    assert chunked.tile_shape(1024, 128256, 512, 2, 4, 32 * 2**20, False) == (1024, 4096)
+    # a budget too small for one row of a wide tile: narrower tiles, not fewer bytes per column
+    assert chunked.tile_shape(300, 32000, 64, 2, 4, 2**20, False) == (128, 1024)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
