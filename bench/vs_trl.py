@@ -19,7 +19,8 @@ GPU both use bitsandbytes' AdamW8bit (TRL: `optim="adamw_bnb_8bit"`) under bf16 
 Each engine runs in fresh processes, `--rounds` of them, alternating with the other engine's
 (the machine may be shared: drift in its load then hits both alike). Reported per engine:
 median seconds per step over every round's steps after its first (the first warms up) and
-the fastest such step (on a shared machine, the one the others disturbed least), tokens/s, peak memory of the steps (CPU: the process's peak RSS above its RSS after loading,
+the fastest such step (on a shared machine, the one the others disturbed least), tokens/s, peak memory of the steps (CPU: the process's peak RSS above its RSS after loading and
+reading every weight once (the load maps the safetensors file; untouched pages are not yet in RSS),
 Linux VmHWM reset through /proc/self/clear_refs, with glibc told to map every block of 1 MiB
 or more on its own so that RSS follows the tensors, in both processes alike; GPU:
 torch.cuda.max_memory_allocated above the memory allocated after loading), the highest over
@@ -89,6 +90,17 @@ def memory_start(device) -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak RSS
     return _status_kib("VmRSS") * 1024
+
+
+def make_resident(model) -> None:
+    """Read every weight once. The CPU load maps safetensors files without copying, so a
+    weight's pages enter RSS only when first touched, which would put the whole model
+    (about 940 MiB at vocab 128256) into the first step's peak, for both engines alike."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.sum()
 
 
 def memory_peak(device) -> int:
@@ -161,6 +173,7 @@ def run_selfee(folder: Path, pairs: list[dict], args, device, work: Path) -> dic
         optimizer="adamw8bit" if on_gpu else "adamw", save_every=10**9, seed=SEED,
         autocast_dtype="bfloat16" if on_gpu else None,
     )  # fmt: skip
+    make_resident(model)
     baseline = memory_start(device)
     train_stage(model, train_pairs, settings, work / "selfee", pad_id=tokenizer.pad_token_id, reference="init",
                 log=lambda message: None)  # fmt: skip
@@ -203,6 +216,7 @@ def run_trl(folder: Path, pairs: list[dict], args, device, work: Path) -> dict:
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.baseline is None:
+                make_resident(kwargs["model"])
                 self.baseline = memory_start(device)  # the model, the adapter and the trainer are built by now
             self.started = time.perf_counter()
 
