@@ -1,6 +1,6 @@
 """The memory plan's training estimate against the peak a training step really reaches, on the CPU.
 
-    python bench/plan_check.py            # three small Llama shapes, gradient checkpointing on and off
+    python bench/plan_check.py            # every shape, gradient checkpointing on and off
     python bench/plan_check.py --quick    # one shape (about a minute)
     python bench/plan_check.py --validation   # only the validation shapes
 
@@ -10,11 +10,14 @@ sequence, three pairs) were added before the layer backward's model was revised 
 tuned on: they say whether the model holds beyond the shapes it was read from.
 
 Each case builds a Llama of the shape with random weights, loads it through the engine's own
-path (fp32 on the CPU, LoRA r=16 on every linear layer) in a fresh process, and runs one
-training step of `selfee_fast.train.train_stage` (stage 0: the reference is the base with
-the adapter off). Measured, what the plan predicts for a GPU: the peak of the bytes held in
-tensors during the step above those held when it starts (torch.profiler's memory timeline).
-Shown beside it: the process's peak RSS during the step above its RSS before it (Linux VmHWM
+path (fp32 on the CPU, LoRA r=16 on every linear layer) in a fresh process, and runs
+`selfee_fast.train.train_stage` (stage 0: the reference is the base with the adapter off).
+Measured, what the plan predicts for a GPU: the peak of the bytes held in tensors during two
+training steps on the same pairs above those held when they start (torch.profiler's memory
+timeline). Two steps, because the plan describes a step of a run: from the second step on,
+the optimizer's state (created by the first step's update) is held through the forward and
+backward; a lone first step never holds it together with its activations.
+Shown beside it: the process's peak RSS during one step above its RSS before it (Linux VmHWM
 reset through /proc/self/clear_refs; glibc maps every block of 1 MiB or more on its own), after
 a first step on two tokens has loaded what a step loads once (lazy imports, thread pools); RSS
 also holds what the CPU libraries and glibc keep beside the tensors, which a GPU's
@@ -53,7 +56,7 @@ LORA_R = 16
 
 
 def tensor_peak_of(step, work: Path) -> int:
-    """The peak of the bytes held in CPU tensors while `step` runs, above those held when it starts.
+    """The peak of the bytes held in CPU tensors while `step` (one or more steps) runs, above those held when it starts.
 
     torch.profiler's memory timeline follows every tensor the step creates or touches (the weights
     it reads count from the start); allocator slack and libraries' own buffers are not tensors.
@@ -121,7 +124,9 @@ def _measure(case: tuple, checkpointing: bool, results) -> None:
         rss = memory_peak(torch.device("cpu")) - baseline
         for p in model.parameters():
             p.grad = None
-        tensors = tensor_peak_of(lambda: train_stage(model, train_pairs, settings, work / "profiled",
+        two_steps = TrainSettings(lr=1e-4, warmup_ratio=0.0, batch_size=pairs, micro_batch_size=pairs, epochs=2,
+                                  optimizer="adamw", save_every=10**9)  # fmt: skip
+        tensors = tensor_peak_of(lambda: train_stage(model, train_pairs, two_steps, work / "profiled",
                                                      pad_id=tokenizer.pad_token_id, reference="init",
                                                      log=lambda message: None), work)  # fmt: skip
         results.put({"measured": tensors, "rss": rss})
