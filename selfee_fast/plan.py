@@ -314,6 +314,14 @@ def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_l
     head = tokens * (2 * a * h + (4 * h + a * h) + a * h) + head_buffer_bytes(precision)
     if not precision.on_gpu:
         head += tokens * 4 * h
+    if precision.gradient_checkpointing and precision.lora_r:
+        # The engine makes the frozen embedding's output a leaf that requires a gradient (checkpointed
+        # blocks need one), so the backward stores that gradient in it; the previous micro-batch's
+        # outputs (log-probs, loss), referenced until this micro-batch's replace them, keep both through
+        # the forward's phases (not through the backward: replaced by then). In the weights' dtype.
+        previous = 2 * precision.weight_bytes * h * tokens
+        reference += previous
+        head += previous
     layer = layer_backward_bytes_per_token(shape, precision) * tokens
     if precision.gradient_checkpointing:
         layer += mask  # the recomputed layer's sdpa makes its float mask again
