@@ -14,6 +14,7 @@ from selfee_fast.plan import (
     Precision,
     frozen_base_layout,
     generation_estimate,
+    judge_estimate,
     largest_fitting,
     plan_run,
     training_estimate,
@@ -124,6 +125,22 @@ def test_every_trained_layer_keeps_a_float_mask_that_grows_with_the_square_of_th
     # kept(n) = per-token terms x 2n + per-position-pair terms x n^2: the per-token terms cancel in
     # kept(200) - 2 kept(100), leaving 20000 x (2 rows x (1 byte of boolean mask + 2 layers x 4 bytes)).
     assert kept[200] - 2 * kept[100] == 20000 * 2 * (1 + 2 * 4)
+
+
+def test_forwards_without_gradient_count_the_mask_and_one_layer_float_copy_of_it(tmp_path):
+    shape = ModelShape.from_config_json(model_folder(tmp_path, MISTRAL_7B))
+    gpu = Precision(weight_bytes=2, activation_bytes=2)  # bf16 LoRA: no dequantised weight in the prefill
+
+    def judge(n):
+        return judge_estimate(shape, gpu, 16, 2, n).components["forward working"]
+
+    def prefill(n):
+        return generation_estimate(shape, gpu, 16, 2, n, 300).components["prefill working"]
+
+    # Per-token terms cancel in w(2n) - 2 w(n); what is left is 32 rows x (4n^2 - 2n^2) positions x
+    # (1 byte of boolean mask + 2 bytes of the bf16 copy one layer's sdpa makes at a time).
+    assert judge(1024) - 2 * judge(512) == 32 * 2 * 512**2 * (1 + 2)
+    assert prefill(1024) - 2 * prefill(512) == 32 * 2 * 512**2 * (1 + 2)
 
 
 def test_qlora_holds_the_body_in_nf4_and_the_rest_in_16_bits(tmp_path):
