@@ -194,9 +194,11 @@ def layer_saved_bytes_per_token(shape: ModelShape, precision: Precision) -> floa
     norms = 2 * (4 * h + 4 + a * h + (0 if precision.lora_r else a * h))
     # sdpa keeps q after RoPE, k and v repeated to every head (transformers repeats them rather than
     # asking sdpa for GQA when the batch carries a mask; with one KV head per head they are k and v
-    # themselves: q_width either way), its output (o_proj reads it as is: the transpose back is a view
-    # of the same storage) and its fp32 log-sum-exp per head. RoPE's products keep only cos and sin
-    # (per position), so q and k before RoPE, and their rotated halves, are not kept.
+    # themselves: q_width either way; a single KV head is repeated as a stride-0 view, counted high
+    # here, bench/NOTES.md), its output (o_proj reads it as is: sdpa lays it out token-major, so the
+    # transpose back is a view of the same storage) and its fp32 log-sum-exp per head. RoPE's
+    # products keep only cos and sin (per position), so q and k before RoPE, and their rotated
+    # halves, are not kept.
     attention = 4 * a * q + 4 * shape.heads
     # The gated MLP: gate's and up's outputs, silu(gate) (the product's backward reads silu(gate) and
     # up, silu's reads gate) and their product, which down_proj's adapter (or weight) keeps.
@@ -223,9 +225,10 @@ def backward_working_bytes_per_token(shape: ModelShape, precision: Precision) ->
 
     The peak comes in the MLP's backward, where the widest tensors are (the attention's, q_width
     wide, come later, once the MLP's saved tensors are freed): down_proj hands back two gradients of
-    its input, its weight's and its adapter's, and autograd adds them into a third (full
-    fine-tuning: the product's gradient and the two the product's backward makes of it). Beside them,
-    the gradient of the layer's output (the residual stream's), which the layer's backward reads.
+    its input, one through the frozen weight and one through the adapter, and autograd adds them
+    into a third (full fine-tuning: the product's gradient and the two the product's backward makes
+    of it). Beside them, the gradient of the layer's output (the residual stream's), which the
+    layer's backward reads.
     """
     return precision.activation_bytes * (shape.hidden_size + 3 * shape.intermediate_size)
 
