@@ -1,14 +1,23 @@
 """The memory plan's training estimate against the peak a training step really reaches, on the CPU.
 
-    python bench/plan_check.py            # three small Llama shapes, gradient checkpointing on and off
+    python bench/plan_check.py            # every shape, gradient checkpointing on and off
     python bench/plan_check.py --quick    # one shape (about a minute)
+    python bench/plan_check.py --validation   # only the validation shapes
+
+The CASES are the shapes the plan's activation terms were checked against while they were
+written; the VALIDATION cases (more layers, other head counts and GQA ratios, a longer
+sequence, three pairs) were added before the layer backward's model was revised and are never
+tuned on: they say whether the model holds beyond the shapes it was read from.
 
 Each case builds a Llama of the shape with random weights, loads it through the engine's own
-path (fp32 on the CPU, LoRA r=16 on every linear layer) in a fresh process, and runs one
-training step of `selfee_fast.train.train_stage` (stage 0: the reference is the base with
-the adapter off). Measured, what the plan predicts for a GPU: the peak of the bytes held in
-tensors during the step above those held when it starts (torch.profiler's memory timeline).
-Shown beside it: the process's peak RSS during the step above its RSS before it (Linux VmHWM
+path (fp32 on the CPU, LoRA r=16 on every linear layer) in a fresh process, and runs
+`selfee_fast.train.train_stage` (stage 0: the reference is the base with the adapter off).
+Measured, what the plan predicts for a GPU: the peak of the bytes held in tensors during two
+training steps on the same pairs above those held when they start (torch.profiler's memory
+timeline). Two steps, because the plan describes a step of a run: from the second step on,
+the optimizer's state (created by the first step's update) is held through the forward and
+backward; a lone first step never holds it together with its activations.
+Shown beside it: the process's peak RSS during one step above its RSS before it (Linux VmHWM
 reset through /proc/self/clear_refs; glibc maps every block of 1 MiB or more on its own), after
 a first step on two tokens has loaded what a step loads once (lazy imports, thread pools); RSS
 also holds what the CPU libraries and glibc keep beside the tensors, which a GPU's
@@ -38,11 +47,16 @@ CASES = [
     (512, 1376, 4, 8, 8, 32000, 512, 1),
     (384, 1024, 6, 6, 2, 8000, 512, 2),
 ]
+VALIDATION = [
+    (320, 864, 8, 10, 2, 16000, 384, 1),  # eight layers, five query heads per KV head
+    (256, 704, 2, 8, 1, 32000, 1024, 1),  # one KV head, 1024 tokens a sequence
+    (384, 1024, 3, 12, 4, 8000, 256, 3),  # three pairs, twelve heads of 32
+]
 LORA_R = 16
 
 
 def tensor_peak_of(step, work: Path) -> int:
-    """The peak of the bytes held in CPU tensors while `step` runs, above those held when it starts.
+    """The peak of the bytes held in CPU tensors while `step` (one or more steps) runs, above those held when it starts.
 
     torch.profiler's memory timeline follows every tensor the step creates or touches (the weights
     it reads count from the start); allocator slack and libraries' own buffers are not tensors.
@@ -110,7 +124,9 @@ def _measure(case: tuple, checkpointing: bool, results) -> None:
         rss = memory_peak(torch.device("cpu")) - baseline
         for p in model.parameters():
             p.grad = None
-        tensors = tensor_peak_of(lambda: train_stage(model, train_pairs, settings, work / "profiled",
+        two_steps = TrainSettings(lr=1e-4, warmup_ratio=0.0, batch_size=pairs, micro_batch_size=pairs, epochs=2,
+                                  optimizer="adamw", save_every=10**9)  # fmt: skip
+        tensors = tensor_peak_of(lambda: train_stage(model, train_pairs, two_steps, work / "profiled",
                                                      pad_id=tokenizer.pad_token_id, reference="init",
                                                      log=lambda message: None), work)  # fmt: skip
         results.put({"measured": tensors, "rss": rss})
@@ -149,19 +165,26 @@ def predict(case: tuple, checkpointing: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the first shape only")
+    parser.add_argument("--validation", action="store_true", help="the validation shapes only")
     parser.add_argument("--out", help="also write the results as JSON to this folder")
     args = parser.parse_args(argv)
-    cases = CASES[:1] if args.quick else CASES
+    if args.quick:
+        cases = CASES[:1]
+    elif args.validation:
+        cases = VALIDATION
+    else:
+        cases = CASES + VALIDATION
     rows = []
-    print(f"{'H':>5}{'I':>6}{'L':>3}{'heads':>7}{'V':>7}{'T':>6}{'pairs':>6}{'ckpt':>6}"
+    print(f"{'set':>5}{'H':>5}{'I':>6}{'L':>3}{'heads':>7}{'V':>7}{'T':>6}{'pairs':>6}{'ckpt':>6}"
           f"{'predicted MiB':>15}{'tensors MiB':>13}{'pred/tensors':>14}{'RSS MiB':>9}")  # fmt: skip
     for case in cases:
         for checkpointing in (True, False):
             result = measure(case, checkpointing)
-            row = {"case": case, "checkpointing": checkpointing, "predicted": predict(case, checkpointing), **result}
+            row = {"case": case, "validation": case in VALIDATION, "checkpointing": checkpointing,
+                   "predicted": predict(case, checkpointing), **result}  # fmt: skip
             rows.append(row)
             h, i, layers, heads, kv, v, t, pairs = case
-            head = f"{h:>5}{i:>6}{layers:>3}{f'{heads}/{kv}':>7}{v:>7}{t:>6}{pairs:>6}{'on' if checkpointing else 'off':>6}"
+            head = f"{'val' if row['validation'] else 'case':>5}{h:>5}{i:>6}{layers:>3}{f'{heads}/{kv}':>7}{v:>7}{t:>6}{pairs:>6}{'on' if checkpointing else 'off':>6}"
             if "error" in row:
                 print(f"{head}  {row['error']}")
                 continue
@@ -169,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{head}{row['predicted'] / 2**20:>15.1f}{row['measured'] / 2**20:>13.1f}{ratio:>14.2f}"
                   f"{row['rss'] / 2**20:>9.1f}")  # fmt: skip
     measured = [r for r in rows if "measured" in r]
-    if measured:
-        ratios = [r["predicted"] / r["measured"] for r in measured]
-        print(f"predicted / measured tensor peak: {min(ratios):.2f} to {max(ratios):.2f} over {len(ratios)} cases")
+    for name, validation in (("cases", False), ("validation cases", True)):
+        ratios = [r["predicted"] / r["measured"] for r in measured if r["validation"] == validation]
+        if ratios:
+            print(f"predicted / measured tensor peak: {min(ratios):.2f} to {max(ratios):.2f} "
+                  f"over {len(ratios)} {name}")  # fmt: skip
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "plan_check-cpu.json").write_text(json.dumps(rows, indent=2))

@@ -181,30 +181,71 @@ def optimizer_bytes(tensor_sizes: list[int], optimizer: str) -> int:
 def layer_saved_bytes_per_token(shape: ModelShape, precision: Precision) -> float:
     """What autograd keeps of one decoder layer, per token, for its backward (transformers' Llama, sdpa).
 
-    RMSNorm (x2) upcasts its input to fp32 and keeps it, plus its normalised output in the compute dtype;
-    attention keeps q and k before RoPE and their rotated halves, q and k after it, k and v repeated to
-    every head (GQA, when the batch is padded), sdpa's output and its fp32 log-sum-exp, and o_proj's
-    input; the gated MLP keeps gate, up, silu(gate) and their product; LoRA keeps each A's r outputs.
+    Read off torch.profiler's memory timeline of a training step (bench/NOTES.md); what a tensor is
+    kept for is said beside each term. A padded batch's float attention mask is per row, not per
+    token: `sdpa_mask_bytes` adds it.
     """
-    a, h, q, kv = precision.activation_bytes, shape.hidden_size, shape.q_width, shape.kv_width
-    norms = 2 * (4 * h + a * h)
-    attention = a * (q + q + kv + kv + q + q + q + q + q) + 4 * shape.heads
-    mlp = 4 * a * shape.intermediate_size
+    a, h, q, i = precision.activation_bytes, shape.hidden_size, shape.q_width, shape.intermediate_size
+    # Each RMSNorm (two) keeps its input in fp32 for the backward of its pow and its scaling (the
+    # residual stream itself in fp32, an fp32 copy of it under 16 bits) with its [tokens, 1] fp32
+    # rsqrt, and hands its output to the projections, whose adapters (LoRA A) or weights keep it.
+    # The scaling by a frozen norm weight keeps only the weight; a trained one (full fine-tuning)
+    # also keeps the normalised input it multiplies.
+    norms = 2 * (4 * h + 4 + a * h + (0 if precision.lora_r else a * h))
+    # sdpa keeps q after RoPE, k and v repeated to every head (transformers repeats them rather than
+    # asking sdpa for GQA when the batch carries a mask; with one KV head per head they are k and v
+    # themselves: q_width either way; a single KV head is repeated as a stride-0 view, counted high
+    # here, bench/NOTES.md), its output (o_proj reads it as is: sdpa lays it out token-major, so the
+    # transpose back is a view of the same storage) and its fp32 log-sum-exp per head. RoPE's
+    # products keep only cos and sin (per position), so q and k before RoPE, and their rotated
+    # halves, are not kept.
+    attention = 4 * a * q + 4 * shape.heads
+    # The gated MLP: gate's and up's outputs, silu(gate) (the product's backward reads silu(gate) and
+    # up, silu's reads gate) and their product, which down_proj's adapter (or weight) keeps.
+    mlp = 4 * a * i
     lora = 0
     if precision.lora_r:
-        lora = 7 * precision.lora_r * a
+        lora = 7 * precision.lora_r * a  # each LoRA B keeps the r outputs of its A
         if a < 4:
             # peft casts each adapted linear's input to the adapter's fp32 dtype and autocast casts it
             # back: a copy of the input per adapted linear is what lora_A keeps (q, k, v, gate, up
             # read the normalised hidden state, o and down their own inputs).
-            lora += a * (5 * h + q + shape.intermediate_size)
+            lora += a * (5 * h + q + i)
     return norms + attention + mlp + lora
 
 
+def sdpa_mask_bytes(precision: Precision, rows: int, max_length: int) -> int:
+    """The float copy of a padded batch's boolean [rows, 1, T, T] mask that torch's sdpa makes in every
+    layer's attention (in the compute dtype), and keeps for its backward when the layer trains."""
+    return precision.activation_bytes * attention_mask_bytes(rows, max_length)
+
+
 def backward_working_bytes_per_token(shape: ModelShape, precision: Precision) -> float:
-    """The gradients in flight inside one layer's backward: the residual's, and the MLP's widest."""
-    a = precision.activation_bytes
-    return a * (2 * shape.hidden_size + 3 * shape.intermediate_size)
+    """The gradients in flight at the peak of one layer's backward, per token.
+
+    The peak comes in the MLP's backward, where the widest tensors are (the attention's, q_width
+    wide, come later, once the MLP's saved tensors are freed): down_proj hands back two gradients of
+    its input, one through the frozen weight and one through the adapter, and autograd adds them
+    into a third (full fine-tuning: the product's gradient and the two the product's backward makes
+    of it). Beside them, the gradient of the layer's output (the residual stream's), which the
+    layer's backward reads.
+    """
+    return precision.activation_bytes * (shape.hidden_size + 3 * shape.intermediate_size)
+
+
+def layer_backward_bytes_per_token(shape: ModelShape, precision: Precision) -> float:
+    """What one layer's backward adds, at its peak, to what is kept through the backward, per token.
+
+    With gradient checkpointing the layer is recomputed first: everything it saves, except down_proj's
+    input (freed once down_proj's backward has run, before the peak) and, in fp32, the first norm's
+    input (the checkpointed layer input itself, already kept). Without it, the saved tensors are
+    already kept: the layer's backward adds its gradients and has freed down_proj's input.
+    """
+    a, h = precision.activation_bytes, shape.hidden_size
+    added = backward_working_bytes_per_token(shape, precision) - a * shape.intermediate_size
+    if precision.gradient_checkpointing:
+        added += layer_saved_bytes_per_token(shape, precision) - (4 * h if a == 4 else 0)
+    return added
 
 
 def forward_working_bytes_per_token(shape: ModelShape, precision: Precision) -> float:
@@ -251,24 +292,45 @@ def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_l
         est.components["frozen reference"] = weight_bytes(shape, Precision(a, a, on_gpu=precision.on_gpu))
     est.components["optimizer"] = optimizer_bytes(sizes, precision.optimizer)
     saved = layer_saved_bytes_per_token(shape, precision) * tokens
-    working = backward_working_bytes_per_token(shape, precision) * tokens
+    mask = sdpa_mask_bytes(precision, rows, max_length)
     # Kept through the backward: each layer's input alone with checkpointing (a layer is recomputed
     # when its backward comes), everything every layer saved without it; the batch's attention mask.
-    kept = shape.layers * a * h * tokens if precision.gradient_checkpointing else shape.layers * saved
+    if precision.gradient_checkpointing:
+        kept = shape.layers * a * h * tokens
+    else:
+        kept = shape.layers * (saved + mask)
+        if precision.lora_r:
+            # The embedding is frozen, so the first layer's input needs no gradient and its first norm
+            # keeps neither that input nor an fp32 copy of it (with checkpointing, the engine makes the
+            # input require a gradient, and the checkpoint keeps it).
+            kept -= 4 * h * tokens
     est.components["activations"] = int(kept + attention_mask_bytes(rows, max_length))
-    # On top of that, one of two phases at a time, never both: the fused head (the policy's and the
-    # reference's final hidden states, the final norm's saved input, the gradient it hands back, one
-    # working buffer, never [tokens, vocab] logits; the CPU path also keeps each token's fp32
-    # input-gradient direction), then, once the head's buffers are freed, one layer's backward (its
-    # recomputed activations with checkpointing, and the gradients in flight).
+    # On top of that, the largest of three phases that never coexist:
+    # - the reference's forward without gradient, after the policy's (its final hidden state and the
+    #   final norm's saved input held): one layer's transient tensors, the float mask its sdpa makes;
+    # - the fused head (the policy's and the reference's final hidden states, the final norm's saved
+    #   input, the gradient it hands back, one working buffer, never [tokens, vocab] logits; the CPU
+    #   path also keeps each token's fp32 input-gradient direction);
+    # - then, once the head's buffers are freed, one layer's backward: the first one to run, while
+    #   every layer's checkpoint (or saved tensors) is still kept.
+    reference = tokens * (forward_working_bytes_per_token(shape, precision) + 4 * h + a * h) + mask
     head = tokens * (2 * a * h + (4 * h + a * h) + a * h) + head_buffer_bytes(precision)
     if not precision.on_gpu:
         head += tokens * 4 * h
-    layer = working + (saved if precision.gradient_checkpointing else 0)
-    if head >= layer:
-        est.components["working: fused head"] = int(head)
-    else:
-        est.components["working: a layer's backward"] = int(layer)
+    if precision.gradient_checkpointing and precision.lora_r:
+        # The engine makes the frozen embedding's output a leaf that requires a gradient (checkpointed
+        # blocks need one), so the backward stores that gradient in it; the previous micro-batch's
+        # outputs (log-probs, loss), referenced until this micro-batch's replace them, keep both through
+        # the forward's phases (not through the backward: replaced by then). In the weights' dtype.
+        previous = 2 * precision.weight_bytes * h * tokens
+        reference += previous
+        head += previous
+    layer = layer_backward_bytes_per_token(shape, precision) * tokens
+    if precision.gradient_checkpointing:
+        layer += mask  # the recomputed layer's sdpa makes its float mask again
+    phase, name = max((head, "working: fused head"), (layer, "working: a layer's backward"),
+                      (reference, "working: the reference's forward"))  # fmt: skip
+    est.components[name] = int(phase)
     return est
 
 
@@ -285,9 +347,9 @@ def generation_estimate(shape: ModelShape, precision: Precision, prompts: int, r
     # K and V per layer; growing the cache concatenates, so one layer's cache exists twice for a moment.
     est.components["KV cache"] = int(2 * a * shape.kv_width * cache_tokens * (shape.layers + 1))
     prefill = sequences * prompt_length
-    working = forward_working_bytes_per_token(shape, precision) * prefill + attention_mask_bytes(
-        sequences, prompt_length
-    )
+    # The boolean mask of the padded prompts, and the float copy one layer's sdpa makes of it at a time.
+    masks = attention_mask_bytes(sequences, prompt_length) + sdpa_mask_bytes(precision, sequences, prompt_length)
+    working = forward_working_bytes_per_token(shape, precision) * prefill + masks
     if precision.quantization != "none":
         working += a * max(x * y for x, y in shape.linear_shapes())  # one dequantised weight at a time
     est.components["prefill working"] = int(working)
@@ -310,7 +372,9 @@ def judge_estimate(shape: ModelShape, precision: Precision, prompts: int, respon
     else:
         frozen = Precision(a, a, on_gpu=precision.on_gpu)
         est.components["frozen reference"] = weight_bytes(shape, frozen)
-    working = forward_working_bytes_per_token(shape, precision) * tokens + attention_mask_bytes(rows, max_length)
+    # The boolean mask, and the float copy one layer's sdpa makes of it at a time (nothing is kept).
+    masks = attention_mask_bytes(rows, max_length) + sdpa_mask_bytes(precision, rows, max_length)
+    working = forward_working_bytes_per_token(shape, precision) * tokens + masks
     est.components["forward working"] = int(working)
     est.components["fused head"] = int(tokens * 2 * a * h + head_buffer_bytes(precision))
     return est

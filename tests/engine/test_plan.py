@@ -14,6 +14,7 @@ from selfee_fast.plan import (
     Precision,
     frozen_base_layout,
     generation_estimate,
+    judge_estimate,
     largest_fitting,
     plan_run,
     training_estimate,
@@ -70,15 +71,76 @@ def test_a_training_estimate_equals_its_hand_computed_components(tmp_path):
     checkpoints, mask = 2 * 4 * 64 * tokens, 2 * 10 * 10  # each layer's input; the [2, 1, 10, 10] mask
     assert est.components["activations"] == checkpoints + mask
     # The fused head's phase (final hidden states, norm, gradient, 2 x 32 MiB chunk, the CPU's direction)
-    # outweighs a layer's backward (what the layer saved, recomputed, and the gradients in flight).
+    # outweighs a layer's backward (the recomputed layer, its float mask, the gradients in flight).
     head = tokens * (2 * 4 * 64 + (4 * 64 + 4 * 64) + 4 * 64) + 2 * 32 * 2**20 + tokens * 4 * 64
-    per_layer = 2 * (4 * 64 + 4 * 64) + 4 * (7 * 64 + 2 * 32) + 4 * 4 + 4 * 4 * 128 + 7 * 4 * 4
-    layer_backward = (per_layer + 4 * (2 * 64 + 3 * 128)) * tokens
+    head += 2 * 4 * 64 * tokens  # the previous micro-batch's embedding output and its gradient
+    # Per token and layer: two norms (fp32 input, rsqrt, output), q after RoPE, k and v repeated to the
+    # 4 heads, sdpa's output and log-sum-exp, gate, up, silu(gate), their product, LoRA's r=4 outputs.
+    per_layer = 2 * (4 * 64 + 4 + 4 * 64) + 4 * 4 * 64 + 4 * 4 + 4 * 4 * 128 + 7 * 4 * 4
+    float_mask = 4 * 2 * 10 * 10  # sdpa's fp32 copy of the mask, in every layer
+    # Recomputed: all but down_proj's input and the first norm's input (the checkpoint); in flight: the
+    # residual stream's gradient and three of down_proj's input's width.
+    layer_backward = (per_layer - 4 * 128 - 4 * 64 + 4 * (64 + 3 * 128)) * tokens + float_mask
     assert head > layer_backward and est.components["working: fused head"] == head
     no_checkpoints = training_estimate(shape, Precision(4, 4, lora_r=4, gradient_checkpointing=False,
                                                         optimizer="adamw", on_gpu=False), 1, 10)  # fmt: skip
-    assert no_checkpoints.components["activations"] == 2 * per_layer * tokens + mask
+    # Every layer's saved tensors and float mask, less the first norm's input (a frozen embedding's output).
+    assert no_checkpoints.components["activations"] == 2 * (per_layer * tokens + float_mask) + mask - 4 * 64 * tokens
     assert est.peak_bytes == sum(est.components.values())
+
+
+def test_a_long_checkpointed_batch_peaks_in_the_first_layer_backward(tmp_path):
+    shape = ModelShape.from_config_json(model_folder(tmp_path, MISTRAL_7B))
+    qlora = Precision(weight_bytes=2, activation_bytes=2, quantization="4bit")
+    est = training_estimate(shape, qlora, pairs=1, max_length=1024)
+    tokens, h, q, i = 2 * 1024, 4096, 4096, 14336
+    # bf16: each norm's fp32 input copy, rsqrt and output; q, repeated k and v, sdpa's output and its
+    # log-sum-exp over 32 heads; the MLP's four; LoRA's r=16 outputs and peft's input copies.
+    saved = 2 * (4 * h + 4 + 2 * h) + 4 * 2 * q + 4 * 32 + 4 * 2 * i + 7 * 16 * 2 + 2 * (5 * h + q + i)
+    recomputed = saved - 2 * i  # down_proj's input is freed before the peak; the first norm's input is a copy
+    in_flight = 2 * (h + 3 * i)
+    float_mask = 2 * 2 * 1024 * 1024
+    assert est.components["working: a layer's backward"] == (recomputed + in_flight) * tokens + float_mask
+    assert est.components["activations"] == 32 * 2 * h * tokens + 2 * 1024 * 1024  # checkpoints, the mask
+
+
+def test_without_checkpointing_the_reference_forward_can_set_the_peak(tmp_path):
+    shape = ModelShape.from_config_json(model_folder(tmp_path, MISTRAL_7B))
+    no_ckpt = Precision(weight_bytes=2, activation_bytes=2, quantization="4bit", gradient_checkpointing=False)
+    est = training_estimate(shape, no_ckpt, pairs=1, max_length=1024)
+    tokens, h, q, kv, i = 2 * 1024, 4096, 4096, 1024, 14336
+    # The policy's final norm input (fp32) and hidden state, held while one reference layer runs
+    # without gradient, and that layer's float copy of the mask.
+    one_layer = 4 * h + 2 * (2 * h + 2 * q + 2 * kv + 3 * i)
+    expected = (one_layer + 4 * h + 2 * h) * tokens + 2 * 2 * 1024 * 1024
+    assert est.components["working: the reference's forward"] == expected
+    # What a layer's backward adds without checkpointing: its gradients, less its freed product.
+    assert expected > 2 * (h + 2 * i) * tokens
+
+
+def test_every_trained_layer_keeps_a_float_mask_that_grows_with_the_square_of_the_length(tmp_path):
+    shape = ModelShape.from_config_json(model_folder(tmp_path, SMALL))
+    no_ckpt = Precision(4, 4, lora_r=4, gradient_checkpointing=False, optimizer="adamw", on_gpu=False)
+    kept = {n: training_estimate(shape, no_ckpt, 1, n).components["activations"] for n in (100, 200)}
+    # kept(n) = per-token terms x 2n + per-position-pair terms x n^2: the per-token terms cancel in
+    # kept(200) - 2 kept(100), leaving 20000 x (2 rows x (1 byte of boolean mask + 2 layers x 4 bytes)).
+    assert kept[200] - 2 * kept[100] == 20000 * 2 * (1 + 2 * 4)
+
+
+def test_forwards_without_gradient_count_the_mask_and_one_layer_float_copy_of_it(tmp_path):
+    shape = ModelShape.from_config_json(model_folder(tmp_path, MISTRAL_7B))
+    gpu = Precision(weight_bytes=2, activation_bytes=2)  # bf16 LoRA: no dequantised weight in the prefill
+
+    def judge(n):
+        return judge_estimate(shape, gpu, 16, 2, n).components["forward working"]
+
+    def prefill(n):
+        return generation_estimate(shape, gpu, 16, 2, n, 300).components["prefill working"]
+
+    # Per-token terms cancel in w(2n) - 2 w(n); what is left is 32 rows x (4n^2 - 2n^2) positions x
+    # (1 byte of boolean mask + 2 bytes of the bf16 copy one layer's sdpa makes at a time).
+    assert judge(1024) - 2 * judge(512) == 32 * 2 * 512**2 * (1 + 2)
+    assert prefill(1024) - 2 * prefill(512) == 32 * 2 * 512**2 * (1 + 2)
 
 
 def test_qlora_holds_the_body_in_nf4_and_the_rest_in_16_bits(tmp_path):
