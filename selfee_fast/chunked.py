@@ -161,7 +161,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             if want_hidden_grad:
                 total_mass = soft.total_mass()
                 others_share = soft.others_mass / total_mass
-                acc.div_(-total_mass[:, None]).add_(weight[tgt].to(dtype) * others_share[:, None])
+                acc.div_(-total_mass[:, None]).addcmul_(weight[tgt].to(dtype), others_share[:, None])
         del tiles
 
         ctx.mark_non_differentiable(reference, extrapolated)

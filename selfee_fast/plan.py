@@ -41,11 +41,10 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 8 / (64 * 256)
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCK = 256  # 8-bit optimizer state: one fp32 absmax per block of this many elements
 # The fused head's working memory. GPU: the fp32 hidden-gradient accumulator of the fused backward
-# (triton_logprobs.ACCUMULATOR_BYTES). CPU: a chunk of policy and reference logits
-# (chunked.DEFAULT_CHUNK_BYTES together) and logsumexp's temporaries of the same size; measured
-# 65-78 MiB with the 32 MiB default (bench/NOTES.md).
+# (triton_logprobs.ACCUMULATOR_BYTES). CPU: the vocabulary tiles of policy, reference and
+# extrapolated logits, chunked.DEFAULT_CHUNK_BYTES together (the gathered rows are counted per token).
 TRITON_HEAD_BUFFER_BYTES = 64 * 2**20
-CPU_HEAD_BUFFER_BYTES = 2 * DEFAULT_CHUNK_BYTES
+CPU_HEAD_BUFFER_BYTES = DEFAULT_CHUNK_BYTES
 JUDGE_BATCH_PROMPTS = 16  # judge.judge_generations' batch: fixed, its batches are part of a resumed judgment
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -310,13 +309,13 @@ def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_l
     #   final norm's saved input held): one layer's transient tensors, the float mask its sdpa makes;
     # - the fused head (the policy's and the reference's final hidden states, the final norm's saved
     #   input, the gradient it hands back, one working buffer, never [tokens, vocab] logits; the CPU
-    #   path also keeps each token's fp32 input-gradient direction);
+    #   path also keeps each token's fp32 input-gradient direction and gathers the rows it works on);
     # - then, once the head's buffers are freed, one layer's backward: the first one to run, while
     #   every layer's checkpoint (or saved tensors) is still kept.
     reference = tokens * (forward_working_bytes_per_token(shape, precision) + 4 * h + a * h) + mask
     head = tokens * (2 * a * h + (4 * h + a * h) + a * h) + head_buffer_bytes(precision)
     if not precision.on_gpu:
-        head += tokens * 4 * h
+        head += tokens * 3 * 4 * h  # the fp32 direction, and the chunk's gathered policy and reference rows
     if precision.gradient_checkpointing and precision.lora_r:
         # The engine makes the frozen embedding's output a leaf that requires a gradient (checkpointed
         # blocks need one), so the backward stores that gradient in it; the previous micro-batch's

@@ -70,9 +70,10 @@ def test_a_training_estimate_equals_its_hand_computed_components(tmp_path):
     tokens = 2 * 10  # one pair: chosen and rejected rows of 10 tokens
     checkpoints, mask = 2 * 4 * 64 * tokens, 2 * 10 * 10  # each layer's input; the [2, 1, 10, 10] mask
     assert est.components["activations"] == checkpoints + mask
-    # The fused head's phase (final hidden states, norm, gradient, 2 x 32 MiB chunk, the CPU's direction)
-    # outweighs a layer's backward (the recomputed layer, its float mask, the gradients in flight).
-    head = tokens * (2 * 4 * 64 + (4 * 64 + 4 * 64) + 4 * 64) + 2 * 32 * 2**20 + tokens * 4 * 64
+    # The fused head's phase (final hidden states, norm, gradient, the 32 MiB of vocabulary tiles, the
+    # CPU's direction and gathered rows) outweighs a layer's backward (the recomputed layer, its float
+    # mask, the gradients in flight).
+    head = tokens * (2 * 4 * 64 + (4 * 64 + 4 * 64) + 4 * 64) + 32 * 2**20 + tokens * 3 * 4 * 64
     head += 2 * 4 * 64 * tokens  # the previous micro-batch's embedding output and its gradient
     # Per token and layer: two norms (fp32 input, rsqrt, output), q after RoPE, k and v repeated to the
     # 4 heads, sdpa's output and log-sum-exp, gate, up, silu(gate), their product, LoRA's r=4 outputs.
