@@ -193,12 +193,13 @@ def layer_saved_bytes_per_token(shape: ModelShape, precision: Precision) -> floa
     norms = 2 * (4 * h + 4 + a * h + (0 if precision.lora_r else a * h))
     # sdpa keeps q after RoPE, k and v repeated to every head (transformers repeats them rather than
     # asking sdpa for GQA when the batch carries a mask; with one KV head per head they are k and v
-    # themselves: q_width either way; a single KV head is repeated as a stride-0 view, counted high
-    # here, bench/NOTES.md), its output (o_proj reads it as is: sdpa lays it out token-major, so the
-    # transpose back is a view of the same storage) and its fp32 log-sum-exp per head. RoPE's
-    # products keep only cos and sin (per position), so q and k before RoPE, and their rotated
-    # halves, are not kept.
-    attention = 4 * a * q + 4 * shape.heads
+    # themselves: q_width either way, except that a single KV head is repeated as a stride-0 view,
+    # which keeps k and v at their own width), its output (o_proj reads it as is: sdpa lays it out
+    # token-major, so the transpose back is a view of the same storage) and its fp32 log-sum-exp per
+    # head. RoPE's products keep only cos and sin (per position), so q and k before RoPE, and their
+    # rotated halves, are not kept.
+    repeated_kv = shape.kv_width if shape.kv_heads == 1 else q
+    attention = 2 * a * q + 2 * a * repeated_kv + 4 * shape.heads
     # The gated MLP: gate's and up's outputs, silu(gate) (the product's backward reads silu(gate) and
     # up, silu's reads gate) and their product, which down_proj's adapter (or weight) keeps.
     mlp = 4 * a * i
@@ -316,14 +317,6 @@ def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_l
     head = tokens * (2 * a * h + (4 * h + a * h) + a * h) + head_buffer_bytes(precision)
     if not precision.on_gpu:
         head += tokens * 3 * 4 * h  # the fp32 direction, and the chunk's gathered policy and reference rows
-    if precision.gradient_checkpointing and precision.lora_r:
-        # The engine makes the frozen embedding's output a leaf that requires a gradient (checkpointed
-        # blocks need one), so the backward stores that gradient in it; the previous micro-batch's
-        # outputs (log-probs, loss), referenced until this micro-batch's replace them, keep both through
-        # the forward's phases (not through the backward: replaced by then). In the weights' dtype.
-        previous = 2 * precision.weight_bytes * h * tokens
-        reference += previous
-        head += previous
     layer = layer_backward_bytes_per_token(shape, precision) * tokens
     if precision.gradient_checkpointing:
         layer += mask  # the recomputed layer's sdpa makes its float mask again

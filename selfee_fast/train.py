@@ -42,7 +42,7 @@ from .distributed import (
     world,
 )
 from .files import sha256_of, write_text_atomic, writing
-from .loss import NoiseThreshold, spa_loss
+from .loss import NoiseThreshold, SPALossOutput, spa_loss
 from .models import sequence_token_logprobs
 from .plan import frozen_base_layout
 from .stopping import stop_here, stop_requested
@@ -366,9 +366,13 @@ def train_stage(
                 loss = loss + settings.nll_alpha * chosen_nll(logps.policy, batch["seq_ids"], len(micro))
             (loss * (share * ranks)).backward()
             step_metrics = step_metrics + result.metric_values() * share
+            # The graph's nodes outlive the backward while its outputs are referenced: dropped here, or
+            # the embedding output that checkpointing makes a leaf stays, with its gradient, through
+            # the next micro-batch's forward.
+            del loss, result, logps, ref_tokens
         step_metrics = sum_across_ranks(torch.cat([step_metrics, step_metrics.new_tensor([tokens, positions])]))
         *metric_values, tokens, positions = step_metrics.tolist()  # one host sync
-        totals = dict(zip(result.METRIC_NAMES, metric_values, strict=True))
+        totals = dict(zip(SPALossOutput.METRIC_NAMES, metric_values, strict=True))
         average_whole_gradients(params)
         grad_norm = float(clip_grad_norm(params, settings.max_grad_norm))
         lr = optimizer.param_groups[0]["lr"]

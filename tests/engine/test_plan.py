@@ -74,7 +74,6 @@ def test_a_training_estimate_equals_its_hand_computed_components(tmp_path):
     # CPU's direction and gathered rows) outweighs a layer's backward (the recomputed layer, its float
     # mask, the gradients in flight).
     head = tokens * (2 * 4 * 64 + (4 * 64 + 4 * 64) + 4 * 64) + 32 * 2**20 + tokens * 3 * 4 * 64
-    head += 2 * 4 * 64 * tokens  # the previous micro-batch's embedding output and its gradient
     # Per token and layer: two norms (fp32 input, rsqrt, output), q after RoPE, k and v repeated to the
     # 4 heads, sdpa's output and log-sum-exp, gate, up, silu(gate), their product, LoRA's r=4 outputs.
     per_layer = 2 * (4 * 64 + 4 + 4 * 64) + 4 * 4 * 64 + 4 * 4 + 4 * 4 * 128 + 7 * 4 * 4
@@ -126,6 +125,20 @@ def test_every_trained_layer_keeps_a_float_mask_that_grows_with_the_square_of_th
     # kept(n) = per-token terms x 2n + per-position-pair terms x n^2: the per-token terms cancel in
     # kept(200) - 2 kept(100), leaving 20000 x (2 rows x (1 byte of boolean mask + 2 layers x 4 bytes)).
     assert kept[200] - 2 * kept[100] == 20000 * 2 * (1 + 2 * 4)
+
+
+def test_a_single_kv_head_is_kept_at_its_own_width(tmp_path):
+    """transformers repeats one KV head as a stride-0 view (nothing copied); two or more are copied."""
+    no_ckpt = Precision(4, 4, lora_r=4, gradient_checkpointing=False, optimizer="adamw", on_gpu=False)
+    kept = {}
+    for kv_heads in (1, 2):
+        folder = tmp_path / f"kv{kv_heads}"
+        folder.mkdir()
+        shape = ModelShape.from_config_json(model_folder(folder, {**SMALL, "num_key_value_heads": kv_heads}))
+        kept[kv_heads] = training_estimate(shape, no_ckpt, 1, 10).components["activations"]
+    # Two rows of 10 tokens, two layers; the k and v projections' LoRA outputs are r wide either way.
+    # One head: k and v at head_dim 16 each; two heads: repeated to q's width, 64 each.
+    assert kept[2] - kept[1] == 2 * 10 * 2 * (2 * 4 * 64 - 2 * 4 * 16)
 
 
 def test_forwards_without_gradient_count_the_mask_and_one_layer_float_copy_of_it(tmp_path):

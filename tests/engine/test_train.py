@@ -2,6 +2,7 @@
 
 import json
 import random
+import weakref
 
 import pytest
 import torch
@@ -380,3 +381,29 @@ def test_the_count_of_skipped_steps_survives_a_resume(setup, tmp_path, monkeypat
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert [m["nonfinite_steps_skipped"] for m in metrics] == [1, 1, 1, 1]
+
+
+def test_a_micro_batch_holds_nothing_of_the_one_before_it(tmp_path):
+    """With checkpointing the embedding's output is a leaf that gets a gradient; the previous
+    micro-batch's graph must not keep it (and the gradient) alive through the next forward."""
+    rng = random.Random(0)
+    words = "the cat dog sat ran on a mat log".split()
+    tokenizer = build_tokenizer([" ".join(rng.choice(words) for _ in range(8)) for _ in range(50)], tmp_path / "m",
+                                vocab_size=120)  # fmt: skip
+    build_tiny_llama(tmp_path / "m", tokenizer, hidden_size=32, layers=2)
+    model, _ = models.load_model(tmp_path / "m", lora=models.LoraSettings(r=4, alpha=8), gradient_checkpointing=True)
+    ids, eos = tokenizer("the cat sat on a mat").input_ids, tokenizer.eos_token_id
+    pairs = [TrainPair(f"p{i}", ids[:3], [*ids[3:], eos], [*ids[:2], eos]) for i in range(4)]
+    previous, alive_at_next_forward = [], []
+
+    def watch(_module, _inputs, output):
+        if torch.is_grad_enabled():  # the policy's forward, not the reference's
+            if previous:
+                alive_at_next_forward.append(previous[-1]() is not None)
+            previous.append(weakref.ref(output))
+
+    model.get_input_embeddings().register_forward_hook(watch)
+    settings = TrainSettings(lr=1e-3, batch_size=2, micro_batch_size=1, optimizer="adamw", save_every=10)
+    train_stage(model, pairs, settings, tmp_path / "out", pad_id=tokenizer.pad_token_id, reference="init",
+                log=lambda *_: None)  # fmt: skip
+    assert len(alive_at_next_forward) == 3 and not any(alive_at_next_forward)
