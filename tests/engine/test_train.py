@@ -15,17 +15,23 @@ from selfee_fast.train import TrainPair, TrainSettings, train_stage
 pytestmark = pytest.mark.usefixtures("chunked_backend")
 
 
-@pytest.fixture
-def setup(tmp_path):
+def tiny_lora_model(tmp_path, *, layers: int = 1, gradient_checkpointing: bool = False):
+    """A one-or-more-layer Llama with a LoRA adapter, four pairs, its pad id and eos id."""
     rng = random.Random(0)
     words = "the cat dog sat ran on a mat log".split()
     tokenizer = build_tokenizer([" ".join(rng.choice(words) for _ in range(8)) for _ in range(50)], tmp_path / "m",
                                 vocab_size=120)  # fmt: skip
-    build_tiny_llama(tmp_path / "m", tokenizer, hidden_size=32, layers=1)
-    model, _ = models.load_model(tmp_path / "m", lora=models.LoraSettings(r=4, alpha=8), gradient_checkpointing=False)
+    build_tiny_llama(tmp_path / "m", tokenizer, hidden_size=32, layers=layers)
+    model, _ = models.load_model(tmp_path / "m", lora=models.LoraSettings(r=4, alpha=8),
+                                 gradient_checkpointing=gradient_checkpointing)  # fmt: skip
     ids, eos = tokenizer("the cat sat on a mat").input_ids, tokenizer.eos_token_id
     pairs = [TrainPair(f"p{i}", ids[:3], [*ids[3:], eos], [*ids[:2], eos]) for i in range(4)]
     return model, pairs, tokenizer.pad_token_id, eos
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return tiny_lora_model(tmp_path)
 
 
 def train(model, pairs, pad_id, out_dir, **changes):
@@ -386,14 +392,7 @@ def test_the_count_of_skipped_steps_survives_a_resume(setup, tmp_path, monkeypat
 def test_a_micro_batch_holds_nothing_of_the_one_before_it(tmp_path):
     """With checkpointing the embedding's output is a leaf that gets a gradient; the previous
     micro-batch's graph must not keep it (and the gradient) alive through the next forward."""
-    rng = random.Random(0)
-    words = "the cat dog sat ran on a mat log".split()
-    tokenizer = build_tokenizer([" ".join(rng.choice(words) for _ in range(8)) for _ in range(50)], tmp_path / "m",
-                                vocab_size=120)  # fmt: skip
-    build_tiny_llama(tmp_path / "m", tokenizer, hidden_size=32, layers=2)
-    model, _ = models.load_model(tmp_path / "m", lora=models.LoraSettings(r=4, alpha=8), gradient_checkpointing=True)
-    ids, eos = tokenizer("the cat sat on a mat").input_ids, tokenizer.eos_token_id
-    pairs = [TrainPair(f"p{i}", ids[:3], [*ids[3:], eos], [*ids[:2], eos]) for i in range(4)]
+    model, pairs, pad_id, _ = tiny_lora_model(tmp_path, layers=2, gradient_checkpointing=True)
     previous, alive_at_next_forward = [], []
 
     def watch(_module, _inputs, output):
@@ -404,6 +403,5 @@ def test_a_micro_batch_holds_nothing_of_the_one_before_it(tmp_path):
 
     model.get_input_embeddings().register_forward_hook(watch)
     settings = TrainSettings(lr=1e-3, batch_size=2, micro_batch_size=1, optimizer="adamw", save_every=10)
-    train_stage(model, pairs, settings, tmp_path / "out", pad_id=tokenizer.pad_token_id, reference="init",
-                log=lambda *_: None)  # fmt: skip
+    train_stage(model, pairs, settings, tmp_path / "out", pad_id=pad_id, reference="init", log=lambda *_: None)
     assert len(alive_at_next_forward) == 3 and not any(alive_at_next_forward)
