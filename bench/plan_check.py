@@ -39,7 +39,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from vs_trl import map_big_blocks_alone, memory_peak, memory_start
+from vs_trl import memory_peak, memory_start
+
+from selfee_fast.rss import map_big_blocks_alone
 
 CASES = [
     # (hidden, intermediate, layers, heads, kv heads, vocab, tokens per sequence, pairs per micro-batch)

@@ -31,21 +31,20 @@ which must agree (policy = reference at step 1: loss log 2).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import multiprocessing as mp
 import os
 import platform
 import random
-import re
 import shutil
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from selfee_fast import rss
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(
@@ -61,35 +60,15 @@ SEED = 0
 # --------------------------------------------------------------------------- memory
 
 
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field_name}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
-def map_big_blocks_alone() -> None:
-    """glibc: every block of 1 MiB or more in its own mapping, given back on free, so RSS follows the tensors."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    libc.mallopt(m_trim_threshold, 2 << 20)
-    libc.malloc_trim(0)
-
-
 def memory_start(device) -> int:
     """Reset the peak counter; the bytes in use now."""
     import torch
 
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM, the peak RSS
-    return _status_kib("VmRSS") * 1024
+    return rss.reset_peak()
 
 
 def make_resident(model) -> None:
@@ -109,7 +88,7 @@ def memory_peak(device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    return _status_kib("VmHWM") * 1024
+    return rss.peak()
 
 
 # --------------------------------------------------------------------------- the shared model and pairs
@@ -266,12 +245,12 @@ def _worker(engine: str, folder: str, pairs: list[dict], args, results) -> None:
     transformers_logging.set_verbosity_error()
     device = torch.device(args.device)
     if device.type == "cpu":
-        map_big_blocks_alone()
+        rss.map_big_blocks_alone()
         os.environ["SELFEE_FAST_BACKEND"] = "torch"
     work = Path(tempfile.mkdtemp(prefix="vs_trl_"))
     try:
         result = ENGINES[engine](Path(folder), pairs, args, device, work)
-        result["process_peak"] = _status_kib("VmHWM") * 1024 if device.type == "cpu" else None
+        result["process_peak"] = rss.peak() if device.type == "cpu" else None
         results.put({"engine": engine, **result})
     except Exception as error:  # reported by the parent, which carries on with the other engine
         results.put({"engine": engine, "error": f"{type(error).__name__}: {error}"})

@@ -14,14 +14,11 @@ import multiprocessing as mp
 import os
 import queue
 import re
-import resource
 import sys
 import time
 from pathlib import Path
 
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+from . import rss
 
 
 def _make_batch(pairs: int, seq_len: int, hidden_size: int, vocab: int, seed: int):
@@ -44,9 +41,10 @@ def _demo_worker(impl: str, shape: tuple[int, int, int, int], seed: int, results
     import selfee_fast as sf
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    rss.map_big_blocks_alone()
     hidden, ref_hidden, weight, targets = _make_batch(*shape, seed=seed)
     mask = targets != -100
-    baseline = _peak_rss_bytes()
+    baseline = rss.reset_peak()  # building the batch peaked higher than what it left resident
     start = time.perf_counter()
     if impl == "naive":
         logits = hidden @ weight.T
@@ -69,7 +67,7 @@ def _demo_worker(impl: str, shape: tuple[int, int, int, int], seed: int, results
         {
             "impl": impl,
             "seconds": elapsed,
-            "peak_extra_bytes": _peak_rss_bytes() - baseline,
+            "peak_extra_bytes": rss.peak() - baseline,
             "loss": float(loss.detach()),
             "grad": hidden.grad.numpy().copy(),  # numpy pickles by value; tensors would share file descriptors
             "metrics": metrics,

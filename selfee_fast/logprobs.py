@@ -59,7 +59,7 @@ def linear_logprobs(
         deterministic: bit-for-bit identical results on repeat (no atomics in the backward).
         backend: "auto" (Triton on CUDA or under the interpreter, else chunked PyTorch),
             "triton" or "torch".
-        chunk_bytes: memory budget of one logits chunk on the PyTorch path.
+        chunk_bytes: memory budget of the logits tiles on the PyTorch path (all kinds together).
 
     Returns:
         LogProbs(policy, reference, extrapolated), the last two None when not requested.
