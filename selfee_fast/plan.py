@@ -355,8 +355,10 @@ def fsdp2_weights(shape: ModelShape, precision: Precision, processes: int, base_
       the unit being computed is gathered again and the one before it is prefetched (FSDP2's
       default backward prefetch of the previous unit in forward order): two layers in flight;
     - the root unit does not reshard after its forward (None is False for the root): its
-      embedding and final norm stay unsharded from the body's forward through its backward;
-      a frozen reference model's root, whose forward has no backward, keeps them too;
+      embedding and final norm stay unsharded from the body's forward until its backward ends;
+      a frozen reference model's root, whose forwards have no backward, keeps them unsharded from
+      its first forward on (seen on a 1-rank gloo mesh: the root's parameters stay plain tensors
+      after a forward without gradient);
     - the layer being computed holds its unsharded gradients (of what it trains) until its
       post-backward reduce-scatters them into the sharded ones.
     Quantised bases are not sharded (preflight refuses them on several processes): the base is
@@ -406,11 +408,11 @@ def fsdp2_weights(shape: ModelShape, precision: Precision, processes: int, base_
         out["gradients"] = w * (head + sharded(body))
         out["optimizer"] = optimizer_bytes([head] + [shard_elements(rows, cols, n) for rows, cols in body],
                                            precision.optimizer)  # fmt: skip
-        # The frozen reference model is sharded the same way, in the compute dtype.
-        out["frozen reference"] = a * (head + sharded(body))
-        # Two of the policy's layers unsharded and one layer's unsharded gradients; both roots'
-        # embeddings and final norms held unsharded (the policy's and the reference's).
-        gathered = 2 * w * whole(layer) + w * whole(layer) + (w + a) * whole(root)
+        # The frozen reference model is sharded the same way, in the compute dtype; its root's embedding
+        # and final norm, gathered by its first forward, are never resharded (no backward runs).
+        out["frozen reference"] = a * (head + sharded(body) + whole(root))
+        # Two of the policy's layers unsharded, one layer's unsharded gradients, the policy's root.
+        gathered = 2 * w * whole(layer) + w * whole(layer) + w * whole(root)
     out["FSDP2: gathered"] = gathered
     return out
 

@@ -357,10 +357,10 @@ def test_two_processes_full_fine_tuning_shard_weights_gradients_state_and_the_re
     assert per_rank(cpu) == {
         "weights": 4 * sharded,
         "gradients": 4 * sharded,  # the head's whole, all-reduced; the body's reduce-scattered
-        "frozen reference": 4 * sharded,
+        "frozen reference": 4 * (sharded + ROOT),  # its root gathered by its first forward, never resharded
         "optimizer": 8 * sharded,
-        # Two layers unsharded, one layer's unsharded gradients, both models' roots unsharded.
-        "FSDP2: gathered": 3 * 4 * LAYER + 2 * 4 * ROOT,
+        # Two layers unsharded, one layer's unsharded gradients, the policy's root unsharded.
+        "FSDP2: gathered": 3 * 4 * LAYER + 4 * ROOT,
     }
 
 
