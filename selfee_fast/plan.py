@@ -15,7 +15,12 @@ Llama forward (bench/NOTES.md lists them and compares the total with peaks measu
 CPU). Every batch is taken at its longest: all rows `data.max_length` tokens, padded (the
 attention mask held), so the plan errs on the high side.
 
-`selfee-fast plan cfg.yaml [--json]` prints it; `selfee-fast run` prints it first.
+Under torchrun every estimate is one rank's (`processes`): training splits each micro-batch over
+the ranks and holds the weights as FSDP2 shards them (`fsdp2_weights`); generation and judging
+run whole models at one process's batch.
+
+`selfee-fast plan cfg.yaml [--json] [--processes N]` prints it; `selfee-fast run` prints it first
+(one rank's plan under torchrun).
 """
 
 from __future__ import annotations
