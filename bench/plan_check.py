@@ -61,10 +61,20 @@ def tensor_peak_of(step, work: Path) -> int:
     torch.profiler's memory timeline follows every tensor the step creates or touches (the weights
     it reads count from the start); allocator slack and libraries' own buffers are not tensors.
     """
+    return timeline_peak(profiled(step), work)
+
+
+def profiled(step):
+    """torch.profiler's record of `step`, every allocation with its stack."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
+    return prof
+
+
+def timeline_peak(prof, work: Path) -> int:
+    """The peak of the memory timeline's bytes (CPU tensors) above those at its start."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecated in favour of a CUDA-only snapshot API
         prof.export_memory_timeline(str(work / "timeline.json"), device="cpu")
