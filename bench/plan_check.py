@@ -63,10 +63,20 @@ def tensor_peak_of(step, work: Path) -> int:
     torch.profiler's memory timeline follows every tensor the step creates or touches (the weights
     it reads count from the start); allocator slack and libraries' own buffers are not tensors.
     """
+    return timeline_peak(profiled(step), work)
+
+
+def profiled(step):
+    """torch.profiler's record of `step`, every allocation with its stack."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
+    return prof
+
+
+def timeline_peak(prof, work: Path) -> int:
+    """The peak of the memory timeline's bytes (CPU tensors) above those at its start."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecated in favour of a CUDA-only snapshot API
         prof.export_memory_timeline(str(work / "timeline.json"), device="cpu")
@@ -75,40 +85,55 @@ def tensor_peak_of(step, work: Path) -> int:
     return max(totals) - totals[0]
 
 
+def quiet_libraries() -> None:
+    from transformers.utils import logging as transformers_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def build_case(case: tuple, folder: Path):
+    """A Llama of the case's shape with random weights saved in `folder`, its tokenizer, and the case's pairs
+    (the rejected responses 8 tokens shorter than the chosen: a padded batch with its mask)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from selfee_fast.demo.tiny import build_tokenizer
+    from selfee_fast.train import TrainPair
+
+    hidden, intermediate, layers, heads, kv_heads, vocab, seq_len, pairs = case
+    tokenizer = build_tokenizer(["the cat sat on the mat"] * 20, folder, vocab_size=100)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=seq_len, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    rng = random.Random(0)
+    prompt = seq_len // 4
+    train_pairs = [
+        TrainPair(f"p{i}", [rng.randrange(10, vocab) for _ in range(prompt)],
+                  [rng.randrange(10, vocab) for _ in range(seq_len - prompt)],
+                  [rng.randrange(10, vocab) for _ in range(seq_len - prompt - 8)])
+        for i in range(pairs)
+    ]  # fmt: skip
+    return tokenizer, train_pairs
+
+
 def _measure(case: tuple, checkpointing: bool, results) -> None:
     import torch
 
     os.environ["SELFEE_FAST_BACKEND"] = "torch"
     map_big_blocks_alone()
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as transformers_logging
-
     from selfee_fast import models
-    from selfee_fast.demo.tiny import build_tokenizer
     from selfee_fast.train import TrainPair, TrainSettings, train_stage
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    hidden, intermediate, layers, heads, kv_heads, vocab, seq_len, pairs = case
+    quiet_libraries()
+    pairs = case[-1]
     work = Path(tempfile.mkdtemp(prefix="plan_check_"))
     try:
-        tokenizer = build_tokenizer(["the cat sat on the mat"] * 20, work / "m", vocab_size=100)
-        config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                             max_position_embeddings=seq_len, tie_word_embeddings=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-        LlamaForCausalLM(config).save_pretrained(work / "m")
+        tokenizer, train_pairs = build_case(case, work / "m")
         model, _ = models.load_model(work / "m", dtype=torch.float32, device="cpu", gradient_checkpointing=checkpointing,
                                      lora=models.LoraSettings(r=LORA_R, alpha=2 * LORA_R))  # fmt: skip
-        rng = random.Random(0)
-        prompt = seq_len // 4
-        train_pairs = [
-            TrainPair(f"p{i}", [rng.randrange(10, vocab) for _ in range(prompt)],
-                      [rng.randrange(10, vocab) for _ in range(seq_len - prompt)],
-                      [rng.randrange(10, vocab) for _ in range(seq_len - prompt - 8)])
-            for i in range(pairs)
-        ]  # fmt: skip
         settings = TrainSettings(lr=1e-4, warmup_ratio=0.0, batch_size=pairs, micro_batch_size=pairs,
                                  optimizer="adamw", save_every=10**9)  # fmt: skip
         # A first step on two tokens loads what a step loads once (lazy imports, TensorBoard's writer,

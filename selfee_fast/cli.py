@@ -163,12 +163,13 @@ def spa_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_memory_plan(config) -> None:
-    """The plan's table, then a warning where a configured batch is estimated not to fit. The batches stay as
-    configured (each is part of its stage's fingerprint); a batch that runs out of memory is still finished in halves."""
+def print_memory_plan(config, processes: int = 1) -> None:
+    """The plan's table (one rank's, under torchrun), then a warning where a configured batch is estimated not to
+    fit. The batches stay as configured (each is part of its stage's fingerprint); a batch that runs out of memory
+    is still finished in halves."""
     from .plan import plan_run
 
-    memory_plan = plan_run(config)
+    memory_plan = plan_run(config, processes=processes)
     print(memory_plan.table())
     for line in memory_plan.advice():
         print(f"warning: {line}")
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if world().is_main:  # under torchrun rank 0 speaks for the run
         refuse_if_busy(config.run_dir)  # a folder in use is refused before anything else is said
         check_values(config)  # the plan reads model.path: the values first
-        print_memory_plan(config)
+        print_memory_plan(config, world().size)
     summary = run_pipeline(config, force=args.force)
     if world().is_main:
         print(f"done: {len(summary['stages'])} stages in {config.run_dir} (summary.json)")
@@ -195,12 +196,17 @@ def plan(args: argparse.Namespace) -> int:
     """The memory plan of a config, from the model's config.json alone: nothing loads, nothing is written."""
     import json
 
-    from .config import check_values, load_config
+    from .config import ConfigError, check_values, load_config
     from .plan import plan_run
 
     config = load_config(args.config, args.overrides)
     check_values(config)
-    memory_plan = plan_run(config)
+    processes = args.processes if args.processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if processes < 1:
+        raise ConfigError(f"--processes {processes}: at least 1")
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 prints the plan; the others have the same one
+    memory_plan = plan_run(config, processes=processes)
     if args.json:
         print(json.dumps(memory_plan.to_json(), indent=2))
     else:
@@ -293,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", action="store_true", help="the same as JSON: each stage's estimated peak bytes and batches"
     )
+    p.add_argument(
+        "--processes", type=int, metavar="N",
+        help="one process's plan for a torchrun run on N processes (default: WORLD_SIZE if set, else 1)",
+    )  # fmt: skip
     p.set_defaults(func=plan)
     for name, what in (
         ("generate", "sample responses for one iteration (resumes a partial file)"),
@@ -364,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # The commands torchrun can start on several processes.
 DISTRIBUTED_COMMANDS = ("run", "generate", "judge", "train")
+# Commands that load nothing and join no process group: they may run where WORLD_SIZE is set.
+WORLD_SIZE_AWARE = ("plan",)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -386,7 +398,7 @@ def run_command(args: argparse.Namespace) -> int:
     ranks = start_world() if command in DISTRIBUTED_COMMANDS else world()
     name = f"selfee-fast (rank {ranks.rank} of {ranks.size})" if ranks.distributed else "selfee-fast"
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command not in DISTRIBUTED_COMMANDS:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command not in DISTRIBUTED_COMMANDS + WORLD_SIZE_AWARE:
             raise ConfigError(f"{command} runs on one process; torchrun runs {', '.join(DISTRIBUTED_COMMANDS)}")
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError, RunFolderBusy, TaskError, DemoSettingsError) as error:
@@ -416,13 +428,14 @@ def run_command(args: argparse.Namespace) -> int:
 def out_of_memory_report(args: argparse.Namespace, error: BaseException) -> str:
     """The memory plan of the command's config and what to change, for an out-of-memory error that got through."""
     from .config import ConfigError, load_config
+    from .distributed import world
     from .plan import out_of_memory_message
 
     try:
         config = load_config(args.config, getattr(args, "overrides", []))
     except ConfigError:  # the config loaded once already; this cannot fail short of the file changing meanwhile
         return f"out of GPU memory: {error}"
-    return out_of_memory_message(config, error)
+    return out_of_memory_message(config, error, world().size)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ Llama forward (bench/NOTES.md lists them and compares the total with peaks measu
 CPU). Every batch is taken at its longest: all rows `data.max_length` tokens, padded (the
 attention mask held), so the plan errs on the high side.
 
-`selfee-fast plan cfg.yaml [--json]` prints it; `selfee-fast run` prints it first.
+Under torchrun every estimate is one rank's (`processes`): training splits each micro-batch over
+the ranks and holds the weights as FSDP2 shards them (`fsdp2_weights`); generation and judging
+run whole models at one process's batch.
+
+`selfee-fast plan cfg.yaml [--json] [--processes N]` prints it; `selfee-fast run` prints it first
+(one rank's plan under torchrun).
 """
 
 from __future__ import annotations
@@ -267,16 +272,22 @@ def head_buffer_bytes(precision: Precision) -> int:
 
 
 def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_length: int, *,
-                      frozen_reference: bool = True) -> Estimate:  # fmt: skip
+                      frozen_reference: bool = True, processes: int = 1, base_layout: str = "whole") -> Estimate:  # fmt: skip
     """One training step of `pairs` pairs per micro-batch, all rows `max_length` tokens.
 
     `frozen_reference`: an SPA iteration's reference pi_{i-1} (a frozen adapter copy with LoRA,
     a frozen model copy with full fine-tuning); stage 0's reference is the base (adapters off).
+    `processes` > 1: one rank's peak under torchrun with FSDP2 (`fsdp2_weights`): each rank takes
+    pairs / processes of the micro-batch; `base_layout` is where a LoRA run's frozen base lives
+    ("whole" on every rank, or "sharded"; model.shard_frozen_base).
     """
+    if pairs % processes:
+        raise ValueError(f"{pairs} pairs per micro-batch do not split over {processes} processes")
+    est = Estimate("train", pairs)
+    pairs //= processes  # the activations and the head below are one rank's
     a, h = precision.activation_bytes, shape.hidden_size
     rows = 2 * pairs
     tokens = rows * max_length
-    est = Estimate("train", pairs)
     est.components["weights"] = weight_bytes(shape, precision)
     if precision.lora_r:
         sizes = lora_params(shape, precision.lora_r)
@@ -323,7 +334,92 @@ def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_l
     phase, name = max((head, "working: fused head"), (layer, "working: a layer's backward"),
                       (reference, "working: the reference's forward"))  # fmt: skip
     est.components[name] = int(phase)
+    if processes > 1:
+        est.components.update(fsdp2_weights(shape, precision, processes, base_layout, frozen_reference))
     return est
+
+
+def shard_elements(rows: int, cols: int, processes: int) -> int:
+    """What one rank holds of a [rows, cols] parameter under FSDP2: dim 0 split `processes` ways, padded
+    to a multiple of it (FSDP2 keeps the padded shard; rank 0's is never the short one)."""
+    return -(-rows // processes) * cols
+
+
+def fsdp2_weights(shape: ModelShape, precision: Precision, processes: int, base_layout: str,
+                  frozen_reference: bool) -> dict[str, int]:  # fmt: skip
+    """One rank's weights, gradients and optimizer state under distributed.shard_model, and what FSDP2
+    gathers: the components that replace the one-process ones.
+
+    shard_model makes each decoder layer an FSDP2 unit and the body the root unit over what is left
+    of it (the embedding, unless tied to the head, and the final norm); the LM head is passed as
+    ignored and stays whole on every rank, and so does every frozen parameter of a LoRA run with
+    the base "whole". A sharded parameter is a dim-0 shard per rank; its gradient and AdamW's
+    moments are shards of the same shape. What is gathered, with fully_shard's defaults:
+    - a layer unit reshards after its forward (reshard_after_forward=None is True for non-root
+      units), so the forward holds one layer's unsharded parameters at a time; in the backward
+      the unit being computed is gathered again and the one before it is prefetched (FSDP2's
+      default backward prefetch of the previous unit in forward order): two layers in flight;
+    - the root unit does not reshard after its forward (None is False for the root): its
+      embedding and final norm stay unsharded from the body's forward until its backward ends;
+      a frozen reference model's root, whose forwards have no backward, keeps them unsharded from
+      its first forward on (seen on a 1-rank gloo mesh: the root's parameters stay plain tensors
+      after a forward without gradient);
+    - the layer being computed holds its unsharded gradients (of what it trains) until its
+      post-backward reduce-scatters them into the sharded ones.
+    Quantised bases are not sharded (preflight refuses them on several processes): the base is
+    counted in its dtype.
+    """
+    n = processes
+    w, a, h = precision.weight_bytes, precision.activation_bytes, shape.hidden_size
+    linears = [(out, inp) for inp, out in shape.linear_shapes()]  # torch's [out, in] weights
+    layer = [*linears, (h, 1), (h, 1)]  # and the two RMSNorms
+    root = ([] if shape.tied_embeddings else [(shape.vocab_size, h)]) + [(h, 1)]  # embedding, final norm
+    head = shape.vocab_size * h  # whole on every rank (tied: it is the embedding, whole with it)
+    body = layer * shape.layers + root
+
+    def sharded(tensors) -> int:
+        return sum(shard_elements(rows, cols, n) for rows, cols in tensors)
+
+    def whole(tensors) -> int:
+        return sum(rows * cols for rows, cols in tensors)
+
+    out = {}
+    if precision.lora_r:
+        r = precision.lora_r
+        adapter_layer = [t for out_, inp in linears for t in ((r, inp), (out_, r))]  # A [r, in], B [out, r]
+        adapter = adapter_layer * shape.layers
+        # The adapter trains: sharded N ways, its fp32 gradients and AdamW's moments with it.
+        out["adapter + gradients"] = 2 * 4 * sharded(adapter)
+        out["optimizer"] = optimizer_bytes([shard_elements(rows, cols, n) for rows, cols in adapter],
+                                           precision.optimizer)  # fmt: skip
+        # Gathered: two layers' unsharded adapters; the layer in its backward, its adapter's gradients.
+        gathered = 2 * 4 * whole(adapter_layer) + 4 * whole(adapter_layer)
+        if base_layout == "whole":
+            # Every frozen parameter is ignored by FSDP2: the base, and pi_{i-1}'s adapter, whole per rank.
+            out["weights"] = weight_bytes(shape, precision)
+            if frozen_reference:
+                out["frozen reference"] = 4 * whole(adapter)
+        else:
+            out["weights"] = w * (head + sharded(body))
+            if frozen_reference:
+                out["frozen reference"] = 4 * sharded(adapter)
+                gathered += 2 * 4 * whole(adapter_layer)  # gathered with its layer
+            # Two layers' unsharded base weights, and the root's embedding and final norm held unsharded.
+            gathered += 2 * w * whole(layer) + w * whole(root)
+    else:
+        # Full fine-tuning: the body trains, sharded with its gradients and optimizer state; the head
+        # trains whole on every rank (its gradient all-reduced like DDP's), its state whole too.
+        out["weights"] = w * (head + sharded(body))
+        out["gradients"] = w * (head + sharded(body))
+        out["optimizer"] = optimizer_bytes([head] + [shard_elements(rows, cols, n) for rows, cols in body],
+                                           precision.optimizer)  # fmt: skip
+        # The frozen reference model is sharded the same way, in the compute dtype; its root's embedding
+        # and final norm, gathered by its first forward, are never resharded (no backward runs).
+        out["frozen reference"] = a * (head + sharded(body) + whole(root))
+        # Two of the policy's layers unsharded, one layer's unsharded gradients, the policy's root.
+        gathered = 2 * w * whole(layer) + w * whole(layer) + w * whole(root)
+    out["FSDP2: gathered"] = gathered
+    return out
 
 
 def generation_estimate(shape: ModelShape, precision: Precision, prompts: int, responses: int, prompt_length: int,
@@ -397,10 +493,12 @@ class Plan:
     budget_source: str  # where the budget came from
     stages: list[StagePlan]
     notes: list[str]
+    processes: int = 1  # under torchrun every estimate is one process's (one rank's)
 
     def to_json(self) -> dict:
         return {
-            "model": asdict(self.shape), "budget_bytes": self.budget_bytes, "budget_source": self.budget_source,
+            "model": asdict(self.shape), "processes": self.processes, "budget_bytes": self.budget_bytes,
+            "budget_source": self.budget_source,
             "stages": {s.stage: {"setting": s.setting, "batch_size": s.configured, "peak_bytes": s.configured_bytes,
                                  "fits_batch_size": s.fits, "fits_peak_bytes": s.fits_bytes,
                                  "components": s.components} for s in self.stages},
@@ -411,8 +509,9 @@ class Plan:
         budget = f"{readable(self.budget_bytes)} ({self.budget_source})" if self.budget_bytes else self.budget_source
         s = self.shape
         size = f"{s.params / 1e9:.2f}B" if s.params >= 1e9 else f"{s.params / 1e6:.1f}M"
+        per = f" per process, {self.processes} processes" if self.processes > 1 else ""
         lines = [
-            f"memory plan: {s.model_type} {size} parameters (H={s.hidden_size}, {s.layers} layers, "
+            f"memory plan{per}: {s.model_type} {size} parameters (H={s.hidden_size}, {s.layers} layers, "
             f"vocab {s.vocab_size}); budget {budget}",
             f"{'stage':<12}{'setting':<28}{'batch':>6}{'est. peak':>12}{'fits':>6}{'est. peak':>12}",
         ]
@@ -496,8 +595,22 @@ def largest_fitting(estimate, candidates, budget: int | None) -> tuple[int | Non
     return best if best else (None, estimate(min(candidates)).peak_bytes)
 
 
-def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool | None = None) -> Plan:
-    """The memory plan of `config` (its values already checked): each stage's estimate and the batches that fit."""
+def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool | None = None, processes: int = 1,
+             base_layout: str | None = None) -> Plan:  # fmt: skip
+    """The memory plan of `config` (its values already checked): each stage's estimate and the batches that fit.
+
+    `processes` > 1: one rank's estimates under torchrun (the budget is one GPU's). Training splits each
+    micro-batch over the ranks and shards with FSDP2 (`fsdp2_weights`); a LoRA base is laid out as
+    `base_layout`, by default as the run would (`frozen_base_layout`). Generation and the judge: each
+    rank takes every N-th batch at the configured size on a whole model, so one rank's peak is one
+    process's.
+    """
+    if processes > 1:
+        from .preflight import check_processes
+
+        check_processes(config, processes)  # a micro-batch that does not split, or what FSDP2 cannot shard
+        if base_layout is None:
+            base_layout = frozen_base_layout(config, processes) if config.model.lora_r else "sharded"
     shape = shape or ModelShape.from_config_json(config.model.path)
     budget, source, gpu = device_budget(config)
     on_gpu = gpu if on_gpu is None else on_gpu
@@ -509,9 +622,15 @@ def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool
         notes.append(f"model_type {shape.model_type!r} is estimated as a Llama-shaped decoder")
     if not on_gpu:
         notes.append("CPU run: no autocast, the chunked head; the plan advises, no batch is changed")
+    if processes > 1:
+        where = {"whole": "the frozen base whole on every rank, the adapter sharded",
+                 "sharded": "the body sharded"}[base_layout if config.model.lora_r else "sharded"]  # fmt: skip
+        notes.append(f"{processes} processes: train.micro_batch_size / {processes} pairs per rank, FSDP2 with "
+                     f"{where}, the LM head whole; generation and judge batches whole per rank")  # fmt: skip
 
     def train(n: int) -> Estimate:
-        return training_estimate(shape, precision, n, d.max_length, frozen_reference=iterations)
+        return training_estimate(shape, precision, n, d.max_length, frozen_reference=iterations,
+                                 processes=processes, base_layout=base_layout or "whole")  # fmt: skip
 
     def generate(n: int) -> Estimate:
         return generation_estimate(shape, precision, n, g.responses_per_prompt, d.max_prompt_length, g.max_new_tokens)
@@ -520,7 +639,8 @@ def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool
         return judge_estimate(shape, precision, n, g.responses_per_prompt, d.max_length,
                               frozen_reference=config.spa.judge_reference == "previous")  # fmt: skip
 
-    micro_candidates = [n for n in range(1, t.batch_size + 1) if t.batch_size % n == 0]
+    # A micro-batch divides the step's batch, and under torchrun splits over the processes.
+    micro_candidates = [n for n in range(1, t.batch_size + 1) if t.batch_size % n == 0 and n % processes == 0]
     stages = []
     rows = [("train", train, t.micro_batch_size, micro_candidates, "train.micro_batch_size")]
     if iterations:
@@ -536,27 +656,28 @@ def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool
         fits, fits_bytes = largest_fitting(estimate, candidates, budget)
         stages.append(StagePlan(name, configured, at_config.peak_bytes, fits, fits_bytes, at_config.components,
                                 setting))  # fmt: skip
-    return Plan(shape, budget, source, stages, notes)
+    return Plan(shape, budget, source, stages, notes, processes)
 
 
 def frozen_base_layout(config: RunConfig, processes: int) -> str:
     """Where a LoRA run's frozen base lives under torchrun: "whole" on every rank unless the plan says
-    one GPU cannot hold the training step, then "sharded" (model.shard_frozen_base=auto)."""
+    one rank cannot hold its training step that way, then "sharded" (model.shard_frozen_base=auto)."""
     if config.model.shard_frozen_base != "auto":
         return config.model.shard_frozen_base
     if processes == 1 or config.model.lora_r == 0:
         return "whole"  # nothing to share out; full fine-tuning shards every weight it trains anyway
-    plan = plan_run(config)
+    plan = plan_run(config, processes=processes, base_layout="whole")
     train = next(s for s in plan.stages if s.stage == "train")
-    # The estimate is one process holding a whole micro-batch: an upper bound for a rank's share.
+    # One rank's estimate with the base whole: its share of the micro-batch, the sharded adapter.
     return "whole" if plan.budget_bytes is None or train.configured_bytes <= plan.budget_bytes else "sharded"
 
 
-def out_of_memory_message(config: RunConfig, error: BaseException) -> str:
-    """What the CLI says when a stage ran out of GPU memory anyway: the error, the plan, and what to change."""
+def out_of_memory_message(config: RunConfig, error: BaseException, processes: int = 1) -> str:
+    """What the CLI says when a stage ran out of GPU memory anyway: the error, the plan (one rank's of
+    `processes`), and what to change."""
     lines = [f"out of GPU memory: {str(error).splitlines()[0] if str(error) else type(error).__name__}"]
     try:
-        plan = plan_run(config)
+        plan = plan_run(config, processes=processes)
     except (ConfigError, OSError) as plan_error:
         lines.append(f"(no memory plan: {plan_error})")
         plan = None

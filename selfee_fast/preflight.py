@@ -28,9 +28,12 @@ def preflight(config: RunConfig, *, check_data: bool = True) -> Runtime:
     return runtime
 
 
-def check_processes(config: RunConfig) -> None:
-    """What several processes (torchrun) do not support yet, refused with what to set instead."""
-    ranks = world().size
+def check_processes(config: RunConfig, processes: int | None = None) -> None:
+    """What several processes (torchrun) do not support yet, refused with what to set instead.
+
+    `processes`: how many (the memory plan asks about a count of its own); by default this run's.
+    """
+    ranks = world().size if processes is None else processes
     if ranks == 1:
         return
     if config.train.micro_batch_size % ranks:

@@ -146,6 +146,7 @@ def test_a_torchrun_iteration_writes_the_files_one_process_writes(finished_run):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stage0: finished earlier, skipped" in done.stdout
     assert done.stdout.count("stage0: finished earlier, skipped") == 1, "only rank 0 reports"
+    assert done.stdout.count("memory plan per process, 2 processes") == 1, "rank 0 prints one rank's plan"
     one, two = finished_run / "one" / "iter1", finished_run / "two" / "iter1"
     for name in ("generations.jsonl", "pairs.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name

@@ -9,6 +9,7 @@ import torch
 from selfee_fast import cli
 from selfee_fast.config import ConfigError, check_values, load_config
 from selfee_fast.plan import (
+    GIB,
     NF4_BYTES_PER_WEIGHT,
     ModelShape,
     Precision,
@@ -17,6 +18,7 @@ from selfee_fast.plan import (
     judge_estimate,
     largest_fitting,
     plan_run,
+    shard_elements,
     training_estimate,
 )
 from selfee_fast.stages import stage_fingerprints
@@ -232,7 +234,8 @@ def test_the_cli_prints_the_plan_from_config_json_alone(tmp_path, capsys, monkey
     assert "memory plan: mistral 7.24B parameters" in out and "train.micro_batch_size" in out
     assert cli.main(["plan", str(path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"model", "budget_bytes", "budget_source", "stages", "notes"}
+    assert set(result) == {"model", "processes", "budget_bytes", "budget_source", "stages", "notes"}
+    assert result["processes"] == 1
     assert set(result["stages"]) == {"train", "generation", "judge"}
     for stage in result["stages"].values():
         assert {"batch_size", "peak_bytes", "fits_batch_size", "fits_peak_bytes", "components", "setting"} <= set(stage)
@@ -288,13 +291,160 @@ def test_full_fine_tuning_counts_master_weights_gradients_and_a_frozen_copy(tmp_
 def test_a_lora_base_stays_whole_on_each_gpu_unless_the_plan_says_it_cannot(tmp_path):
     """model.shard_frozen_base=auto under torchrun: whole when the training step fits one card, else sharded."""
     path = config_file(tmp_path, MISTRAL_7B, lora_r=16)
-    one_card = load_config(path, ["model.max_memory_gb=80"])
+    eight = ["train.optimizer=adamw", "train.micro_batch_size=8"]  # what 8 processes run with
+    one_card = load_config(path, [*eight, "model.max_memory_gb=80"])
     assert frozen_base_layout(one_card, 8) == "whole"
-    assert frozen_base_layout(load_config(path, ["model.max_memory_gb=8"]), 8) == "sharded"
-    assert frozen_base_layout(load_config(path, ["model.max_memory_gb=8"]), 1) == "whole", "one process"
-    assert frozen_base_layout(load_config(path, ["model.max_memory_gb=80", "model.shard_frozen_base=sharded"]), 8) == (
-        "sharded"
-    )
+    assert frozen_base_layout(load_config(path, [*eight, "model.max_memory_gb=8"]), 8) == "sharded"
+    assert frozen_base_layout(load_config(path, [*eight, "model.max_memory_gb=8"]), 1) == "whole", "one process"
+    assert frozen_base_layout(load_config(path, [*eight, "model.max_memory_gb=80", "model.shard_frozen_base=sharded"]),
+                              8) == "sharded"  # fmt: skip
     assert stage_fingerprints(load_config(path, ["model.shard_frozen_base=sharded"])) == stage_fingerprints(
         load_config(path)
     ), "a layout setting: a run may switch it and resume"
+
+
+# --------------------------------------------------------------------------- several processes (FSDP2)
+
+# SMALL's tensors as torch holds them: per layer the linears [out, in] (q 64x64, k and v 32x64, o 64x64,
+# gate and up 128x64, down 64x128: 36864) and two norms of 64; the embedding 100x64 and the final norm
+# (the body's root unit: 6464); the head 100x64, never sharded. Every dim 0 is even: N=2 halves exactly.
+LAYER, ROOT, HEAD, PARAMS = 36864 + 128, 6400 + 64, 6400, 86848
+ADAPTER_LAYER = 4096  # LoRA r=4: r x (in + out) per linear, per layer
+NOT_WEIGHTS = ("activations", "working: fused head", "working: a layer's backward", "working: the reference's forward")
+
+
+def per_rank(precision, layout="whole", frozen_reference=True):
+    shape = ModelShape(64, 128, 2, 4, 2, 16, 100)
+    two = training_estimate(shape, precision, 4, 10, frozen_reference=frozen_reference, processes=2,
+                            base_layout=layout)  # fmt: skip
+    one = training_estimate(shape, precision, 2, 10, frozen_reference=frozen_reference)
+    # A rank computes 4 / 2 = 2 pairs: its activations and head are one process's at 2 pairs.
+    assert {k: v for k, v in two.components.items() if k in NOT_WEIGHTS} == {
+        k: v for k, v in one.components.items() if k in NOT_WEIGHTS
+    }
+    assert two.batch_size == 4, "the plan speaks of the configured micro-batch"
+    return {k: v for k, v in two.components.items() if k not in NOT_WEIGHTS}
+
+
+def test_two_processes_lora_with_the_base_whole_shard_only_the_adapter():
+    cpu = Precision(weight_bytes=4, activation_bytes=4, lora_r=4, optimizer="adamw", on_gpu=False)
+    assert per_rank(cpu, "whole") == {
+        "weights": 4 * PARAMS,  # frozen, ignored by FSDP2: whole on every rank
+        "adapter + gradients": 8 * 2 * ADAPTER_LAYER // 2,  # fp32 adapter and gradients, halved
+        "frozen reference": 4 * 2 * ADAPTER_LAYER,  # pi_{i-1}'s adapter is frozen too: whole
+        "optimizer": 8 * 2 * ADAPTER_LAYER // 2,  # AdamW's two fp32 moments of the shards
+        # Two layers' unsharded adapters (computed and prefetched) and one layer's unsharded gradients.
+        "FSDP2: gathered": 2 * 4 * ADAPTER_LAYER + 4 * ADAPTER_LAYER,
+    }
+
+
+def test_two_processes_lora_with_the_base_sharded():
+    cpu = Precision(weight_bytes=4, activation_bytes=4, lora_r=4, optimizer="adamw", on_gpu=False)
+    assert per_rank(cpu, "sharded") == {
+        "weights": 4 * (HEAD + (2 * LAYER + ROOT) // 2),  # the head whole, the body halved
+        "adapter + gradients": 8 * ADAPTER_LAYER,
+        "frozen reference": 4 * ADAPTER_LAYER,  # sharded with its layers
+        "optimizer": 8 * ADAPTER_LAYER,
+        # Two layers unsharded (base, adapter, pi_{i-1}'s adapter), one layer's adapter gradients, and
+        # the root (embedding, final norm) kept unsharded from the forward to the backward.
+        "FSDP2: gathered": 2 * 4 * (LAYER + 2 * ADAPTER_LAYER) + 4 * ADAPTER_LAYER + 4 * ROOT,
+    }
+
+
+def test_two_processes_full_fine_tuning_shard_weights_gradients_state_and_the_reference():
+    cpu = Precision(weight_bytes=4, activation_bytes=4, lora_r=0, optimizer="adamw", on_gpu=False)
+    sharded = HEAD + (2 * LAYER + ROOT) // 2  # elements per rank: the head whole, the body halved
+    assert per_rank(cpu) == {
+        "weights": 4 * sharded,
+        "gradients": 4 * sharded,  # the head's whole, all-reduced; the body's reduce-scattered
+        "frozen reference": 4 * (sharded + ROOT),  # its root gathered by its first forward, never resharded
+        "optimizer": 8 * sharded,
+        # Two layers unsharded, one layer's unsharded gradients, the policy's root unsharded.
+        "FSDP2: gathered": 3 * 4 * LAYER + 4 * ROOT,
+    }
+
+
+def test_a_shard_is_padded_to_a_multiple_of_the_processes():
+    assert shard_elements(5, 3, 2) == 9 and shard_elements(4, 3, 2) == 6 and shard_elements(7, 1, 8) == 1
+    shape = ModelShape(64, 128, 2, 4, 2, 16, 99)  # an odd vocabulary: the embedding's 50 rows per rank
+    cpu = Precision(weight_bytes=4, activation_bytes=4, lora_r=0, optimizer="adamw", on_gpu=False)
+    est = training_estimate(shape, cpu, 2, 10, processes=2)
+    # The head whole (99 rows), each layer halved, the embedding's 50 of 99 rows, half the final norm.
+    assert est.components["weights"] == 4 * (99 * 64 + LAYER + 50 * 64 + 32)
+    with pytest.raises(ValueError, match="do not split over 2"):
+        training_estimate(shape, cpu, 3, 10, processes=2)
+
+
+def test_one_process_is_the_one_process_estimate_exactly(tmp_path):
+    shape = ModelShape(64, 128, 2, 4, 2, 16, 100)
+    for precision in (Precision(4, 4, lora_r=4, optimizer="adamw", on_gpu=False), Precision(2, 2, lora_r=0)):
+        for layout in ("whole", "sharded"):
+            assert training_estimate(shape, precision, 2, 10, processes=1, base_layout=layout).components == (
+                training_estimate(shape, precision, 2, 10).components
+            )
+    config = load_config(config_file(tmp_path, MISTRAL_7B, lora_r=16, device="cuda", max_memory_gb=24))
+    assert plan_run(config, processes=1) == plan_run(config)
+
+
+def test_the_plan_of_two_processes_is_one_rank_and_picks_micro_batches_that_split(tmp_path):
+    path = config_file(tmp_path, MISTRAL_7B, lora_r=16, device="cuda", max_memory_gb=24)
+    config = load_config(path, ["train.optimizer=adamw", "train.micro_batch_size=8"])
+    one, two = plan_run(config), plan_run(config, processes=2)
+    train_one, train_two = (next(s for s in p.stages if s.stage == "train") for p in (one, two))
+    assert train_two.configured == 8 and train_two.configured_bytes < train_one.configured_bytes
+    assert train_two.fits % 2 == 0 and train_two.fits >= train_one.fits
+    for name in ("generation", "judge"):  # every N-th batch per rank, the same size, whole models
+        assert next(s for s in one.stages if s.stage == name) == next(s for s in two.stages if s.stage == name)
+    assert "memory plan per process, 2 processes: mistral" in two.table()
+    assert two.to_json()["processes"] == 2 and "2 processes: train.micro_batch_size / 2" in " ".join(two.notes)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size=8 must split evenly over the 3 processes"):
+        plan_run(config, processes=3)  # preflight's own check
+
+
+def test_the_cli_plans_for_the_processes_it_is_told_or_torchrun_s_world_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = config_file(tmp_path, MISTRAL_7B, lora_r=16, device="cuda", max_memory_gb=24)
+    ok = ["train.optimizer=adamw", "train.micro_batch_size=8"]
+    assert cli.main(["plan", str(path), *ok, "--processes", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["processes"] == 2
+    assert result["stages"]["train"]["components"] == plan_run(load_config(path, ok), processes=2).to_json()[
+        "stages"]["train"]["components"]  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun sets it: the default, and plan is not refused
+    assert cli.main(["plan", str(path), *ok]) == 0
+    assert "memory plan per process, 4 processes" in capsys.readouterr().out
+    assert cli.main(["plan", str(path), *ok, "--processes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: mistral" in out and "per process" not in out
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["plan", str(path), *ok]) == 0
+    assert capsys.readouterr().out == "", "under torchrun rank 0 prints the plan"
+    monkeypatch.delenv("RANK")
+    assert cli.main(["plan", str(path), "--processes", "3"]) == 2  # micro_batch_size 4 does not split 3 ways
+    assert "must split evenly over the 3 processes" in capsys.readouterr().err
+    assert cli.main(["plan", str(path), *ok, "--processes", "0"]) == 2
+    assert "--processes 0" in capsys.readouterr().err
+
+
+def test_run_prints_one_rank_s_plan(tmp_path, capsys):
+    path = config_file(tmp_path, MISTRAL_7B, lora_r=16, device="cuda", max_memory_gb=24)
+    cli.print_memory_plan(load_config(path, ["train.optimizer=adamw", "train.micro_batch_size=8"]), 2)
+    assert "memory plan per process, 2 processes" in capsys.readouterr().out
+
+
+def test_auto_keeps_the_base_whole_while_one_rank_s_share_fits(tmp_path):
+    """The decision flips where two ranks' per-rank estimate with the base whole meets the budget."""
+    path = config_file(tmp_path, MISTRAL_7B, lora_r=16, device="cuda")
+    ok = ["train.optimizer=adamw", "train.micro_batch_size=8", "data.max_length=1024", "data.max_prompt_length=512"]
+    config = load_config(path, [*ok, "model.max_memory_gb=80"])
+    rank = next(s for s in plan_run(config, processes=2, base_layout="whole").stages if s.stage == "train")
+    whole_process = next(s for s in plan_run(config).stages if s.stage == "train")
+
+    def at(peak: float) -> str:  # the card whose budget, (card - 0.5 GiB) x 0.9, is `peak`
+        return f"model.max_memory_gb={(peak / 0.9 + GIB / 2) / GIB:.6f}"
+
+    above, below = rank.configured_bytes * 1.001, rank.configured_bytes * 0.999
+    assert frozen_base_layout(load_config(path, [*ok, at(above)]), 2) == "whole"
+    assert frozen_base_layout(load_config(path, [*ok, at(below)]), 2) == "sharded"
+    # Between the rank's share and one process's whole micro-batch the old upper bound said "sharded".
+    assert whole_process.configured_bytes > above
