@@ -366,7 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         # Everything after `bench` is the benchmark script's, --help included.
         return bench(argparse.Namespace(bench_args=argv[1:]))
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also come after an option (`plan cfg.yaml --json model.x=y`): argparse stops
+    # the positional list at the first option and cannot intermix them across subcommands.
+    if (
+        extra
+        and isinstance(getattr(args, "overrides", None), list)
+        and all("=" in item and not item.startswith("-") for item in extra)
+    ):
+        args.overrides += extra
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message for what it does not know
     if args.command not in ("kernel-demo",):
         quiet_libraries()
     return run_command(args)

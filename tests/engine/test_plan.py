@@ -416,6 +416,11 @@ def test_the_cli_plans_for_the_processes_it_is_told_or_torchrun_s_world_size(tmp
     assert cli.main(["plan", str(path), *ok, "--processes", "1"]) == 0
     out = capsys.readouterr().out
     assert "memory plan: mistral" in out and "per process" not in out
+    # overrides after an option are overrides too; anything else after one is still refused
+    assert cli.main(["plan", str(path), "--processes", "2", *ok]) == 0
+    assert "memory plan per process, 2 processes" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["plan", str(path), "--processes", "2", *ok, "stray"])
     monkeypatch.setenv("RANK", "1")
     assert cli.main(["plan", str(path), *ok]) == 0
     assert capsys.readouterr().out == "", "under torchrun rank 0 prints the plan"
