@@ -339,7 +339,8 @@ def test_a_run_on_a_folder_in_use_is_refused_at_once(workspace, capsys):
 def test_ctrl_c_and_sigterm_stop_at_a_boundary_and_the_rerun_resumes(workspace, sig, where):
     """The first signal finishes the step (or batch), saves, exits 130 naming the resume; the rerun finishes."""
     run = f"stopped_{sig.name.lower()}"
-    config = write_config(workspace, run, train__save_every=1000, generation__batch_size=2)
+    # Enough seed steps that the signal, sent once two are logged, cannot arrive after the stage ends.
+    config = write_config(workspace, run, train__save_every=1000, train__seed_epochs=20, generation__batch_size=2)
     metrics = workspace / run / "stage0" / "train" / "metrics.jsonl"
     generations = workspace / run / "iter1" / "generations.jsonl"
     process = subprocess.Popen([sys.executable, "-m", "selfee_fast", "run", str(config)], stdout=subprocess.DEVNULL,
