@@ -28,7 +28,6 @@ Every number in the output comes from this run: the matmul rate that defines the
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib.metadata
 import json
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import selfee_fast as sf
+from selfee_fast import rss
 
 IGNORE_INDEX = -100
 BETA = 0.1
@@ -138,22 +138,6 @@ def time_call(fn: Callable[[], object], device: torch.device) -> tuple[float, ob
     return time.perf_counter() - t0, result
 
 
-def _read_status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field_name}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
-def cpu_peak_tracking_works() -> bool:
-    """Linux lets a process reset its peak RSS (VmHWM) by writing 5 to clear_refs."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _read_status_kib("VmHWM")
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
 def set_cpu_malloc_mode(device: torch.device, mode: str) -> None:
     """Steer glibc's malloc on the CPU so that RSS tells the truth when it must.
 
@@ -166,16 +150,8 @@ def set_cpu_malloc_mode(device: torch.device, mode: str) -> None:
     chunk-sized buffers) rather than a fresh mapping per tensor.
     Setting either turns glibc's adaptation off; both are no-ops off glibc.
     """
-    if device.type != "cpu":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    threshold = 1 << 20 if mode == "measure-memory" else 32 << 20
-    libc.mallopt(m_mmap_threshold, threshold)
-    libc.mallopt(m_trim_threshold, 2 * threshold)
+    if device.type == "cpu":
+        rss.map_big_blocks_alone(1 << 20 if mode == "measure-memory" else 32 << 20)
 
 
 def memory_start(device: torch.device, cpu_rss_ok: bool) -> int | None:
@@ -187,9 +163,7 @@ def memory_start(device: torch.device, cpu_rss_ok: bool) -> int | None:
         return torch.cuda.memory_allocated(device)
     if not cpu_rss_ok:
         return None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _read_status_kib("VmRSS") * 1024
+    return rss.reset_peak()
 
 
 def memory_peak(device: torch.device, start: int | None) -> int | None:
@@ -199,7 +173,7 @@ def memory_peak(device: torch.device, start: int | None) -> int | None:
     if device.type == "cuda":
         sync(device)
         return torch.cuda.max_memory_allocated(device) - start
-    return _read_status_kib("VmHWM") * 1024 - start
+    return rss.peak() - start
 
 
 def measure_matmul_rate(m: int, h: int, v: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
@@ -720,7 +694,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    cpu_rss_ok = device.type == "cpu" and cpu_peak_tracking_works()
+    cpu_rss_ok = device.type == "cpu" and rss.peak_can_be_reset()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"kernels-{device.type}.json", out_dir / f"kernels-{device.type}.md"

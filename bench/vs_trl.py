@@ -31,6 +31,7 @@ which must agree (policy = reference at step 1: loss log 2).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import multiprocessing as mp
@@ -64,6 +65,7 @@ def memory_start(device) -> int:
     """Reset the peak counter; the bytes in use now."""
     import torch
 
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -20,16 +20,28 @@ def _status_bytes(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
 
 
-def map_big_blocks_alone() -> None:
-    """glibc: every block of 1 MiB or more in its own mapping, given back on free (no-op off glibc)."""
+def map_big_blocks_alone(from_bytes: int = 1 << 20) -> None:
+    """glibc: every block of `from_bytes` or more in its own mapping, given back on free (no-op off
+    glibc). Setting it turns glibc's adaptive threshold off."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    libc.mallopt(m_trim_threshold, 2 << 20)
+    libc.mallopt(m_mmap_threshold, from_bytes)
+    libc.mallopt(m_trim_threshold, 2 * from_bytes)
     libc.malloc_trim(0)
+
+
+def peak_can_be_reset() -> bool:
+    """Linux lets a process reset its peak RSS (VmHWM) by writing 5 to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_bytes("VmHWM")
+        return True
+    except (OSError, AttributeError):
+        return False
 
 
 def reset_peak() -> int:
