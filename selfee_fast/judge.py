@@ -11,11 +11,16 @@ also the DPO reference of the next training stage, so training need not recomput
 `judge_reference`: "init" (the paper's choice), "previous" (the paper's ablation: the iterate
 before pi_{i-1}, which the caller loads as the shared model's "reference" adapter or passes
 as `base_model`) or "none" (r = beta * log pi_{i-1}(y|x)).
+
+`earlier` (spa.consistency_smoothing, after CREAM, Wang et al. 2025): the previous
+iteration's judge ranks the same responses too, and each pair records how far the two
+rankings agree; training smooths the labels by the iteration's mean disagreement.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,17 +37,33 @@ from .stopping import stop_here
 JUDGE_REFERENCES = CHOICES["spa.judge_reference"]
 
 
+@dataclass(frozen=True)
+class EarlierJudge:
+    """The previous iteration's judge (the iterate before pi_{i-1}), for the judges' agreement.
+
+    `role` None: that iterate is the judge's own reference (pi_init in iteration 1), which
+    judges by its per-token log-likelihood alone, as CREAM's code scores a model without a
+    reference; its log-probs are the reference's, already computed. Otherwise the role of
+    the shared model that plays it ("reference": pi_{i-2} loaded as that adapter), or
+    "policy" of `model`, a frozen model of its own (full fine-tuning).
+    """
+
+    role: str | None = None
+    model: object | None = None
+
+
 @torch.no_grad()
 def score_responses(
     model, items: list[tuple[list[int], list[list[int]]]], pad_id: int, *, judge_reference: str = "init",
-    base_model=None, packed: bool = False,
+    base_model=None, packed: bool = False, policy_role: str = "policy",
 ) -> list[tuple[list[float], list[float]]]:  # fmt: skip
     """Per (prompt ids, responses) item: (log pi_{i-1}(y|x), log pi_ref(y|x)) of each response.
 
     All responses of all items go through one batched forward: padded rows, or one packed
     row (`data.pack`). The reference is 0 for judge_reference="none". `base_model`: a
     separate model standing in for pi_init (no-seed mode: the instruct model's base);
-    otherwise pi_init is the shared model with its adapters disabled.
+    otherwise pi_init is the shared model with its adapters disabled. `policy_role`: the
+    shared model's role that plays the scored model (an earlier judge: "reference").
     """
     if judge_reference not in JUDGE_REFERENCES:
         raise ValueError(f"judge_reference must be one of {JUDGE_REFERENCES}, got {judge_reference!r}")
@@ -59,7 +80,7 @@ def score_responses(
     use_reference = judge_reference != "none"
     role = "init" if judge_reference == "init" else "reference"
     out = sequence_token_logprobs(
-        model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+        model, batch["input_ids"], batch["attention_mask"], batch["labels"], policy_role=policy_role,
         reference=role if use_reference and base_model is None else None,
         reference_model=base_model if use_reference else None, position_ids=batch.get("position_ids"),
         cu_seq_lens=cu_seq_lens,
@@ -98,11 +119,13 @@ def judge_generations(
     autocast_dtype: torch.dtype | None = None,
     packing: bool = False,
     reward: str = "sum",
+    earlier: EarlierJudge | None = None,
     log=print,
 ) -> list[JudgedPair]:
     """Turn generations into preference pairs; write them (TRL format plus scores) atomically.
 
     `reward`: "sum" (the paper's summed log-ratio) or "mean" (per response token).
+    `earlier`: the previous iteration's judge; each pair then records the two judges' agreement.
     `autocast_dtype`: run the scoring under torch.autocast, as training does (its stored
     log pi_{i-1} serves as the training reference). `packing`: each batch as one packed row. Judged batches are appended to
     `<out_path>.partial` as they finish, so a killed judge
@@ -132,9 +155,17 @@ def judge_generations(
 
     def score(items, _offset):
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            return score_responses(
+            scores = score_responses(
                 model, items, padding, judge_reference=judge_reference, base_model=base_model, packed=packing
             )
+            if earlier is None or earlier.role is None:
+                return [(policy, ref, None) for policy, ref in scores]
+            # Only the earlier iterate's log-probs are new: the reference's are those just computed.
+            earlier_scores = score_responses(
+                earlier.model or model, items, padding, judge_reference="none", packed=packing,
+                policy_role=earlier.role,
+            )  # fmt: skip
+            return [(policy, ref, before) for (policy, ref), (before, _) in zip(scores, earlier_scores, strict=True)]
 
     limit = BatchLimit()  # what fitted for one batch is where the next one starts
     with write_path.open("a", encoding="utf-8") as out:
@@ -151,8 +182,10 @@ def judge_generations(
             else:
                 scores = split_on_oom(score, items, what=f"judge batch {number}", log=log, limit=limit)
                 judged = [
-                    _pair_of(r, policy, ref, beta, per_token=reward == "mean")
-                    for r, (policy, ref) in zip(batch, scores, strict=True)
+                    _pair_of(
+                        r, policy, ref, beta, per_token=reward == "mean", earlier_judge=earlier, earlier_logps=before
+                    )
+                    for r, (policy, ref, before) in zip(batch, scores, strict=True)
                 ]
             append_batch(out, [{**pair.to_json(), "batch": number} for pair in judged])
             stop_here(f"after judge batch {number + 1}/{len(batches)} ({write_path})")
@@ -175,11 +208,21 @@ def judge_generations(
 
 def _pair_of(
     generation: Generation, policy: list[float], ref: list[float], beta: float, *, policy_known: bool = True,
-    per_token: bool = False,
+    per_token: bool = False, earlier_judge: EarlierJudge | None = None, earlier_logps: list[float] | None = None,
 ) -> JudgedPair:  # fmt: skip
+    lengths = [max(1, len(ids)) for ids in generation.responses]
     rewards = [beta * (p - r) for p, r in zip(policy, ref, strict=True)]
     if per_token:
-        rewards = [value / max(1, len(ids)) for value, ids in zip(rewards, generation.responses, strict=True)]
+        rewards = [value / n for value, n in zip(rewards, lengths, strict=True)]
+    agreement = None
+    if earlier_judge is not None:
+        if earlier_judge.role is None:  # the reference judging by itself: its per-token likelihood
+            before = [r / n for r, n in zip(ref, lengths, strict=True)]
+        else:  # the same reward as this judge's, one iterate earlier
+            before = [beta * (e - r) for e, r in zip(earlier_logps, ref, strict=True)]
+            if per_token:
+                before = [value / n for value, n in zip(before, lengths, strict=True)]
+        agreement = rank_agreement(rewards, before)
     best = max(range(len(rewards)), key=lambda k: (rewards[k], -k))  # ties: the first response
     worst = min((k for k in range(len(rewards)) if k != best), key=lambda k: (rewards[k], k))
     margin = rewards[best] - rewards[worst]
@@ -197,4 +240,22 @@ def _pair_of(
         confidence=1.0 / (1.0 + math.exp(-margin)),
         chosen_logp_policy=policy[best] if policy_known else None,
         rejected_logp_policy=policy[worst] if policy_known else None,
+        agreement=agreement,
     )
+
+
+def rank_agreement(scores: list[float], other: list[float]) -> float:
+    """How far two scorings order the same responses alike: Kendall's tau scaled to [0, 1].
+
+    CREAM's consistency rate: 1 = the same order, 0 = reversed. Over two responses it is 1 or 0;
+    a tie in either scoring orders nothing and counts 0.5.
+    """
+    n = len(scores)
+    if n < 2:
+        raise ValueError("an agreement needs two or more responses")
+    concordance = [_sign(scores[a] - scores[b]) * _sign(other[a] - other[b]) for a in range(n) for b in range(a + 1, n)]
+    return (1.0 + sum(concordance) / len(concordance)) / 2.0
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)

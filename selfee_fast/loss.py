@@ -185,8 +185,9 @@ def _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing, gamma, d
         raise ValueError(
             f"loss_type={loss_type!r} has a fixed target probability; SPA's alpha needs 'sigmoid' or 'robust'"
         )
-    if alpha > 0 and label_smoothing > 0:
-        raise ValueError("pass either label_smoothing (uniform cDPO) or alpha with tau (SPA), not both")
+    if alpha > 0 and label_smoothing + alpha >= 0.5:
+        # A flagged pair's smoothing is their sum; at 0.5 it would carry no preference (robust: divide by 0).
+        raise ValueError(f"label_smoothing + alpha must be < 0.5, got {label_smoothing} + {alpha}")
     if smoothing == "none" and (alpha > 0 or label_smoothing > 0):
         raise ValueError(f"loss_type={loss_type!r} has no label smoothing; use 'sigmoid' or 'robust'")
     if gamma != 0 and loss_type != "sigmoid":

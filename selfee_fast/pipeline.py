@@ -264,14 +264,40 @@ def judge(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, g
     if config.spa.judge_reference == "previous":
         log(f"{stage.name}: judging against the iterate before pi_{stage.iteration - 1}: {earlier}")
     reference, base_model = roles.judge_reference(config, runtime, model, earlier)
+    earlier_judge = None
+    if config.spa.consistency_smoothing:
+        # The previous iteration's judge: pi_{i-2} against pi_init, or pi_init alone when it is pi_{i-2}.
+        own_reference = earlier == Path(config.model.judge_base or config.model.path)
+        earlier_judge = roles.earlier_judge(config, runtime, model, None if own_reference else earlier)
     # The same autocast as training: the judge's log pi_{i-1} is reused as the training reference.
     judged = judge_generations(
         model, tokenizer, generations, pairs_path, beta=config.train.beta, judge_reference=reference,
         base_model=base_model, autocast_dtype=runtime.autocast_dtype, packing=config.model.packing,
-        reward=config.spa.judge_reward, log=log,
+        reward=config.spa.judge_reward, earlier=earlier_judge, log=log,
     )  # fmt: skip
     roles.drop_reference_adapter(model)  # pi_{i-2}, loaded for the judge only
     return judged
+
+
+def judges_agreement(pairs: list[JudgedPair], stage_name: str) -> float:
+    """The mean agreement of the two judges over the pairs an iteration trains on (CREAM's consistency rate)."""
+    unmeasured = sum(p.agreement is None for p in pairs)
+    if unmeasured:
+        raise ConfigError(
+            f"{stage_name}: {unmeasured} judged pairs have no agreement (judged without spa.consistency_smoothing): "
+            f"delete {stage_name}/pairs.jsonl to judge again"
+        )
+    return sum(p.agreement for p in pairs) / len(pairs)
+
+
+def consistency_label_smoothing(agreement: float, spa_alpha: float) -> float | None:
+    """CREAM's label smoothing, 1 - agreement; None where it would leave no preference.
+
+    A pair SPA flags is smoothed by SPA's alpha on top: at 0.5 in all the labels say nothing,
+    and past it they are reversed (as CREAM's loss does). Here such an iteration is not trained on.
+    """
+    smoothing = 1.0 - agreement
+    return smoothing if smoothing + spa_alpha < 0.5 else None
 
 
 def pairs_problem(pairs_path: Path, generations) -> str | None:
@@ -308,6 +334,17 @@ def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, to
         return lam, 0
     settings = TrainSettings.for_stage(config, epochs=config.train.iteration_epochs, refine=spa.refine,
                                        extrapolate=lam, autocast_dtype=runtime.autocast_name)  # fmt: skip
+    self_labelled = [p for p in judged if spa.keep_identical_pairs or not p.identical]
+    if spa.consistency_smoothing and self_labelled:
+        agreement = judges_agreement(self_labelled, stage.name)
+        log(f"{stage.name}: the previous iteration's judge ranks the responses alike on {agreement:.3f} "
+            "(CREAM's consistency rate)")  # fmt: skip
+        smoothing = consistency_label_smoothing(agreement, settings.alpha if spa.refine else 0.0)
+        if smoothing is None:
+            log(f"{stage.name}: smoothing by {1.0 - agreement:.3f} leaves no preference: pi_{i} is pi_{i - 1}")
+            return lam, 0
+        settings.label_smoothing = smoothing
+
     # Without DND the judge's log pi_{i-1} values are the reference: no reference forward at all.
     # DND needs pi_{i-1}'s per-token logits; so does a judge that kept no log-probs (a reward model).
     needs_forward = lam is not None or any(p.ref_chosen is None for p in pairs)

@@ -62,6 +62,14 @@ class JudgedPair:
     confidence: float  # sigmoid(chosen_score - rejected_score)
     chosen_logp_policy: float | None  # log pi_{i-1} of each response: training's reference (None: unknown)
     rejected_logp_policy: float | None
+    # spa.consistency_smoothing: how far the previous iteration's judge ranks this prompt's
+    # responses as this one does (Kendall's tau scaled to [0, 1]; None: not measured).
+    agreement: float | None = None
+
+    @property
+    def identical(self) -> bool:
+        """Two identical responses: the pair carries no preference."""
+        return self.chosen_ids == self.rejected_ids
 
     @property
     def prompt_text(self) -> str:
@@ -81,6 +89,7 @@ class JudgedPair:
             "confidence": self.confidence,
             "chosen_logp_policy": self.chosen_logp_policy,
             "rejected_logp_policy": self.rejected_logp_policy,
+            "agreement": self.agreement,
             "index": self.index,
             "location": self.location,
         }
@@ -101,6 +110,7 @@ class JudgedPair:
             confidence=record["confidence"],
             chosen_logp_policy=record.get("chosen_logp_policy"),
             rejected_logp_policy=record.get("rejected_logp_policy"),
+            agreement=record.get("agreement"),
         )
 
 

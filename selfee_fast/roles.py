@@ -18,6 +18,7 @@ from . import models
 from .config import ConfigError, RunConfig
 from .distributed import barrier, full_tensor, world
 from .files import folder_written_atomically, write_manifest
+from .judge import EarlierJudge
 from .runtime import Runtime
 
 
@@ -138,6 +139,23 @@ def judge_reference(config: RunConfig, runtime: Runtime, model, earlier: Path) -
         models.load_reference_adapter(model, earlier)
         return "previous", None
     return "previous", load_frozen(config, runtime, earlier)
+
+
+def earlier_judge(config: RunConfig, runtime: Runtime, model, earlier: Path | None) -> EarlierJudge:
+    """The previous iteration's judge, for spa.consistency_smoothing; loads what it needs.
+
+    `earlier`: the iterate before pi_{i-1}; None when it is the judge's own reference (pi_init
+    in the first iteration): nothing to load. LoRA plays pi_init with its adapters off and
+    loads a saved iterate as the "reference" adapter (dropped after the judge).
+    """
+    if earlier is None:
+        return EarlierJudge()
+    if models.is_peft(model) and earlier == Path(config.model.path):
+        return EarlierJudge(role="init")
+    if models.is_peft(model) and (earlier / "adapter_config.json").exists():
+        models.load_reference_adapter(model, earlier)
+        return EarlierJudge(role="reference")
+    return EarlierJudge(role="policy", model=load_frozen(config, runtime, earlier))
 
 
 def save_policy(model, tokenizer, path: Path) -> None:

@@ -75,6 +75,9 @@ class TrainSettings:
     noise_percentile: float = 0.10
     tau_window: int = 50
     extrapolate: float | None = None
+    # Uniform label smoothing of every pair (cDPO's); SPA's alpha adds to it on flagged pairs.
+    # An iteration sets it from its judges' agreement (spa.consistency_smoothing).
+    label_smoothing: float = 0.0
     # The forward's compute dtype under torch.autocast ("bfloat16" on a GPU); None: the weights' dtype.
     autocast_dtype: str | None = None
     # One packed row per micro-batch instead of padded rows (`data.pack`): no padding tokens.
@@ -347,6 +350,7 @@ def train_stage(
             result = spa_loss(
                 logps.policy, ref_tokens, **layout, extrapolated_logps=logps.extrapolated, beta=settings.beta,
                 alpha=alpha_t if tau is not None else 0.0, tau=tau, loss_type=settings.loss_type,
+                label_smoothing=settings.label_smoothing,
             )  # fmt: skip
             if settings.refine:
                 # Every rank's margins, in rank order, enter the window before the next round's tau.
@@ -394,7 +398,8 @@ def train_stage(
         elapsed = time.perf_counter() - started
         record = {
             "step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
-            **totals, "spa/alpha": alpha_t if tau is not None else 0.0, "spa/tau": tau, "tokens_per_s": tokens / max(elapsed, 1e-9),
+            **totals, "spa/alpha": alpha_t if tau is not None else 0.0, "spa/tau": tau,
+            "label_smoothing": settings.label_smoothing, "tokens_per_s": tokens / max(elapsed, 1e-9),
             "padding": 1 - tokens / positions, "nonfinite_steps_skipped": skipped_steps,
             "peak_memory_mib": peak_memory_bytes(device) / 2**20,
         }  # fmt: skip

@@ -8,7 +8,7 @@ import torch
 
 from selfee_fast import models
 from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
-from selfee_fast.judge import _pair_of, score_responses
+from selfee_fast.judge import EarlierJudge, _pair_of, judge_generations, rank_agreement, score_responses
 from selfee_fast.records import Generation
 
 pytestmark = pytest.mark.usefixtures("chunked_backend")
@@ -86,8 +86,6 @@ def test_pair_choice_and_ties():
 
 
 def test_judge_resumes_from_a_partial_file(lora_model, tmp_path):
-    from selfee_fast.judge import judge_generations
-
     model, tokenizer = lora_model
     generations = [
         Generation(index=i, location=f"p:{i}", prompt=[{"role": "user", "content": "x"}], prompt_ids=[5, 6 + i],
@@ -115,3 +113,58 @@ def test_per_token_judge_reward_removes_the_length_advantage():
     assert summed.chosen_ids == [2, 2, 2, 2]  # +2.0 summed beats +0.6
     mean = _pair_of(record, policy=[-2.0, -1.0], ref=[-4.0, -1.6], beta=1.0, per_token=True)
     assert mean.chosen_ids == [3] and mean.chosen_score == pytest.approx(0.6)  # 0.6 per token beats 2.0 / 4
+
+
+def test_rank_agreement_is_kendalls_tau_scaled_to_one():
+    assert rank_agreement([3.0, 1.0], [0.5, -2.0]) == 1.0
+    assert rank_agreement([3.0, 1.0], [-2.0, 0.5]) == 0.0
+    assert rank_agreement([1.0, 1.0], [-2.0, 0.5]) == 0.5  # a tie orders nothing
+    # Four responses, one swapped neighbour: 5 of 6 orderings concordant, tau = 4/6.
+    assert rank_agreement([4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 1.0, 2.0]) == pytest.approx((1 + 4 / 6) / 2)
+    with pytest.raises(ValueError, match="two or more responses"):
+        rank_agreement([1.0], [1.0])
+
+
+def three_response_generations(count: int) -> list[Generation]:
+    return [
+        Generation(index=i, location=f"p:{i}", prompt=[{"role": "user", "content": "x"}], prompt_ids=[5, 6 + i],
+                   responses=[[8, 9, 2], [10 + i, 2], [7, 12 + i, 13, 2]], texts=["a", "b", "c"],
+                   finished=[True] * 3)
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def test_the_first_iterations_earlier_judge_is_pi_init_by_its_per_token_likelihood(lora_model, tmp_path):
+    model, tokenizer = lora_model
+    generations = three_response_generations(6)
+    pairs = judge_generations(model, tokenizer, generations, tmp_path / "pairs.jsonl", beta=0.1,
+                              earlier=EarlierJudge(), log=print)  # fmt: skip
+    items = [(g.prompt_ids, g.responses) for g in generations]
+    for pair, g, (policy, ref) in zip(
+        pairs, generations, score_responses(model, items, tokenizer.pad_token_id), strict=True
+    ):
+        rewards = [0.1 * (p - r) for p, r in zip(policy, ref, strict=True)]
+        likelihood = [r / len(ids) for r, ids in zip(ref, g.responses, strict=True)]
+        assert pair.agreement == pytest.approx(rank_agreement(rewards, likelihood))
+    assert len({p.agreement for p in pairs}) > 1, "the test needs prompts on which the two judges differ"
+    # The agreement travels with the pair through the file.
+    from selfee_fast.records import read_pairs
+
+    assert [p.agreement for p in read_pairs(tmp_path / "pairs.jsonl")] == [p.agreement for p in pairs]
+
+
+def test_a_later_iterations_earlier_judge_is_the_iterate_loaded_as_the_reference_adapter(lora_model, tmp_path):
+    model, tokenizer = lora_model
+    generations = three_response_generations(4)
+    # The earlier iterate saved here is pi_{i-1} itself: its judge ranks exactly as this one (agreement 1),
+    # where pi_init (the wrong role) would score every response 0 (ties: 0.5).
+    model.save_pretrained(tmp_path / "earlier")
+    models.load_reference_adapter(model, tmp_path / "earlier")
+    try:
+        pairs = judge_generations(model, tokenizer, generations, tmp_path / "pairs.jsonl", beta=0.1,
+                                  earlier=EarlierJudge(role="reference"), log=print)  # fmt: skip
+    finally:
+        model.delete_adapter(models.REFERENCE_ADAPTER)
+    assert [p.agreement for p in pairs] == [1.0] * len(generations)
+    unmeasured = judge_generations(model, tokenizer, generations, tmp_path / "plain.jsonl", log=print)
+    assert all(p.agreement is None for p in unmeasured)

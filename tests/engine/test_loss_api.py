@@ -63,8 +63,9 @@ def spec_loss(policy, reference, extrapolated, seq_ids, num_pairs, *, beta=0.1, 
         x = beta * z
         if loss_type == "sigmoid" and label_smoothing == 0:
             loss = -((1 - alpha) + alpha * p) * F.logsigmoid(x) - alpha * (1 - p) * F.logsigmoid(-x)
-        elif loss_type == "sigmoid":
-            loss = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+        elif loss_type == "sigmoid":  # cDPO; with alpha, SPA's smoothing adds on flagged pairs
+            e = label_smoothing + alpha * (1 - p)
+            loss = -(1 - e) * F.logsigmoid(x) - e * F.logsigmoid(-x)
         elif loss_type == "robust":
             e = label_smoothing + alpha * (1 - p)
             loss = (-(1 - e) * F.logsigmoid(x) + e * F.logsigmoid(-x)) / (1 - 2 * e)
@@ -136,6 +137,8 @@ LENGTHS = [6, 9, 0, 4, 11, 5, 7, 2]  # P = 4
         ("sigmoid", 0.1, True, 0.0, True, False),  # SPA without DND, length-normalised
         ("sigmoid", 0.0, False, 0.0, False, False),  # DPO
         ("sigmoid", 0.0, False, 0.25, False, True),  # cDPO
+        ("sigmoid", 0.1, True, 0.25, False, True),  # SPA with DND, all labels smoothed (consistency)
+        ("robust", 0.1, True, 0.2, True, False),
         ("robust", 0.1, True, 0.0, False, True),
         ("robust", 0.0, False, 0.1, True, False),
         ("ipo", 0.0, True, 0.0, False, True),
@@ -481,7 +484,7 @@ def simple_inputs(rows=4, width=3):
         (dict(beta=-0.1), ValueError, "beta"),
         (dict(beta=float("nan")), ValueError, "beta"),
         (dict(alpha=0.1), ValueError, "tau"),
-        (dict(alpha=0.1, tau=0.0, label_smoothing=0.1), ValueError, "label_smoothing"),
+        (dict(alpha=0.1, tau=0.0, label_smoothing=0.4), ValueError, r"label_smoothing \+ alpha must be < 0.5"),
         (dict(loss_type="ipo", label_smoothing=0.1), ValueError, "loss_type='ipo'"),
         (dict(loss_type="hinge", label_smoothing=0.1), ValueError, "loss_type='hinge'"),
         (dict(loss_type="hinge", alpha=0.1, tau=0.0), ValueError, "loss_type='hinge'"),

@@ -516,3 +516,41 @@ def test_a_single_step_on_a_finished_stage_does_nothing_and_summary_matches_conf
     run_pipeline(load_config(config, ["spa.iterations=1"]), log=lambda *_: None)
     assert list(json.loads((copy / "summary.json").read_text())["stages"]) == ["stage0", "iter1"]
     assert yaml.safe_load((copy / "config.yaml").read_text())["spa"]["iterations"] == 1
+
+
+def test_consistency_smoothing_smooths_each_iteration_by_its_judges_disagreement(workspace):
+    """spa.consistency_smoothing (CREAM): iteration 1's earlier judge is pi_init by its per-token
+    likelihood, iteration 2's is pi_0 against pi_init; the labels are smoothed by 1 - agreement."""
+    config = load_config(write_config(workspace, "consistency", train__seed_epochs=1),
+                         ["spa.consistency_smoothing=true"])  # fmt: skip
+    messages = []
+    run_pipeline(config, log=messages.append)
+    run_dir = workspace / "consistency"
+    for stage in ("iter1", "iter2"):
+        pairs = read_jsonl(run_dir / stage / "pairs.jsonl")
+        trained = [p for p in pairs if p["chosen_ids"] != p["rejected_ids"]]
+        agreement = sum(p["agreement"] for p in trained) / len(trained)
+        assert all(0.0 <= p["agreement"] <= 1.0 for p in pairs), stage
+        assert f"{stage}: the previous iteration's judge ranks the responses alike on {agreement:.3f}" in " ".join(
+            messages
+        )
+        metrics = read_jsonl(run_dir / stage / "train" / "metrics.jsonl")
+        assert metrics and all(m["label_smoothing"] == pytest.approx(1 - agreement) for m in metrics), stage
+    assert all(m["label_smoothing"] == 0.0 for m in read_jsonl(run_dir / "stage0" / "train" / "metrics.jsonl"))
+    refused = load_config(
+        write_config(workspace, "consistency2"), ["spa.consistency_smoothing=true", "spa.judge_reference=none"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"consistency_smoothing .* needs spa\.judge=implicit and spa\.judge_reference=init"
+    ):
+        run_pipeline(refused)
+
+
+def test_consistency_smoothing_never_reaches_a_label_without_preference():
+    from selfee_fast.pipeline import consistency_label_smoothing
+
+    assert consistency_label_smoothing(0.8, 0.1) == pytest.approx(0.2)
+    assert consistency_label_smoothing(0.55, 0.0) == pytest.approx(0.45)
+    assert consistency_label_smoothing(0.55, 0.1) is None  # a flagged pair would be smoothed by 0.55
+    assert consistency_label_smoothing(0.5, 0.0) is None
+    assert consistency_label_smoothing(1.0, 0.1) == 0.0

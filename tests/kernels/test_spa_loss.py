@@ -109,8 +109,8 @@ def transcribe(
         x = beta * z
         if loss_type == "sigmoid" and label_smoothing == 0:  # SPEC's self-refinement loss (plain DPO at alpha 0)
             loss = -((1 - alpha) + alpha * p) * F.logsigmoid(x) - alpha * (1 - p) * F.logsigmoid(-x)
-        elif loss_type == "sigmoid":  # cDPO
-            eps = label_smoothing
+        elif loss_type == "sigmoid":  # cDPO, with SPA's per-pair smoothing on top
+            eps = label_smoothing + alpha * (1 - p)
             loss = -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
         elif loss_type == "robust":  # rDPO, with SPA's per-pair smoothing
             eps = label_smoothing + alpha * (1 - p)
@@ -212,7 +212,7 @@ def smoothing_settings(loss_type):
     """(alpha, use tau, label_smoothing) combinations the public API allows for this loss."""
     smoothing = LOSS_TYPE_INFO[loss_type].smoothing
     if smoothing == "optional":
-        return [(0.0, False, 0.0), (0.1, True, 0.0), (0.0, False, 0.2)]
+        return [(0.0, False, 0.0), (0.1, True, 0.0), (0.0, False, 0.2), (0.1, True, 0.2)]
     if smoothing == "required":
         return [(0.0, True, 0.1), (0.0, False, 1e-3)]
     return [(0.0, True, 0.0)]  # no smoothing: tau only sets the flags
