@@ -180,6 +180,19 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
             ),
             "the three together, judged by log pi_{i-1} alone (the paper's no-reference ablation)",
         ),
+        "spa_cream": (
+            (("spa.consistency_smoothing", True),),
+            "+ labels smoothed by the disagreement of this and the previous iteration's judge (CREAM)",
+        ),
+        "spa_stable_cream": (
+            (
+                ("spa.judge_reward", "mean"),
+                ("train.nll_alpha", 1.0),
+                ("spa.seed_replay", 0.5),
+                ("spa.consistency_smoothing", True),
+            ),
+            "the three together, labels smoothed by the judges' disagreement (CREAM)",
+        ),
         "spa_dice": (
             (("spa.judge_reference", "previous"), ("spa.judge_reward", "mean"), ("spa.seed_replay", 0.5)),
             "DICE's recipe in our terms: judge against the previous iterate, per token, seed replay",
@@ -630,6 +643,8 @@ COMPARISONS = [
     ("spa_stable_n4", "spa_stable"),
     ("spa_dice", "spa_stable"),
     ("spa_stable_no_reference", "spa_stable"),
+    ("spa_cream", "spa_dnd"),
+    ("spa_stable_cream", "spa_stable"),
     ("spa_stable", "dpo_seed"),
     ("spa_stable", "dpo_all_gold"),
 ]

@@ -1,6 +1,7 @@
 """One table across tasks from `bench/repro.py` runs: the numbers docs/RESULTS.md summarises.
 
     python bench/results_summary.py bench/results/repro/maxof-*/repro.json bench/results/repro/upper-*/repro.json ...
+    python bench/results_summary.py --goals spa_stable bench/results/repro/*/repro.json   # the stability goals
 
 Every cell is a difference of held-out gold paired over seeds: mean ± standard error over
 seeds, and on how many seeds it was positive. Label accuracy is spa_dnd's (and
@@ -11,19 +12,81 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
 from repro import paired_cell, seed_gold  # bench/ is the script's folder, first on sys.path
 
 
-def paired(results: dict, a: tuple, b: tuple) -> str:
+def paired_diffs(results: dict, a: tuple, b: tuple) -> list[float]:
+    """Held-out gold of a minus b, per seed where both ran; (arm,) is the final model, (arm, i) its pi_i."""
     diffs = []
     for seed in results.get(a[0], {}):
         x, y = seed_gold(results, a[0], seed, *a[1:]), seed_gold(results, b[0], seed, *b[1:])
         if x is not None and y is not None:
             diffs.append(x - y)
-    return paired_cell(diffs)
+    return diffs
+
+
+def paired(results: dict, a: tuple, b: tuple) -> str:
+    return paired_cell(paired_diffs(results, a, b))
+
+
+def clearly_above(diffs: list[float]) -> bool:
+    """The mean paired difference is more than two standard errors above 0."""
+    return len(diffs) > 1 and statistics.fmean(diffs) > 2 * statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def iteration_mean(results: dict, arm: str, key: str, iteration: int | None = None) -> float | None:
+    """A label statistic of an arm's iterations: mean over seeds of iteration `iteration`, or of every iteration."""
+    values = []
+    for run in results.get(arm, {}).values():
+        its = run.get("iterations", []) if run.get("status") == "ok" else []
+        chosen = its if iteration is None else its[iteration - 1 : iteration]
+        values += [it[key] for it in chosen if it.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def goal_rows(arm: str) -> list[tuple[str, object]]:
+    """The iteration-stability goals, checked for one arm: (goal, cell of one task's results)."""
+
+    def rises(r) -> str:
+        steps = [((arm, 1), ("dpo_seed",), "π_1 − π_0"), ((arm, 2), (arm, 1), "π_2 − π_1"),
+                 ((arm, 3), (arm, 2), "π_3 − π_2")]  # fmt: skip
+        for a, b, name in steps:
+            if not clearly_above(paired_diffs(r, a, b)):
+                return f"no: {name} = {paired(r, a, b)}"
+        return "yes"
+
+    def above(a, b):
+        return lambda r: paired(r, a, b) if clearly_above(paired_diffs(r, a, b)) else f"no: {paired(r, a, b)}"
+
+    def reaches_all_gold(r) -> str:
+        diffs = paired_diffs(r, (arm,), ("dpo_all_gold",))
+        return ("yes: " if diffs and statistics.fmean(diffs) >= 0 else "no: ") + paired_cell(diffs)
+
+    def labels_hold(r) -> str:
+        first, last = iteration_mean(r, arm, "label_accuracy", 1), iteration_mean(r, arm, "label_accuracy", 3)
+        if first is None or last is None:
+            return "–"
+        ok = last >= 0.7 and first - last <= 0.05
+        return f"{'' if ok else 'no: '}{first:.2f} → {last:.2f}"
+
+    def flags_useful(r) -> str:
+        precision, base = iteration_mean(r, arm, "flag_precision"), iteration_mean(r, arm, "wrong_label_rate")
+        if precision is None or base is None:
+            return "–"
+        return f"{'' if precision > base else 'no: '}{precision:.3f} vs {base:.3f}"
+
+    return [
+        ("gold rises every iteration (each step > 2 SE)", rises),
+        ("π_1 > DPO on seed (> 2 SE)", above((arm, 1), ("dpo_seed",))),
+        ("π_3 > π_1 (> 2 SE)", above((arm, 3), (arm, 1))),
+        ("π_3 ≥ DPO on all-gold labels", reaches_all_gold),
+        ("label accuracy at iteration 3 ≥ 0.7 and within 0.05 of iteration 1", labels_hold),
+        ("flag precision above the wrong-label base rate (mean over iterations)", flags_useful),
+    ]
 
 
 def label_accuracy(results: dict, arm: str, iteration: int) -> str:
@@ -55,18 +118,22 @@ COLUMNS = [
     ("all three, best/worst of 4 − all three", lambda r: paired(r, ("spa_stable_n4",), ("spa_stable",))),
     ("DICE-like − all three", lambda r: paired(r, ("spa_dice",), ("spa_stable",))),
     ("all three, no judge reference − all three", lambda r: paired(r, ("spa_stable_no_reference",), ("spa_stable",))),
+    ("CREAM smoothing − spa_dnd", lambda r: paired(r, ("spa_cream",), ("spa_dnd",))),
+    ("all three + CREAM − all three", lambda r: paired(r, ("spa_stable_cream",), ("spa_stable",))),
+    ("all three + CREAM π_3 − π_1", lambda r: paired(r, ("spa_stable_cream", 3), ("spa_stable_cream", 1))),
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reports", nargs="+", help="repro.json files, one per task")
+    parser.add_argument("--goals", metavar="ARM", help="instead: the iteration-stability goals, checked for ARM")
     args = parser.parse_args(argv)
     reports = [json.loads(Path(p).read_text()) for p in args.reports]
     names = [r["task_name"] if "task_name" in r else "listops" for r in reports]
-    print("| | " + " | ".join(names) + " |")
+    print(("| goal | " if args.goals else "| | ") + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    for title, cell in COLUMNS:
+    for title, cell in goal_rows(args.goals) if args.goals else COLUMNS:
         print(f"| {title} | " + " | ".join(cell(r["results"]) for r in reports) + " |")
     seeds = sorted({len(r["seeds"]) for r in reports})
     m = reports[0]["machine"]

@@ -236,6 +236,18 @@ def label_quality(task, stage_dir: Path) -> dict:
     flagged = [loc for loc, is_flagged in flags.items() if is_flagged]
     flagged_decided = [loc for loc in flagged if loc in wrong]
     unmeasurable = None  # no decided pair, or nothing flagged: null in results.json
+    # spa.consistency_smoothing: the two judges' agreement, and whether disagreement marks wrong labels.
+    measured = [p for p in pairs if p.agreement is not None and not p.identical]
+    disagreeing = [p.location for p in measured if p.agreement < 0.5 and p.location in wrong]
+    if measured:
+        agreement = {
+            "judges_agreement": sum(p.agreement for p in measured) / len(measured),
+            "wrong_rate_where_judges_disagree": sum(wrong[loc] for loc in disagreeing) / len(disagreeing)
+            if disagreeing
+            else unmeasurable,
+        }
+    else:
+        agreement = {}
     return {
         "pairs": len(pairs),
         "label_accuracy": (1 - sum(wrong.values()) / len(wrong)) if wrong else unmeasurable,
@@ -245,6 +257,7 @@ def label_quality(task, stage_dir: Path) -> dict:
         if flagged_decided
         else unmeasurable,
         "wrong_label_rate": sum(wrong.values()) / len(wrong) if wrong else unmeasurable,
+        **agreement,
     }
 
 
