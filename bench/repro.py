@@ -181,17 +181,30 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
             "the three together, judged by log pi_{i-1} alone (the paper's no-reference ablation)",
         ),
         "spa_cream": (
-            (("spa.consistency_smoothing", True),),
+            (("spa.judge_consistency", "smooth"),),
             "+ labels smoothed by the disagreement of this and the previous iteration's judge (CREAM)",
+        ),
+        "spa_agree": (
+            (("spa.judge_consistency", "filter"),),
+            "+ pairs the previous iteration's judge orders the other way not trained on",
         ),
         "spa_stable_cream": (
             (
                 ("spa.judge_reward", "mean"),
                 ("train.nll_alpha", 1.0),
                 ("spa.seed_replay", 0.5),
-                ("spa.consistency_smoothing", True),
+                ("spa.judge_consistency", "smooth"),
             ),
             "the three together, labels smoothed by the judges' disagreement (CREAM)",
+        ),
+        "spa_stable_agree": (
+            (
+                ("spa.judge_reward", "mean"),
+                ("train.nll_alpha", 1.0),
+                ("spa.seed_replay", 0.5),
+                ("spa.judge_consistency", "filter"),
+            ),
+            "the three together, pairs the two judges order oppositely not trained on",
         ),
         "spa_dice": (
             (("spa.judge_reference", "previous"), ("spa.judge_reward", "mean"), ("spa.seed_replay", 0.5)),
@@ -645,6 +658,8 @@ COMPARISONS = [
     ("spa_stable_no_reference", "spa_stable"),
     ("spa_cream", "spa_dnd"),
     ("spa_stable_cream", "spa_stable"),
+    ("spa_agree", "spa_dnd"),
+    ("spa_stable_agree", "spa_stable"),
     ("spa_stable", "dpo_seed"),
     ("spa_stable", "dpo_all_gold"),
 ]

@@ -121,6 +121,9 @@ COLUMNS = [
     ("CREAM smoothing − spa_dnd", lambda r: paired(r, ("spa_cream",), ("spa_dnd",))),
     ("all three + CREAM − all three", lambda r: paired(r, ("spa_stable_cream",), ("spa_stable",))),
     ("all three + CREAM π_3 − π_1", lambda r: paired(r, ("spa_stable_cream", 3), ("spa_stable_cream", 1))),
+    ("judges agree (filter) − spa_dnd", lambda r: paired(r, ("spa_agree",), ("spa_dnd",))),
+    ("all three + filter − all three", lambda r: paired(r, ("spa_stable_agree",), ("spa_stable",))),
+    ("all three + filter π_3 − π_1", lambda r: paired(r, ("spa_stable_agree", 3), ("spa_stable_agree", 1))),
 ]
 
 

@@ -146,10 +146,11 @@ class SPAConfig:
     # Seed (gold) pairs mixed into each iteration's training, as a fraction of its self-labelled
     # pairs (the experience replay of DICE, Chen et al. 2024); 0: the paper's self-labelled data only.
     seed_replay: float = 0.0
-    # The previous iteration's judge ranks each prompt's responses too; the labels are smoothed
-    # by the iteration's mean disagreement between the two judges (CREAM, Wang et al. 2025:
-    # eps = 1 - mean scaled Kendall tau). false: the paper's labels, unsmoothed.
-    consistency_smoothing: bool = False
+    # The previous iteration's judge ranks each prompt's responses too (CREAM, Wang et al. 2025),
+    # and its agreement with this one (scaled Kendall tau) is used: "smooth" smooths every label
+    # by the iteration's mean disagreement (CREAM's consistency_avg); "filter" (ours) does not
+    # train on the pairs the two judges order oppositely; "none": the paper's labels as judged.
+    judge_consistency: str = "none"
 
 
 @dataclass
@@ -195,6 +196,7 @@ CHOICES = {
     "spa.judge_reference": ("init", "previous", "none"),
     "spa.judge": ("implicit", "reward_model"),
     "spa.judge_reward": ("sum", "mean"),
+    "spa.judge_consistency": ("none", "smooth", "filter"),
 }
 
 
@@ -332,14 +334,14 @@ def check_values(config: RunConfig) -> None:
         raise ConfigError("model.quantization=4bit trains LoRA adapters on a frozen base: set model.lora_r > 0")
     if config.model.lora_dropout > 0 and config.model.disable_dropout:
         raise ConfigError("model.lora_dropout > 0 has no effect while model.disable_dropout is true: set one of them")
-    if spa.consistency_smoothing and (spa.judge != "implicit" or spa.judge_reference != "init"):
+    if spa.judge_consistency != "none" and (spa.judge != "implicit" or spa.judge_reference != "init"):
         raise ConfigError(
-            "spa.consistency_smoothing compares this iteration's implicit-reward judge with the previous one, "
+            "spa.judge_consistency compares this iteration's implicit-reward judge with the previous one, "
             "both against pi_init: it needs spa.judge=implicit and spa.judge_reference=init"
         )
-    if spa.consistency_smoothing and LOSS_TYPE_INFO[t.loss_type].smoothing != "optional":
+    if spa.judge_consistency == "smooth" and LOSS_TYPE_INFO[t.loss_type].smoothing != "optional":
         raise ConfigError(
-            f"spa.consistency_smoothing smooths labels, which train.loss_type={t.loss_type!r} has not: use sigmoid or robust"
+            f"spa.judge_consistency=smooth smooths labels, which train.loss_type={t.loss_type!r} has not: use sigmoid or robust"
         )
     if spa.refine and LOSS_TYPE_INFO[t.loss_type].smoothing != "optional":
         raise ConfigError(

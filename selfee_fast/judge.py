@@ -12,9 +12,10 @@ also the DPO reference of the next training stage, so training need not recomput
 before pi_{i-1}, which the caller loads as the shared model's "reference" adapter or passes
 as `base_model`) or "none" (r = beta * log pi_{i-1}(y|x)).
 
-`earlier` (spa.consistency_smoothing, after CREAM, Wang et al. 2025): the previous
-iteration's judge ranks the same responses too, and each pair records how far the two
-rankings agree; training smooths the labels by the iteration's mean disagreement.
+`earlier` (spa.judge_consistency, after CREAM, Wang et al. 2025): the previous iteration's
+judge ranks the same responses too, and each pair records how far the two rankings agree;
+training then smooths the labels by the iteration's mean disagreement, or drops the pairs
+the two judges order oppositely.
 """
 
 from __future__ import annotations

@@ -265,7 +265,7 @@ def judge(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, g
         log(f"{stage.name}: judging against the iterate before pi_{stage.iteration - 1}: {earlier}")
     reference, base_model = roles.judge_reference(config, runtime, model, earlier)
     earlier_judge = None
-    if config.spa.consistency_smoothing:
+    if config.spa.judge_consistency != "none":
         # The previous iteration's judge: pi_{i-2} against pi_init, or pi_init alone when it is pi_{i-2}.
         own_reference = earlier == Path(config.model.judge_base or config.model.path)
         earlier_judge = roles.earlier_judge(config, runtime, model, None if own_reference else earlier)
@@ -284,7 +284,7 @@ def judges_agreement(pairs: list[JudgedPair], stage_name: str) -> float:
     unmeasured = sum(p.agreement is None for p in pairs)
     if unmeasured:
         raise ConfigError(
-            f"{stage_name}: {unmeasured} judged pairs have no agreement (judged without spa.consistency_smoothing): "
+            f"{stage_name}: {unmeasured} judged pairs have no agreement (judged with spa.judge_consistency=none): "
             f"delete {stage_name}/pairs.jsonl to judge again"
         )
     return sum(p.agreement for p in pairs) / len(pairs)
@@ -326,19 +326,21 @@ def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, to
     lam = (iteration_lambda(spa.extrapolate, i) if spa.refine else None) or None
     if spa.refine and spa.extrapolate and i > len(spa.extrapolate):
         log(f"{stage.name}: spa.extrapolate lists {len(spa.extrapolate)} lambdas; iteration {i} runs without DND")
+    self_labelled = [p for p in judged if spa.keep_identical_pairs or not p.identical]
+    agreement = None
+    if spa.judge_consistency != "none" and self_labelled:
+        agreement = judges_agreement(self_labelled, stage.name)
+        log(f"{stage.name}: the previous iteration's judge ranks the responses alike on {agreement:.3f} "
+            "(CREAM's consistency rate)")  # fmt: skip
     seed = seed_train_pairs(config, tokenizer)[0] if spa.seed_replay else []
     pairs = iteration_pairs(judged, i, keep_identical=spa.keep_identical_pairs, seed=seed, replay=spa.seed_replay,
-                            report=report, log=log)  # fmt: skip
+                            drop_disagreeing=spa.judge_consistency == "filter", report=report, log=log)  # fmt: skip
     if not pairs:
         log(f"{stage.name}: no pair with two different responses to train on; pi_{i} is pi_{i - 1}")
         return lam, 0
     settings = TrainSettings.for_stage(config, epochs=config.train.iteration_epochs, refine=spa.refine,
                                        extrapolate=lam, autocast_dtype=runtime.autocast_name)  # fmt: skip
-    self_labelled = [p for p in judged if spa.keep_identical_pairs or not p.identical]
-    if spa.consistency_smoothing and self_labelled:
-        agreement = judges_agreement(self_labelled, stage.name)
-        log(f"{stage.name}: the previous iteration's judge ranks the responses alike on {agreement:.3f} "
-            "(CREAM's consistency rate)")  # fmt: skip
+    if spa.judge_consistency == "smooth" and agreement is not None:
         smoothing = consistency_label_smoothing(agreement, settings.alpha if spa.refine else 0.0)
         if smoothing is None:
             log(f"{stage.name}: smoothing by {1.0 - agreement:.3f} leaves no preference: pi_{i} is pi_{i - 1}")

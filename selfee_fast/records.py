@@ -62,7 +62,7 @@ class JudgedPair:
     confidence: float  # sigmoid(chosen_score - rejected_score)
     chosen_logp_policy: float | None  # log pi_{i-1} of each response: training's reference (None: unknown)
     rejected_logp_policy: float | None
-    # spa.consistency_smoothing: how far the previous iteration's judge ranks this prompt's
+    # spa.judge_consistency: how far the previous iteration's judge ranks this prompt's
     # responses as this one does (Kendall's tau scaled to [0, 1]; None: not measured).
     agreement: float | None = None
 

@@ -142,7 +142,7 @@ def judge_reference(config: RunConfig, runtime: Runtime, model, earlier: Path) -
 
 
 def earlier_judge(config: RunConfig, runtime: Runtime, model, earlier: Path | None) -> EarlierJudge:
-    """The previous iteration's judge, for spa.consistency_smoothing; loads what it needs.
+    """The previous iteration's judge, for spa.judge_consistency; loads what it needs.
 
     `earlier`: the iterate before pi_{i-1}; None when it is the judge's own reference (pi_init
     in the first iteration): nothing to load. LoRA plays pi_init with its adapters off and

@@ -76,7 +76,7 @@ class TrainSettings:
     tau_window: int = 50
     extrapolate: float | None = None
     # Uniform label smoothing of every pair (cDPO's); SPA's alpha adds to it on flagged pairs.
-    # An iteration sets it from its judges' agreement (spa.consistency_smoothing).
+    # An iteration sets it from its judges' agreement (spa.judge_consistency=smooth).
     label_smoothing: float = 0.0
     # The forward's compute dtype under torch.autocast ("bfloat16" on a GPU); None: the weights' dtype.
     autocast_dtype: str | None = None
@@ -109,15 +109,26 @@ class TrainPair(TokenizedPair):
 
 
 def iteration_pairs(
-    judged, iteration: int, *, keep_identical: bool, seed: list[TrainPair], replay: float, report, log
-) -> list[TrainPair]:
+    judged, iteration: int, *, keep_identical: bool, seed: list[TrainPair], replay: float, report, log,
+    drop_disagreeing: bool = False,
+) -> list[TrainPair]:  # fmt: skip
     """What an iteration trains on: its judged pairs (those of two identical responses counted and
-    dropped unless kept), plus `replay` seed pairs per judged pair, each iteration the next ones."""
-    kept = [p for p in judged if keep_identical or p.chosen_ids != p.rejected_ids]
+    dropped unless kept; with `drop_disagreeing`, those the previous iteration's judge orders the
+    other way, counted and dropped), plus `replay` seed pairs per judged pair, each iteration the next ones."""
+    kept = [p for p in judged if keep_identical or not p.identical]
     if len(kept) < len(judged):
         report.skipped["pairs of two identical responses"] += len(judged) - len(kept)
         log(f"iter{iteration}: {len(judged) - len(kept)} of {len(judged)} pairs are two identical responses: "
             "not trained on (spa.keep_identical_pairs keeps them)")  # fmt: skip
+    if drop_disagreeing:
+        # Agreement below 0.5: more of the prompt's response orderings reversed than kept (over two
+        # responses: the pair itself reversed). A tie in either judge (0.5) orders nothing: kept.
+        agreed = [p for p in kept if p.agreement >= 0.5]
+        if len(agreed) < len(kept):
+            report.skipped["pairs the previous iteration's judge orders the other way"] += len(kept) - len(agreed)
+            log(f"iter{iteration}: {len(kept) - len(agreed)} of {len(kept)} pairs are ordered the other way by the "
+                "previous iteration's judge: not trained on (spa.judge_consistency=filter)")  # fmt: skip
+        kept = agreed
     pairs = [
         TrainPair(p.location, p.prompt_ids, p.chosen_ids, p.rejected_ids, p.chosen_logp_policy, p.rejected_logp_policy)
         for p in kept

@@ -236,7 +236,7 @@ def label_quality(task, stage_dir: Path) -> dict:
     flagged = [loc for loc, is_flagged in flags.items() if is_flagged]
     flagged_decided = [loc for loc in flagged if loc in wrong]
     unmeasurable = None  # no decided pair, or nothing flagged: null in results.json
-    # spa.consistency_smoothing: the two judges' agreement, and whether disagreement marks wrong labels.
+    # spa.judge_consistency: the two judges' agreement, and whether disagreement marks wrong labels.
     measured = [p for p in pairs if p.agreement is not None and not p.identical]
     disagreeing = [p.location for p in measured if p.agreement < 0.5 and p.location in wrong]
     if measured:

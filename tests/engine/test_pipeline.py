@@ -519,10 +519,10 @@ def test_a_single_step_on_a_finished_stage_does_nothing_and_summary_matches_conf
 
 
 def test_consistency_smoothing_smooths_each_iteration_by_its_judges_disagreement(workspace):
-    """spa.consistency_smoothing (CREAM): iteration 1's earlier judge is pi_init by its per-token
+    """spa.judge_consistency=smooth (CREAM): iteration 1's earlier judge is pi_init by its per-token
     likelihood, iteration 2's is pi_0 against pi_init; the labels are smoothed by 1 - agreement."""
     config = load_config(write_config(workspace, "consistency", train__seed_epochs=1),
-                         ["spa.consistency_smoothing=true"])  # fmt: skip
+                         ["spa.judge_consistency=smooth"])  # fmt: skip
     messages = []
     run_pipeline(config, log=messages.append)
     run_dir = workspace / "consistency"
@@ -536,12 +536,14 @@ def test_consistency_smoothing_smooths_each_iteration_by_its_judges_disagreement
         )
         metrics = read_jsonl(run_dir / stage / "train" / "metrics.jsonl")
         assert metrics and all(m["label_smoothing"] == pytest.approx(1 - agreement) for m in metrics), stage
+        done = json.loads((run_dir / stage / "done.json").read_text())
+        assert done["trained_pairs"] == len(trained), "smoothing drops no pair"
     assert all(m["label_smoothing"] == 0.0 for m in read_jsonl(run_dir / "stage0" / "train" / "metrics.jsonl"))
     refused = load_config(
-        write_config(workspace, "consistency2"), ["spa.consistency_smoothing=true", "spa.judge_reference=none"]
+        write_config(workspace, "consistency2"), ["spa.judge_consistency=smooth", "spa.judge_reference=none"]
     )
     with pytest.raises(
-        ConfigError, match=r"consistency_smoothing .* needs spa\.judge=implicit and spa\.judge_reference=init"
+        ConfigError, match=r"judge_consistency .* needs spa\.judge=implicit and spa\.judge_reference=init"
     ):
         run_pipeline(refused)
 
@@ -554,3 +556,24 @@ def test_consistency_smoothing_never_reaches_a_label_without_preference():
     assert consistency_label_smoothing(0.55, 0.1) is None  # a flagged pair would be smoothed by 0.55
     assert consistency_label_smoothing(0.5, 0.0) is None
     assert consistency_label_smoothing(1.0, 0.1) == 0.0
+
+
+def test_consistency_filter_drops_the_pairs_the_judges_order_oppositely(workspace):
+    config = load_config(write_config(workspace, "consistency_filter", train__seed_epochs=1),
+                         ["spa.judge_consistency=filter"])  # fmt: skip
+    messages = []
+    run_pipeline(config, log=messages.append)
+    reversed_somewhere = False
+    for stage in ("iter1", "iter2"):
+        pairs = read_jsonl(workspace / "consistency_filter" / stage / "pairs.jsonl")
+        different = [p for p in pairs if p["chosen_ids"] != p["rejected_ids"]]
+        agreed = [p for p in different if p["agreement"] >= 0.5]
+        metrics = read_jsonl(workspace / "consistency_filter" / stage / "train" / "metrics.jsonl")
+        done = json.loads((workspace / "consistency_filter" / stage / "done.json").read_text())
+        assert done["trained_pairs"] == len(agreed), stage
+        assert all(m["label_smoothing"] == 0.0 for m in metrics), stage
+        if len(agreed) < len(different):
+            reversed_somewhere = True
+            dropped = f"{stage}: {len(different) - len(agreed)} of {len(different)} pairs are ordered the other way"
+            assert any(m.startswith(dropped) for m in messages), stage
+    assert reversed_somewhere, "the test needs a pair the two judges order oppositely"
