@@ -10,8 +10,11 @@ script as a rank worker on gloo: each rank loads the model through the engine's 
 LoRA r=16 on every linear or full fine-tuning), runs a warm-up step on one token a response (it
 also shards the model: `train_stage` calls `distributed.shard_model`), then two training steps
 of the case's micro-batch, split over the two ranks, under torch.profiler's memory timeline
-(plan_check's `tensor_peak_of`); the checkpoint after the last step is left out. Measured: the peak of the bytes held in tensors above those
-held when the two steps start. Predicted: `selfee_fast.plan.training_estimate(...,
+(plan_check's `tensor_peak_of`); the checkpoint after the last step is left out. Measured: the peak of the
+bytes held in tensors above those held when the two steps start, as the memory timeline gives it
+("tensors", where its data-flow graph accepts the trace) and as `allocator_peak` replays it from the
+profile's allocation and free events ("allocated"; the allocator total the events carry misses the
+frees made on gloo's worker threads, bench/NOTES.md). Predicted: `selfee_fast.plan.training_estimate(...,
 processes=2, base_layout=...)` less what is held before the steps start (the weights, the
 adapter, the frozen reference model with its gathered root).
 """
@@ -74,7 +77,7 @@ def rank_worker(folder: Path, layout: str, checkpointing: bool, out: Path) -> No
     work = out / f"timeline-rank{ranks.rank}"
     work.mkdir(parents=True, exist_ok=True)
     prof = profiled(lambda: run(pairs, len(pairs), 2, "profiled"))
-    result = {"rank": ranks.rank, "allocated": allocator_peak(prof)}
+    result = {"rank": ranks.rank, "allocated": allocator_peak(prof), "allocator total": allocator_total_peak(prof)}
     try:
         result["measured"] = timeline_peak(prof, work)
     except AssertionError as error:  # the timeline's data-flow graph refuses some traces (full fine-tuning's)
@@ -85,9 +88,56 @@ def rank_worker(folder: Path, layout: str, checkpointing: bool, out: Path) -> No
 
 
 def allocator_peak(prof) -> int:
-    """The peak of the CPU allocator's allocated bytes during the profile, above those at its start: every
-    allocation the profiler records carries the allocator's total after it (tensors, and any other
-    buffer torch allocates through it)."""
+    """The peak of the bytes held in CPU tensors during the profile, above those held at its start, replayed from
+    the profile's allocation and free events.
+
+    Not the allocator total that each event carries: the profiler counts a free only on a thread it profiles, so
+    a tensor whose last reference gloo's worker thread drops (a collective's own copy of its input, freed there
+    after the collective returns) stays in that total for the rest of the profile. The replay ends such a block
+    at the first of: its recorded free; the return of the synchronous c10d collective that allocated it (nothing
+    outside the collective holds it); the allocator handing its address out again (the block was freed).
+    """
+    from torch._C._profiler import _EventType
+
+    events = []  # (time, order, kind, ptr, size, allocation id)
+
+    def walk(nodes, collective_end) -> None:
+        for node in nodes:
+            end = collective_end
+            if end is None and node.tag == _EventType.PyCall and "c10d_logger.py" in node.name:
+                end = node.end_time_ns  # the outermost c10d call: a synchronous collective's whole extent
+            if node.tag == _EventType.Allocation:
+                size, ptr = node.extra_fields.alloc_size, node.extra_fields.ptr
+                if size > 0:
+                    events.append((node.start_time_ns, 1, "alloc", ptr, size, id(node)))
+                    if end is not None:
+                        events.append((end, 2, "collective returned", ptr, size, id(node)))
+                else:
+                    events.append((node.start_time_ns, 0, "free", ptr, -size, None))
+            walk(node.children, end)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree(), None)
+    events.sort(key=lambda e: (e[0], e[1]))
+    live: dict[int, tuple[int, int]] = {}  # ptr -> (size, allocation id)
+    held = peak = 0
+    for _, _, kind, ptr, size, ident in events:
+        if kind == "alloc":
+            if ptr in live:  # its address again: the earlier block was freed where the profiler did not see it
+                held -= live.pop(ptr)[0]
+            live[ptr] = (size, ident)
+            held += size
+        elif kind == "free":
+            held -= live.pop(ptr)[0] if ptr in live else size  # a tensor from before the profile, if not live
+        elif live.get(ptr, (0, None))[1] == ident:
+            held -= live.pop(ptr)[0]
+        peak = max(peak, held)
+    return peak
+
+
+def allocator_total_peak(prof) -> int:
+    """The peak of the allocator total the profile's events carry, above its level at the start: what this
+    script reported before the replay; it counts blocks freed on gloo's threads until the profile ends
+    (kept in the JSON for comparison)."""
     from torch._C._profiler import _EventType
 
     events = []
@@ -100,8 +150,7 @@ def allocator_peak(prof) -> int:
 
     walk(prof.profiler.kineto_results.experimental_event_tree())
     events.sort()
-    start = events[0][2] - events[0][1]
-    return max(total for _, _, total in events) - start
+    return max(total for _, _, total in events) - (events[0][2] - events[0][1])
 
 
 def predict(case: tuple, layout: str, checkpointing: bool) -> tuple[int, dict]:
