@@ -101,10 +101,16 @@ def allocator_peak(prof) -> int:
 
     events = []  # (time, order, kind, ptr, size, allocation id)
 
+    def name_of(node) -> str:
+        try:
+            return node.name
+        except UnicodeDecodeError:  # a few Python frames' names do not decode; none of them is c10d's
+            return ""
+
     def walk(nodes, collective_end) -> None:
         for node in nodes:
             end = collective_end
-            if end is None and node.tag == _EventType.PyCall and "c10d_logger.py" in node.name:
+            if end is None and node.tag == _EventType.PyCall and "c10d_logger.py" in name_of(node):
                 end = node.end_time_ns  # the outermost c10d call: a synchronous collective's whole extent
             if node.tag == _EventType.Allocation:
                 size, ptr = node.extra_fields.alloc_size, node.extra_fields.ptr
