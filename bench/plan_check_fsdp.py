@@ -170,9 +170,9 @@ def predict(case: tuple, layout: str, checkpointing: bool) -> tuple[int, dict]:
     est = training_estimate(shape, cpu, pairs, seq_len, frozen_reference=False, processes=PROCESSES,
                             base_layout="sharded" if layout == "lora-sharded" else "whole")  # fmt: skip
     c = est.components
-    # Held before the steps: the weights, the adapter (half of "adapter + gradients": the gradients are
-    # not there yet), and the frozen reference model (full fine-tuning), its root already gathered.
-    loaded = c["weights"] + c.get("adapter + gradients", 0) // 2 + c.get("frozen reference", 0)
+    # Held before the steps: the weights, the adapter, and the frozen reference model (full fine-tuning),
+    # its root already gathered.
+    loaded = c["weights"] + c.get("adapter", 0) + c.get("frozen reference", 0)
     return est.peak_bytes - loaded, c
 
 
