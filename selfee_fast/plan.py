@@ -10,6 +10,11 @@ working buffer (it never holds [tokens, vocab] logits), the KV cache of generati
 picks the largest training micro-batch, generation batch and judge batch that fit
 `model.max_memory_gb` (by default the card's memory; on a CPU estimates only).
 
+A training step's peak is the largest of its phases (the reference's forward, the fused head, a
+layer's backward, the optimizer's update; under FSDP2 also the forward's first all-gathers and the
+root's reduce-scatter), each counting only what is alive in it: gradients from the backward that
+makes them, gathered parameters while FSDP2 holds them (bench/NOTES.md has the traces).
+
 The activation terms count, per token and layer, the tensors autograd saves in transformers'
 Llama forward (bench/NOTES.md lists them and compares the total with peaks measured on the
 CPU). Every batch is taken at its longest: all rows `data.max_length` tokens, padded (the
