@@ -10,10 +10,14 @@ script as a rank worker on gloo: each rank loads the model through the engine's 
 LoRA r=16 on every linear or full fine-tuning), runs a warm-up step on one token a response (it
 also shards the model: `train_stage` calls `distributed.shard_model`), then two training steps
 of the case's micro-batch, split over the two ranks, under torch.profiler's memory timeline
-(plan_check's `tensor_peak_of`); the checkpoint after the last step is left out. Measured: the peak of the bytes held in tensors above those
-held when the two steps start. Predicted: `selfee_fast.plan.training_estimate(...,
-processes=2, base_layout=...)` less what is held before the steps start (the weights, the
-adapter, the frozen reference model with its gathered root).
+(plan_check's `tensor_peak_of`); the checkpoint after the last step is left out. Measured: the
+peak of the bytes held in tensors above those held when the two steps start, as `allocator_peak`
+replays it from the profile's allocation and free events ("allocated"). Shown beside it: the
+allocator total the events carry ("raw total") and the memory timeline ("timeline", where its
+data-flow graph accepts the trace), which both miss the frees made on gloo's worker threads
+(bench/NOTES.md). Predicted: `selfee_fast.plan.training_estimate(..., processes=2,
+base_layout=...)` less what is held before the steps start (the weights, the adapter, the frozen
+reference model with its gathered root).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def rank_worker(folder: Path, layout: str, checkpointing: bool, out: Path) -> No
     work = out / f"timeline-rank{ranks.rank}"
     work.mkdir(parents=True, exist_ok=True)
     prof = profiled(lambda: run(pairs, len(pairs), 2, "profiled"))
-    result = {"rank": ranks.rank, "allocated": allocator_peak(prof)}
+    result = {"rank": ranks.rank, "allocated": allocator_peak(prof), "allocator total": allocator_total_peak(prof)}
     try:
         result["measured"] = timeline_peak(prof, work)
     except AssertionError as error:  # the timeline's data-flow graph refuses some traces (full fine-tuning's)
@@ -85,9 +89,62 @@ def rank_worker(folder: Path, layout: str, checkpointing: bool, out: Path) -> No
 
 
 def allocator_peak(prof) -> int:
-    """The peak of the CPU allocator's allocated bytes during the profile, above those at its start: every
-    allocation the profiler records carries the allocator's total after it (tensors, and any other
-    buffer torch allocates through it)."""
+    """The peak of the bytes held in CPU tensors during the profile, above those held at its start, replayed from
+    the profile's allocation and free events.
+
+    Not the allocator total that each event carries: the profiler counts a free only on a thread it profiles, so
+    a tensor whose last reference gloo's worker thread drops (a collective's own copy of its input, freed there
+    after the collective returns) stays in that total for the rest of the profile. The replay ends such a block
+    at the first of: its recorded free; the return of the synchronous c10d collective that allocated it (nothing
+    outside the collective holds it); the allocator handing its address out again (the block was freed).
+    """
+    from torch._C._profiler import _EventType
+
+    events = []  # (time, order, kind, ptr, size, allocation id)
+
+    def name_of(node) -> str:
+        try:
+            return node.name
+        except UnicodeDecodeError:  # a few Python frames' names do not decode; none of them is c10d's
+            return ""
+
+    def walk(nodes, collective_end) -> None:
+        for node in nodes:
+            end = collective_end
+            if end is None and node.tag == _EventType.PyCall and "c10d_logger.py" in name_of(node):
+                end = node.end_time_ns  # the outermost c10d call: a synchronous collective's whole extent
+            if node.tag == _EventType.Allocation:
+                size, ptr = node.extra_fields.alloc_size, node.extra_fields.ptr
+                if size > 0:
+                    events.append((node.start_time_ns, 1, "alloc", ptr, size, id(node)))
+                    if end is not None:
+                        events.append((end, 2, "collective returned", ptr, size, id(node)))
+                else:
+                    events.append((node.start_time_ns, 0, "free", ptr, -size, None))
+            walk(node.children, end)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree(), None)
+    events.sort(key=lambda e: (e[0], e[1]))
+    live: dict[int, tuple[int, int]] = {}  # ptr -> (size, allocation id)
+    held = peak = 0
+    for _, _, kind, ptr, size, ident in events:
+        if kind == "alloc":
+            if ptr in live:  # its address again: the earlier block was freed where the profiler did not see it
+                held -= live.pop(ptr)[0]
+            live[ptr] = (size, ident)
+            held += size
+        elif kind == "free":
+            held -= live.pop(ptr)[0] if ptr in live else size  # a tensor from before the profile, if not live
+        elif live.get(ptr, (0, None))[1] == ident:
+            held -= live.pop(ptr)[0]
+        peak = max(peak, held)
+    return peak
+
+
+def allocator_total_peak(prof) -> int:
+    """The peak of the allocator total the profile's events carry, above its level at the start: what this
+    script reported before the replay; it counts blocks freed on gloo's threads until the profile ends
+    (kept in the JSON for comparison)."""
     from torch._C._profiler import _EventType
 
     events = []
@@ -100,8 +157,7 @@ def allocator_peak(prof) -> int:
 
     walk(prof.profiler.kineto_results.experimental_event_tree())
     events.sort()
-    start = events[0][2] - events[0][1]
-    return max(total for _, _, total in events) - start
+    return max(total for _, _, total in events) - (events[0][2] - events[0][1])
 
 
 def predict(case: tuple, layout: str, checkpointing: bool) -> tuple[int, dict]:
@@ -115,9 +171,9 @@ def predict(case: tuple, layout: str, checkpointing: bool) -> tuple[int, dict]:
     est = training_estimate(shape, cpu, pairs, seq_len, frozen_reference=False, processes=PROCESSES,
                             base_layout="sharded" if layout == "lora-sharded" else "whole")  # fmt: skip
     c = est.components
-    # Held before the steps: the weights, the adapter (half of "adapter + gradients": the gradients are
-    # not there yet), and the frozen reference model (full fine-tuning), its root already gathered.
-    loaded = c["weights"] + c.get("adapter + gradients", 0) // 2 + c.get("frozen reference", 0)
+    # Held before the steps: the weights, the adapter, and the frozen reference model (full fine-tuning),
+    # its root already gathered.
+    loaded = c["weights"] + c.get("adapter", 0) + c.get("frozen reference", 0)
     return est.peak_bytes - loaded, c
 
 
@@ -154,8 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     case, checkpointing = CASES[0], not args.no_checkpointing
     print(f"case {case} (H, I, layers, heads, KV heads, V, tokens, pairs per micro-batch), {PROCESSES} processes, "
           f"checkpointing {'on' if checkpointing else 'off'}")  # fmt: skip
-    print(f"{'layout':<14}{'rank':>5}{'predicted MiB':>15}{'tensors MiB':>13}{'pred/tensors':>14}"
-          f"{'allocated MiB':>15}{'pred/allocated':>16}")  # fmt: skip
+    # Measured: the replayed peak ("allocated"). Beside it, for comparison, the allocator total the events
+    # carry and the memory timeline: both keep blocks freed on gloo's threads (the timeline equals the
+    # total wherever it comes out), so either can read above the replayed peak.
+    print(f"{'layout':<14}{'rank':>5}{'predicted MiB':>15}{'allocated MiB':>15}{'pred/allocated':>16}"
+          f"{'raw total MiB':>15}{'timeline MiB':>14}")  # fmt: skip
     rows, ok = [], True
     for layout in args.layouts.split(","):
         predicted, components = predict(case, layout, checkpointing)
@@ -168,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"layout": layout, "checkpointing": checkpointing, "predicted": predicted,
                          "components": components, **result})  # fmt: skip
             tensors = result.get("measured")
-            shown = (f"{tensors / 2**20:>13.1f}{predicted / tensors:>14.2f}" if tensors else
-                     f"{'(no timeline)':>27}")  # fmt: skip
-            print(f"{layout:<14}{result['rank']:>5}{predicted / 2**20:>15.1f}{shown}"
-                  f"{result['allocated'] / 2**20:>15.1f}{predicted / result['allocated']:>16.2f}")  # fmt: skip
+            timeline = f"{tensors / 2**20:>14.1f}" if tensors else f"{'-':>14}"
+            allocated, raw = result["allocated"], result["allocator total"]
+            print(f"{layout:<14}{result['rank']:>5}{predicted / 2**20:>15.1f}{allocated / 2**20:>15.1f}"
+                  f"{predicted / allocated:>16.3f}{raw / 2**20:>15.1f}{timeline}")  # fmt: skip
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "plan_check_fsdp-cpu.json").write_text(json.dumps(rows, indent=2))

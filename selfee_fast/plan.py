@@ -10,13 +10,18 @@ working buffer (it never holds [tokens, vocab] logits), the KV cache of generati
 picks the largest training micro-batch, generation batch and judge batch that fit
 `model.max_memory_gb` (by default the card's memory; on a CPU estimates only).
 
+A training step's peak is the largest of its phases (the reference's forward, the fused head, a
+layer's backward, the optimizer's update; under FSDP2 also the forward's first all-gathers and the
+root's reduce-scatter), each counting only what is alive in it: gradients from the backward that
+makes them, gathered parameters while FSDP2 holds them (bench/NOTES.md has the traces).
+
 The activation terms count, per token and layer, the tensors autograd saves in transformers'
 Llama forward (bench/NOTES.md lists them and compares the total with peaks measured on the
 CPU). Every batch is taken at its longest: all rows `data.max_length` tokens, padded (the
 attention mask held), so the plan errs on the high side.
 
 Under torchrun every estimate is one rank's (`processes`): training splits each micro-batch over
-the ranks and holds the weights as FSDP2 shards them (`fsdp2_weights`); generation and judging
+the ranks and holds the weights as FSDP2 shards them (`fsdp2_layout`); generation and judging
 run whole models at one process's batch.
 
 `selfee-fast plan cfg.yaml [--json] [--processes N]` prints it; `selfee-fast run` prints it first
@@ -271,15 +276,79 @@ def head_buffer_bytes(precision: Precision) -> int:
 # --------------------------------------------------------------------------- the stages
 
 
+@dataclass(frozen=True)
+class RankLayout:
+    """What one rank holds of the model through a training step, and what lives only in some phases (bytes).
+
+    `held` is there in every phase: the weights, the adapter, the frozen reference, the optimizer's state
+    (from the second step on). The rest exists only from the moment the step makes it: gradients from the
+    backward that produces them (`zero_grad(set_to_none=True)` frees them after every step), what FSDP2
+    gathers only while it holds it. One process gathers nothing.
+    """
+
+    held: dict[str, int]
+    head_gradient: int  # the LM head's (full fine-tuning), made by the head's backward
+    body_gradients: int  # the rest (the adapter's with LoRA), made by the layers' backward
+    trained: int  # every tensor the optimizer updates on this rank
+    largest_trained: int  # the largest of them
+    forward_gathers: int = 0  # the forward's start: two units' all-gather outputs with the parameters they fill
+    root: int = 0  # the root unit's parameters, unsharded from the policy's forward to the end of its backward
+    reference_gathers: int = 0  # the reference's forward: a layer's all-gather output with its parameters
+    backward_gathers: int = 0  # a layer's backward: two layers unsharded and the computed one's gradients
+    root_reduce_scatter: int = 0  # the end of the backward: the root's gradient and its reduce-scatter copy
+
+
+def one_process_layout(shape: ModelShape, precision: Precision, frozen_reference: bool) -> RankLayout:
+    """A single process: every tensor whole, nothing gathered."""
+    a, w = precision.activation_bytes, precision.weight_bytes
+    if precision.lora_r:
+        sizes = lora_params(shape, precision.lora_r)
+        held = {"weights": weight_bytes(shape, precision), "adapter": 4 * sum(sizes)}  # the adapter in fp32
+        if frozen_reference:
+            held["frozen reference"] = 4 * sum(sizes)  # pi_{i-1}: a frozen copy of the adapter
+        held["optimizer"] = optimizer_bytes(sizes, precision.optimizer)
+        return RankLayout(held, head_gradient=0, body_gradients=4 * sum(sizes), trained=4 * sum(sizes),
+                          largest_trained=4 * max(sizes))  # fmt: skip
+    sizes = shape.tensor_sizes()
+    # Every weight trains (fp32 master weights under model.dtype=auto), its gradient in the same dtype. The
+    # reference is a model of its own: pi_init in stage 0, pi_{i-1} in an iteration.
+    reference = weight_bytes(shape, Precision(a, a, on_gpu=precision.on_gpu))
+    held = {"weights": w * shape.params, "frozen reference": reference,
+            "optimizer": optimizer_bytes(sizes, precision.optimizer)}  # fmt: skip
+    # Tied, the head is the embedding, whose gradient the head's backward starts.
+    head = w * shape.vocab_size * shape.hidden_size
+    return RankLayout(held, head_gradient=head, body_gradients=w * shape.params - head, trained=w * shape.params,
+                      largest_trained=w * max(sizes))  # fmt: skip
+
+
+def optimizer_update_bytes(layout: RankLayout, precision: Precision) -> int:
+    """The temporaries of the optimizer's update, beside every gradient and the state.
+
+    torch's AdamW computes the denominator out of place, sqrt(v) and then its quotient: on the CPU (the
+    single-tensor path, traced) two of one tensor's size at a time, the largest's at worst; on a GPU its
+    default is the foreach path (read in torch.optim.adam, not measured here), whose sqrt is one temporary
+    per tensor at once. bitsandbytes' 8-bit AdamW updates in place in its kernel.
+    """
+    if precision.optimizer != "adamw":
+        return 0
+    return layout.trained if precision.on_gpu else 2 * layout.largest_trained
+
+
 def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_length: int, *,
-                      frozen_reference: bool = True, processes: int = 1, base_layout: str = "whole") -> Estimate:  # fmt: skip
-    """One training step of `pairs` pairs per micro-batch, all rows `max_length` tokens.
+                      frozen_reference: bool = True, processes: int = 1, base_layout: str = "whole",
+                      micro_batches: int = 1) -> Estimate:  # fmt: skip
+    """One training step of `pairs` pairs per micro-batch, all rows `max_length` tokens: the peak of its phases.
 
     `frozen_reference`: an SPA iteration's reference pi_{i-1} (a frozen adapter copy with LoRA,
     a frozen model copy with full fine-tuning); stage 0's reference is the base (adapters off).
-    `processes` > 1: one rank's peak under torchrun with FSDP2 (`fsdp2_weights`): each rank takes
+    `processes` > 1: one rank's peak under torchrun with FSDP2 (`fsdp2_layout`): each rank takes
     pairs / processes of the micro-batch; `base_layout` is where a LoRA run's frozen base lives
-    ("whole" on every rank, or "sharded"; model.shard_frozen_base).
+    ("whole" on every rank, or "sharded"; model.shard_frozen_base). `micro_batches`: how many
+    micro-batches a step accumulates (train.batch_size / train.micro_batch_size); from the second on,
+    every gradient already exists in every phase.
+
+    The components are what every phase holds (weights, adapter, frozen reference, optimizer state) and
+    the parts of the phase that sets the peak, named by its "working: ..." part.
     """
     if pairs % processes:
         raise ValueError(f"{pairs} pairs per micro-batch do not split over {processes} processes")
@@ -288,20 +357,12 @@ def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_l
     a, h = precision.activation_bytes, shape.hidden_size
     rows = 2 * pairs
     tokens = rows * max_length
-    est.components["weights"] = weight_bytes(shape, precision)
-    if precision.lora_r:
-        sizes = lora_params(shape, precision.lora_r)
-        est.components["adapter + gradients"] = 2 * 4 * sum(sizes)  # fp32 adapter, fp32 gradients
-        if frozen_reference:
-            est.components["frozen reference"] = 4 * sum(sizes)  # pi_{i-1}: a frozen copy of the adapter
+    if processes > 1:
+        layout = fsdp2_layout(shape, precision, processes, base_layout, frozen_reference)
     else:
-        sizes = shape.tensor_sizes()
-        # Every weight trains (fp32 master weights under model.dtype=auto), gradients in the same dtype.
-        est.components["weights"] = precision.weight_bytes * shape.params
-        est.components["gradients"] = precision.weight_bytes * shape.params
-        # The reference is a model of its own: pi_init in stage 0, pi_{i-1} in an iteration.
-        est.components["frozen reference"] = weight_bytes(shape, Precision(a, a, on_gpu=precision.on_gpu))
-    est.components["optimizer"] = optimizer_bytes(sizes, precision.optimizer)
+        layout = one_process_layout(shape, precision, frozen_reference)
+    est.components.update(layout.held)
+
     saved = layer_saved_bytes_per_token(shape, precision) * tokens
     mask = sdpa_mask_bytes(precision, rows, max_length)
     # Kept through the backward: each layer's input alone with checkpointing (a layer is recomputed
@@ -315,15 +376,28 @@ def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_l
             # keeps neither that input nor an fp32 copy of it (with checkpointing, the engine makes the
             # input require a gradient, and the checkpoint keeps it).
             kept -= 4 * h * tokens
-    est.components["activations"] = int(kept + attention_mask_bytes(rows, max_length))
-    # On top of that, the largest of three phases that never coexist:
+    activations = int(kept + attention_mask_bytes(rows, max_length))
+    # The batch's input ids, attention mask, labels and sequence ids, int64 [rows, T]: the whole step.
+    batch = 4 * 8 * tokens
+    # The per-token log-probs in fp32, from the head's forward until the micro-batch's backward returns:
+    # the policy's and the reference's, and in an SPA iteration DND's extrapolated ones (counted always).
+    logprobs = 3 * 4 * tokens
+    everything = layout.head_gradient + layout.body_gradients
+    # Gradients of the micro-batches before this one, when a step accumulates several: there from the start.
+    accumulated = everything if micro_batches > 1 else 0
+
+    # The phases of a step, each with what is alive in it beside `held`:
     # - the reference's forward without gradient, after the policy's (its final hidden state and the
     #   final norm's saved input held): one layer's transient tensors, the float mask its sdpa makes;
-    # - the fused head (the policy's and the reference's final hidden states, the final norm's saved
-    #   input, the gradient it hands back, one working buffer, never [tokens, vocab] logits; the CPU
-    #   path also keeps each token's fp32 input-gradient direction and gathers the rows it works on);
-    # - then, once the head's buffers are freed, one layer's backward: the first one to run, while
-    #   every layer's checkpoint (or saved tensors) is still kept.
+    # - the fused head, forward and backward (the policy's and the reference's final hidden states, the
+    #   final norm's saved input, the gradient it hands back, one working buffer, never [tokens, vocab]
+    #   logits; the CPU path also keeps each token's fp32 input-gradient direction and gathers the rows
+    #   it works on); a trained head's gradient is made here, the body's do not exist yet;
+    # - then, once the head's buffers are freed, one layer's backward: the first one to run, while every
+    #   layer's checkpoint (or saved tensors) is still kept. The body's gradients are all counted: the
+    #   last layer's backward holds nearly all of them (over little else), the first one all activations;
+    # - the optimizer's update: every gradient and the update's temporaries, the activations freed.
+    # The gathered parameters are counted only in the phases where FSDP2 holds them (`fsdp2_layout`).
     reference = tokens * (forward_working_bytes_per_token(shape, precision) + 4 * h + a * h) + mask
     head = tokens * (2 * a * h + (4 * h + a * h) + a * h) + head_buffer_bytes(precision)
     if not precision.on_gpu:
@@ -331,11 +405,32 @@ def training_estimate(shape: ModelShape, precision: Precision, pairs: int, max_l
     layer = layer_backward_bytes_per_token(shape, precision) * tokens
     if precision.gradient_checkpointing:
         layer += mask  # the recomputed layer's sdpa makes its float mask again
-    phase, name = max((head, "working: fused head"), (layer, "working: a layer's backward"),
-                      (reference, "working: the reference's forward"))  # fmt: skip
-    est.components[name] = int(phase)
-    if processes > 1:
-        est.components.update(fsdp2_weights(shape, precision, processes, base_layout, frozen_reference))
+    phases: list[dict[str, int]] = [
+        {"working: the reference's forward": int(reference), "activations": activations,
+         "gradients": accumulated, "FSDP2: gathered": layout.root + layout.reference_gathers},
+        {"working: fused head": int(head), "activations": activations,
+         "gradients": layout.head_gradient + (layout.body_gradients if micro_batches > 1 else 0),
+         "FSDP2: gathered": layout.root, "log-probs": logprobs},
+        {"working: a layer's backward": int(layer), "activations": activations, "gradients": everything,
+         "FSDP2: gathered": layout.root + layout.backward_gathers, "log-probs": logprobs},
+        {"working: the optimizer's update": optimizer_update_bytes(layout, precision), "gradients": everything},
+    ]  # fmt: skip
+    if layout.forward_gathers:
+        # FSDP2's first all-gathers of the policy's forward (the root's and the first layer's): each
+        # unit's all-gather output and the unsharded parameters it is copied into exist together, over
+        # the embedding's output and the attention mask.
+        phases.append({"working: the forward's first all-gathers": layout.forward_gathers,
+                       "activations": int(a * h * tokens + attention_mask_bytes(rows, max_length)),
+                       "gradients": accumulated})  # fmt: skip
+    if layout.root_reduce_scatter:
+        # The end of the backward: the root's unsharded gradient, then the reduce-scatter input it is
+        # copied into and the copy c10d makes of that, over every other gradient (the activations freed).
+        phases.append({"working: the root's reduce-scatter": layout.root_reduce_scatter, "gradients": everything,
+                       "log-probs": logprobs})  # fmt: skip
+    for phase in phases:
+        phase["batch"] = batch
+    peak = max(phases, key=lambda phase: sum(phase.values()))
+    est.components.update({name: value for name, value in peak.items() if value})
     return est
 
 
@@ -345,27 +440,30 @@ def shard_elements(rows: int, cols: int, processes: int) -> int:
     return -(-rows // processes) * cols
 
 
-def fsdp2_weights(shape: ModelShape, precision: Precision, processes: int, base_layout: str,
-                  frozen_reference: bool) -> dict[str, int]:  # fmt: skip
+def fsdp2_layout(shape: ModelShape, precision: Precision, processes: int, base_layout: str,
+                 frozen_reference: bool) -> RankLayout:  # fmt: skip
     """One rank's weights, gradients and optimizer state under distributed.shard_model, and what FSDP2
-    gathers: the components that replace the one-process ones.
+    gathers when.
 
     shard_model makes each decoder layer an FSDP2 unit and the body the root unit over what is left
     of it (the embedding, unless tied to the head, and the final norm); the LM head is passed as
     ignored and stays whole on every rank, and so does every frozen parameter of a LoRA run with
     the base "whole". A sharded parameter is a dim-0 shard per rank; its gradient and AdamW's
-    moments are shards of the same shape. What is gathered, with fully_shard's defaults:
+    moments are shards of the same shape. What is gathered, with fully_shard's defaults (traced on
+    2 CPU processes, bench/NOTES.md):
+    - an all-gather fills a unit's unsharded parameters from an output buffer, and both exist until
+      the copy ends: at the policy's forward start, the root's and the first layer's together;
     - a layer unit reshards after its forward (reshard_after_forward=None is True for non-root
-      units), so the forward holds one layer's unsharded parameters at a time; in the backward
-      the unit being computed is gathered again and the one before it is prefetched (FSDP2's
-      default backward prefetch of the previous unit in forward order): two layers in flight;
+      units), so a forward holds one layer's unsharded parameters at a time, and the head's phase
+      none; in the backward the unit being computed is gathered again and the one before it is
+      prefetched (FSDP2's default backward prefetch of the previous unit in forward order): two
+      layers in flight, and the computed layer's unsharded gradients until its post-backward
+      reduce-scatters them into the sharded ones;
     - the root unit does not reshard after its forward (None is False for the root): its
-      embedding and final norm stay unsharded from the body's forward until its backward ends;
-      a frozen reference model's root, whose forwards have no backward, keeps them unsharded from
-      its first forward on (seen on a 1-rank gloo mesh: the root's parameters stay plain tensors
-      after a forward without gradient);
-    - the layer being computed holds its unsharded gradients (of what it trains) until its
-      post-backward reduce-scatters them into the sharded ones.
+      embedding and final norm stay unsharded from the body's forward until its backward ends, where
+      its gradient is copied into a reduce-scatter input; a frozen reference model's root, whose
+      forwards have no backward, keeps them unsharded from its first forward on (seen on a 1-rank
+      gloo mesh: the root's parameters stay plain tensors after a forward without gradient).
     Quantised bases are not sharded (preflight refuses them on several processes): the base is
     counted in its dtype.
     """
@@ -383,43 +481,51 @@ def fsdp2_weights(shape: ModelShape, precision: Precision, processes: int, base_
     def whole(tensors) -> int:
         return sum(rows * cols for rows, cols in tensors)
 
-    out = {}
     if precision.lora_r:
         r = precision.lora_r
         adapter_layer = [t for out_, inp in linears for t in ((r, inp), (out_, r))]  # A [r, in], B [out, r]
         adapter = adapter_layer * shape.layers
-        # The adapter trains: sharded N ways, its fp32 gradients and AdamW's moments with it.
-        out["adapter + gradients"] = 2 * 4 * sharded(adapter)
-        out["optimizer"] = optimizer_bytes([shard_elements(rows, cols, n) for rows, cols in adapter],
-                                           precision.optimizer)  # fmt: skip
-        # Gathered: two layers' unsharded adapters; the layer in its backward, its adapter's gradients.
-        gathered = 2 * 4 * whole(adapter_layer) + 4 * whole(adapter_layer)
+        shards = [shard_elements(rows, cols, n) for rows, cols in adapter]
+        layer_unit = 4 * whole(adapter_layer)  # what a layer's all-gather brings: its adapter
+        root_unit = 0  # the root trains nothing: with the base whole it has nothing to gather
         if base_layout == "whole":
             # Every frozen parameter is ignored by FSDP2: the base, and pi_{i-1}'s adapter, whole per rank.
-            out["weights"] = weight_bytes(shape, precision)
-            if frozen_reference:
-                out["frozen reference"] = 4 * whole(adapter)
+            held = {"weights": weight_bytes(shape, precision)}
+            reference = 4 * whole(adapter)
         else:
-            out["weights"] = w * (head + sharded(body))
+            held = {"weights": w * (head + sharded(body))}
+            layer_unit += w * whole(layer)
+            root_unit = w * whole(root)
+            reference = 4 * sharded(adapter)
             if frozen_reference:
-                out["frozen reference"] = 4 * sharded(adapter)
-                gathered += 2 * 4 * whole(adapter_layer)  # gathered with its layer
-            # Two layers' unsharded base weights, and the root's embedding and final norm held unsharded.
-            gathered += 2 * w * whole(layer) + w * whole(root)
-    else:
-        # Full fine-tuning: the body trains, sharded with its gradients and optimizer state; the head
-        # trains whole on every rank (its gradient all-reduced like DDP's), its state whole too.
-        out["weights"] = w * (head + sharded(body))
-        out["gradients"] = w * (head + sharded(body))
-        out["optimizer"] = optimizer_bytes([head] + [shard_elements(rows, cols, n) for rows, cols in body],
-                                           precision.optimizer)  # fmt: skip
-        # The frozen reference model is sharded the same way, in the compute dtype; its root's embedding
-        # and final norm, gathered by its first forward, are never resharded (no backward runs).
-        out["frozen reference"] = a * (head + sharded(body) + whole(root))
-        # Two of the policy's layers unsharded, one layer's unsharded gradients, the policy's root.
-        gathered = 2 * w * whole(layer) + w * whole(layer) + w * whole(root)
-    out["FSDP2: gathered"] = gathered
-    return out
+                layer_unit += 4 * whole(adapter_layer)  # gathered with its layer
+        # The adapter trains: sharded N ways, its fp32 gradients and AdamW's moments with it.
+        held["adapter"] = 4 * sum(shards)
+        if frozen_reference:
+            held["frozen reference"] = reference
+        held["optimizer"] = optimizer_bytes(shards, precision.optimizer)
+        return RankLayout(
+            held, head_gradient=0, body_gradients=4 * sum(shards), trained=4 * sum(shards),
+            largest_trained=4 * max(shards), forward_gathers=2 * (root_unit + layer_unit), root=root_unit,
+            # The reference is the same model with its adapter off: its forward gathers the policy's layers.
+            reference_gathers=2 * layer_unit, backward_gathers=2 * layer_unit + 4 * whole(adapter_layer),
+        )  # fmt: skip
+    # Full fine-tuning: the body trains, sharded with its gradients and optimizer state; the head trains
+    # whole on every rank (its gradient all-reduced like DDP's), its state whole too.
+    shards = [shard_elements(rows, cols, n) for rows, cols in body]
+    held = {"weights": w * (head + sum(shards)),
+            # The frozen reference model is sharded the same way, in the compute dtype; its root's embedding
+            # and final norm, gathered by its first forward, are never resharded (no backward runs).
+            "frozen reference": a * (head + sum(shards) + whole(root)),
+            "optimizer": optimizer_bytes([head, *shards], precision.optimizer)}  # fmt: skip
+    layer_unit, root_unit = w * whole(layer), w * whole(root)
+    return RankLayout(
+        held, head_gradient=w * head, body_gradients=w * sum(shards), trained=w * (head + sum(shards)),
+        largest_trained=w * max(head, *shards), forward_gathers=2 * (root_unit + layer_unit), root=root_unit,
+        reference_gathers=2 * a * whole(layer),  # the reference model's own layers, in its dtype
+        backward_gathers=3 * layer_unit,  # two layers' parameters, the computed one's gradients
+        root_reduce_scatter=2 * root_unit,
+    )  # fmt: skip
 
 
 def generation_estimate(shape: ModelShape, precision: Precision, prompts: int, responses: int, prompt_length: int,
@@ -600,7 +706,7 @@ def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool
     """The memory plan of `config` (its values already checked): each stage's estimate and the batches that fit.
 
     `processes` > 1: one rank's estimates under torchrun (the budget is one GPU's). Training splits each
-    micro-batch over the ranks and shards with FSDP2 (`fsdp2_weights`); a LoRA base is laid out as
+    micro-batch over the ranks and shards with FSDP2 (`fsdp2_layout`); a LoRA base is laid out as
     `base_layout`, by default as the run would (`frozen_base_layout`). Generation and the judge: each
     rank takes every N-th batch at the configured size on a whole model, so one rank's peak is one
     process's.
@@ -629,8 +735,10 @@ def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool
                      f"{where}, the LM head whole; generation and judge batches whole per rank")  # fmt: skip
 
     def train(n: int) -> Estimate:
+        # A step of train.batch_size pairs accumulates train.batch_size / n micro-batches of n.
         return training_estimate(shape, precision, n, d.max_length, frozen_reference=iterations,
-                                 processes=processes, base_layout=base_layout or "whole")  # fmt: skip
+                                 processes=processes, base_layout=base_layout or "whole",
+                                 micro_batches=t.batch_size // n)  # fmt: skip
 
     def generate(n: int) -> Estimate:
         return generation_estimate(shape, precision, n, g.responses_per_prompt, d.max_prompt_length, g.max_new_tokens)

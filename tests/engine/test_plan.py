@@ -13,7 +13,9 @@ from selfee_fast.plan import (
     NF4_BYTES_PER_WEIGHT,
     ModelShape,
     Precision,
+    RankLayout,
     frozen_base_layout,
+    fsdp2_layout,
     generation_estimate,
     judge_estimate,
     largest_fitting,
@@ -66,7 +68,7 @@ def test_a_training_estimate_equals_its_hand_computed_components(tmp_path):
     assert est.components["weights"] == 4 * (2 * 36864 + 12800 + 320)
     # LoRA r=4: r x (in + out) per linear = 512 + 384 + 384 + 512 + 768 + 768 + 768 = 4096 per layer.
     adapter = 2 * 4096
-    assert est.components["adapter + gradients"] == 8 * adapter
+    assert est.components["adapter"] == 4 * adapter  # fp32; its gradients come with the layers' backward
     assert est.components["frozen reference"] == 4 * adapter  # an iteration's pi_{i-1}
     assert est.components["optimizer"] == 8 * adapter  # fp32 AdamW: two moments
     tokens = 2 * 10  # one pair: chosen and rejected rows of 10 tokens
@@ -88,6 +90,10 @@ def test_a_training_estimate_equals_its_hand_computed_components(tmp_path):
                                                         optimizer="adamw", on_gpu=False), 1, 10)  # fmt: skip
     # Every layer's saved tensors and float mask, less the first norm's input (a frozen embedding's output).
     assert no_checkpoints.components["activations"] == 2 * (per_layer * tokens + float_mask) + mask - 4 * 64 * tokens
+    # The head's phase, one micro-batch a step: the adapter's gradients do not exist yet (the layers'
+    # backward makes them, and the last step's were freed); the batch's four int64 index tensors do.
+    assert "gradients" not in est.components and est.components["batch"] == 4 * 8 * tokens
+    assert est.components["log-probs"] == 3 * 4 * tokens  # fp32: policy, reference, extrapolated
     assert est.peak_bytes == sum(est.components.values())
 
 
@@ -310,58 +316,109 @@ def test_a_lora_base_stays_whole_on_each_gpu_unless_the_plan_says_it_cannot(tmp_
 # (the body's root unit: 6464); the head 100x64, never sharded. Every dim 0 is even: N=2 halves exactly.
 LAYER, ROOT, HEAD, PARAMS = 36864 + 128, 6400 + 64, 6400, 86848
 ADAPTER_LAYER = 4096  # LoRA r=4: r x (in + out) per linear, per layer
-NOT_WEIGHTS = ("activations", "working: fused head", "working: a layer's backward", "working: the reference's forward")
+PHASE_TERMS = ("activations", "batch", "working: fused head", "working: a layer's backward",
+               "working: the reference's forward")  # fmt: skip
 
 
-def per_rank(precision, layout="whole", frozen_reference=True):
+def per_rank(precision, layout="whole", frozen_reference=True) -> RankLayout:
     shape = ModelShape(64, 128, 2, 4, 2, 16, 100)
     two = training_estimate(shape, precision, 4, 10, frozen_reference=frozen_reference, processes=2,
                             base_layout=layout)  # fmt: skip
     one = training_estimate(shape, precision, 2, 10, frozen_reference=frozen_reference)
     # A rank computes 4 / 2 = 2 pairs: its activations and head are one process's at 2 pairs.
-    assert {k: v for k, v in two.components.items() if k in NOT_WEIGHTS} == {
-        k: v for k, v in one.components.items() if k in NOT_WEIGHTS
+    assert {k: v for k, v in two.components.items() if k in PHASE_TERMS} == {
+        k: v for k, v in one.components.items() if k in PHASE_TERMS
     }
     assert two.batch_size == 4, "the plan speaks of the configured micro-batch"
-    return {k: v for k, v in two.components.items() if k not in NOT_WEIGHTS}
+    rank = fsdp2_layout(shape, precision, 2, layout, frozen_reference)
+    assert {k: v for k, v in two.components.items() if k in rank.held} == rank.held
+    return rank
 
 
 def test_two_processes_lora_with_the_base_whole_shard_only_the_adapter():
     cpu = Precision(weight_bytes=4, activation_bytes=4, lora_r=4, optimizer="adamw", on_gpu=False)
-    assert per_rank(cpu, "whole") == {
+    rank = per_rank(cpu, "whole")
+    assert rank.held == {
         "weights": 4 * PARAMS,  # frozen, ignored by FSDP2: whole on every rank
-        "adapter + gradients": 8 * 2 * ADAPTER_LAYER // 2,  # fp32 adapter and gradients, halved
+        "adapter": 4 * 2 * ADAPTER_LAYER // 2,  # fp32, halved
         "frozen reference": 4 * 2 * ADAPTER_LAYER,  # pi_{i-1}'s adapter is frozen too: whole
         "optimizer": 8 * 2 * ADAPTER_LAYER // 2,  # AdamW's two fp32 moments of the shards
-        # Two layers' unsharded adapters (computed and prefetched) and one layer's unsharded gradients.
-        "FSDP2: gathered": 2 * 4 * ADAPTER_LAYER + 4 * ADAPTER_LAYER,
     }
+    assert (rank.head_gradient, rank.body_gradients) == (0, 4 * 2 * ADAPTER_LAYER // 2)
+    # Gathered: the first layer's adapter twice at the forward's start (all-gather output, parameters);
+    # in a layer's backward two layers' adapters (computed and prefetched) and the computed one's
+    # gradients; the root trains nothing and gathers nothing.
+    assert (rank.forward_gathers, rank.root, rank.backward_gathers, rank.root_reduce_scatter) == (
+        2 * 4 * ADAPTER_LAYER, 0, 3 * 4 * ADAPTER_LAYER, 0)  # fmt: skip
 
 
 def test_two_processes_lora_with_the_base_sharded():
     cpu = Precision(weight_bytes=4, activation_bytes=4, lora_r=4, optimizer="adamw", on_gpu=False)
-    assert per_rank(cpu, "sharded") == {
+    rank = per_rank(cpu, "sharded")
+    assert rank.held == {
         "weights": 4 * (HEAD + (2 * LAYER + ROOT) // 2),  # the head whole, the body halved
-        "adapter + gradients": 8 * ADAPTER_LAYER,
+        "adapter": 4 * ADAPTER_LAYER,
         "frozen reference": 4 * ADAPTER_LAYER,  # sharded with its layers
         "optimizer": 8 * ADAPTER_LAYER,
-        # Two layers unsharded (base, adapter, pi_{i-1}'s adapter), one layer's adapter gradients, and
-        # the root (embedding, final norm) kept unsharded from the forward to the backward.
-        "FSDP2: gathered": 2 * 4 * (LAYER + 2 * ADAPTER_LAYER) + 4 * ADAPTER_LAYER + 4 * ROOT,
     }
+    unit = 4 * (LAYER + 2 * ADAPTER_LAYER)  # what a layer's all-gather brings: base, adapter, pi_{i-1}'s adapter
+    assert rank.forward_gathers == 2 * (4 * ROOT + unit)  # the root's and the first layer's, each twice
+    assert rank.root == 4 * ROOT  # unsharded from the forward to the end of the backward
+    assert rank.backward_gathers == 2 * unit + 4 * ADAPTER_LAYER  # two layers, one layer's adapter gradients
+    assert rank.reference_gathers == 2 * unit and rank.root_reduce_scatter == 0  # a frozen root reduces nothing
 
 
 def test_two_processes_full_fine_tuning_shard_weights_gradients_state_and_the_reference():
     cpu = Precision(weight_bytes=4, activation_bytes=4, lora_r=0, optimizer="adamw", on_gpu=False)
     sharded = HEAD + (2 * LAYER + ROOT) // 2  # elements per rank: the head whole, the body halved
-    assert per_rank(cpu) == {
+    rank = per_rank(cpu)
+    assert rank.held == {
         "weights": 4 * sharded,
-        "gradients": 4 * sharded,  # the head's whole, all-reduced; the body's reduce-scattered
         "frozen reference": 4 * (sharded + ROOT),  # its root gathered by its first forward, never resharded
         "optimizer": 8 * sharded,
-        # Two layers unsharded, one layer's unsharded gradients, the policy's root unsharded.
-        "FSDP2: gathered": 3 * 4 * LAYER + 4 * ROOT,
     }
+    # The head's gradient whole (all-reduced), the body's reduce-scattered into shards.
+    assert (rank.head_gradient, rank.body_gradients) == (4 * HEAD, 4 * (2 * LAYER + ROOT) // 2)
+    assert (rank.forward_gathers, rank.root, rank.backward_gathers) == (2 * 4 * (ROOT + LAYER), 4 * ROOT, 3 * 4 * LAYER)
+    # The reference model's own layer in its forward; the root's gradient and its reduce-scatter copy.
+    assert (rank.reference_gathers, rank.root_reduce_scatter) == (2 * 4 * LAYER, 2 * 4 * ROOT)
+
+
+def test_each_gradient_and_gathered_unit_counts_only_in_the_phases_that_hold_it():
+    """Full fine-tuning without checkpointing on 2 processes, plan_check_fsdp's case: traced, the peak is the
+    head's backward over every kept activation, with the head's own gradient and the root's embedding
+    unsharded; the body's gradient shards do not exist yet and no layer is gathered (bench/NOTES.md)."""
+    shape = ModelShape(256, 688, 4, 4, 2, 64, 32000)
+    cpu = Precision(4, 4, lora_r=0, gradient_checkpointing=False, optimizer="adamw", on_gpu=False)
+    rank = fsdp2_layout(shape, cpu, 2, "whole", False)
+    est = training_estimate(shape, cpu, 2, 256, frozen_reference=False, processes=2).components
+    assert "working: fused head" in est
+    assert est["gradients"] == rank.head_gradient == 4 * 32000 * 256
+    assert est["FSDP2: gathered"] == rank.root == 4 * (32000 * 256 + 256)
+    # A step accumulating two micro-batches holds every gradient of the first through the second's phases.
+    accumulating = training_estimate(shape, cpu, 2, 256, frozen_reference=False, processes=2, micro_batches=2)
+    assert accumulating.components["gradients"] == rank.head_gradient + rank.body_gradients
+    # With checkpointing the activations are small and the step peaks after the backward: every gradient,
+    # with the root's gradient and its reduce-scatter copy (or AdamW's two temporaries of the head).
+    ckpt = Precision(4, 4, lora_r=0, gradient_checkpointing=True, optimizer="adamw", on_gpu=False)
+    late = training_estimate(shape, ckpt, 2, 256, frozen_reference=False, processes=2).components
+    assert "activations" not in late and late["gradients"] == rank.head_gradient + rank.body_gradients
+    assert late["working: the root's reduce-scatter"] == rank.root_reduce_scatter == 2 * rank.root
+
+
+def test_the_optimizer_update_is_a_phase_of_its_own(tmp_path):
+    """Full fine-tuning of a 7B on one GPU: AdamW's foreach update makes a temporary of every tensor at once,
+    over every gradient; bitsandbytes' 8-bit update makes none, and a layer's backward peaks instead."""
+    shape = ModelShape.from_config_json(model_folder(tmp_path, MISTRAL_7B))
+    adamw = Precision(weight_bytes=2, activation_bytes=2, lora_r=0, optimizer="adamw")
+    est = training_estimate(shape, adamw, 1, 64).components
+    assert est["working: the optimizer's update"] == est["gradients"] == 2 * shape.params
+    assert "activations" not in est
+    eight_bit = training_estimate(shape, Precision(2, 2, lora_r=0), 1, 64).components
+    assert "working: the optimizer's update" not in eight_bit and eight_bit["gradients"] == 2 * shape.params
+    cpu = Precision(weight_bytes=4, activation_bytes=4, lora_r=0, optimizer="adamw", on_gpu=False)
+    # On the CPU torch's single-tensor update: sqrt(v) and its quotient, of the largest tensor (the head).
+    assert training_estimate(shape, cpu, 1, 64).components["working: the optimizer's update"] == 2 * 4 * 32000 * 4096
 
 
 def test_a_shard_is_padded_to_a_multiple_of_the_processes():
