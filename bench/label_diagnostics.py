@@ -12,7 +12,10 @@ for itself, two of its own samples each. Per iteration it prints
 - acc (len differs) / acc (len equal): label accuracy split by whether the lengths differ;
 - sample tokens: mean token length of the judged responses (π_{i-1}'s samples), and eval tokens:
   mean response length of π_i on the held-out prompts (from the arm's eval/iter<i>.jsonl);
-- eval gold: held-out gold of π_i.
+- eval gold: held-out gold of π_i;
+- with spa.judge_consistency: disagreeing, the fraction of pairs of two different responses that
+  the previous iteration's judge orders the other way (agreement < 0.5), and the label accuracy
+  where the two judges agree and where they disagree (what `filter` trains on, and drops).
 
 Numbers are mean over seeds, with the per-seed values in brackets.
 
@@ -38,16 +41,21 @@ def fraction(flags: list[bool]) -> float | None:
 
 def iteration_stats(task, pairs: list[JudgedPair]) -> dict:
     decided, longer_chosen, longer_gold, acc_diff, acc_same, lengths = [], [], [], [], [], []
+    disagreeing, acc_agree, acc_disagree = [], [], []
     for p in pairs:
         g_c, g_r = task.gold(p.prompt_text, p.chosen_text), task.gold(p.prompt_text, p.rejected_text)
         n_c, n_r = len(p.chosen_ids), len(p.rejected_ids)
         lengths += [n_c, n_r]
         if n_c != n_r:
             longer_chosen.append(n_c > n_r)
+        if p.agreement is not None and not p.identical:
+            disagreeing.append(p.agreement < 0.5)
         if g_c == g_r:
             continue
         right = g_c > g_r
         decided.append(right)
+        if p.agreement is not None:
+            (acc_disagree if p.agreement < 0.5 else acc_agree).append(right)
         if n_c != n_r:
             acc_diff.append(right)
             longer_gold.append((n_c > n_r) == right)  # the gold-better response is the longer one
@@ -62,6 +70,9 @@ def iteration_stats(task, pairs: list[JudgedPair]) -> dict:
         "acc_len_differs": fraction(acc_diff),
         "acc_len_equal": fraction(acc_same),
         "sample_tokens": statistics.fmean(lengths) if lengths else None,
+        "disagreeing": fraction(disagreeing),
+        "acc_judges_agree": fraction(acc_agree),
+        "acc_judges_disagree": fraction(acc_disagree),
     }
 
 
@@ -102,6 +113,9 @@ KEYS = (
     "sample_tokens",
     "eval_tokens",
     "eval_gold",
+    "disagreeing",
+    "acc_judges_agree",
+    "acc_judges_disagree",
 )
 
 
