@@ -944,6 +944,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="demo's QUICK scale, 1 seed: a logic check")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0,
+        help="seeds first-seed, first-seed + 1, ...: fresh seeds confirm what earlier ones suggested",
+    )  # fmt: skip
     parser.add_argument("--arms", default="all", help="comma-separated arm names or groups main, sweep, judge, all")
     parser.add_argument("--out", default="bench/results/repro", help="output folder (a subfolder per scale)")
     parser.add_argument("--docs", default=None, help="also write the report here (docs/RESULTS.md holds one per task)")
@@ -975,7 +979,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("repro: --iterations must be 1, 2 or 3")
         scale = replace(scale, iteration_prompts=(scale.iteration_prompts[0],) * args.iterations)
     task = load_task(args.task)
-    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
+    count = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    seeds = list(range(args.first_seed, args.first_seed + count))
     if not seeds:
         raise SystemExit("repro: --seeds must be >= 1")
     arms, aliases = build_arms(scale)
