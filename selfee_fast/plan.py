@@ -553,19 +553,26 @@ def generation_estimate(shape: ModelShape, precision: Precision, prompts: int, r
 
 
 def judge_estimate(shape: ModelShape, precision: Precision, prompts: int, responses: int, max_length: int, *,
-                   frozen_reference: bool = False) -> Estimate:  # fmt: skip
-    """The implicit-reward judge: policy and reference forwards without gradient over every response."""
+                   frozen_reference: bool = False, earlier_judge: bool = False) -> Estimate:  # fmt: skip
+    """The implicit-reward judge: policy and reference forwards without gradient over every response.
+
+    `earlier_judge`: spa.judge_consistency's previous judge, pi_{i-2}, held beside them from iteration 2
+    on (LoRA: one more adapter; full fine-tuning: one more frozen model).
+    """
     a, h = precision.activation_bytes, shape.hidden_size
     rows = prompts * responses
     tokens = rows * max_length
     est = Estimate("judge", prompts)
     est.components["weights"] = weight_bytes(shape, precision)
     if precision.lora_r:
-        copies = 2 if frozen_reference else 1  # the policy adapter, and pi_{i-2}'s for judge_reference=previous
+        # The policy adapter, and pi_{i-2}'s for judge_reference=previous or for the earlier judge.
+        copies = 1 + int(frozen_reference or earlier_judge)
         est.components["adapters"] = 4 * copies * sum(lora_params(shape, precision.lora_r))
     else:
         frozen = Precision(a, a, on_gpu=precision.on_gpu)
         est.components["frozen reference"] = weight_bytes(shape, frozen)
+        if earlier_judge:
+            est.components["earlier judge"] = weight_bytes(shape, frozen)
     # The boolean mask, and the float copy one layer's sdpa makes of it at a time (nothing is kept).
     masks = attention_mask_bytes(rows, max_length) + sdpa_mask_bytes(precision, rows, max_length)
     working = forward_working_bytes_per_token(shape, precision) * tokens + masks
@@ -745,7 +752,8 @@ def plan_run(config: RunConfig, shape: ModelShape | None = None, *, on_gpu: bool
 
     def judge(n: int) -> Estimate:
         return judge_estimate(shape, precision, n, g.responses_per_prompt, d.max_length,
-                              frozen_reference=config.spa.judge_reference == "previous")  # fmt: skip
+                              frozen_reference=config.spa.judge_reference == "previous",
+                              earlier_judge=config.spa.judge_consistency != "none")  # fmt: skip
 
     # A micro-batch divides the step's batch, and under torchrun splits over the processes.
     micro_candidates = [n for n in range(1, t.batch_size + 1) if t.batch_size % n == 0 and n % processes == 0]

@@ -577,3 +577,15 @@ def test_consistency_filter_drops_the_pairs_the_judges_order_oppositely(workspac
             dropped = f"{stage}: {len(different) - len(agreed)} of {len(different)} pairs are ordered the other way"
             assert any(m.startswith(dropped) for m in messages), stage
     assert reversed_somewhere, "the test needs a pair the two judges order oppositely"
+
+
+def test_full_finetuning_judges_with_the_earlier_iterate_as_a_model_of_its_own(workspace):
+    """lora_r = 0: iteration 2's earlier judge is pi_0 loaded as a frozen model, not an adapter."""
+    config = load_config(write_config(workspace, "full_filter", model__lora_r=0, train__seed_epochs=1),
+                         ["spa.judge_consistency=filter"])  # fmt: skip
+    messages = []
+    run_pipeline(config, log=messages.append)
+    for stage in ("iter1", "iter2"):
+        pairs = read_jsonl(workspace / "full_filter" / stage / "pairs.jsonl")
+        assert len(pairs) == 8 and all(0.0 <= p["agreement"] <= 1.0 for p in pairs), stage
+        assert any(m.startswith(f"{stage}: the previous iteration's judge ranks") for m in messages), stage

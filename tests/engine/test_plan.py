@@ -165,6 +165,20 @@ def test_forwards_without_gradient_count_the_mask_and_one_layer_float_copy_of_it
     assert prefill(1024) - 2 * prefill(512) == 32 * 2 * 512**2 * (1 + 2)
 
 
+def test_the_earlier_judge_adds_one_adapter_or_one_frozen_model(tmp_path):
+    """spa.judge_consistency holds pi_{i-2} beside the judge: an adapter with LoRA, a model of its own in full."""
+    shape = ModelShape.from_config_json(model_folder(tmp_path, SMALL))
+    lora, full = Precision(4, 4, lora_r=4, on_gpu=False), Precision(4, 4, lora_r=0, on_gpu=False)
+    plain = judge_estimate(shape, lora, 4, 2, 32)
+    checked = judge_estimate(shape, lora, 4, 2, 32, earlier_judge=True)
+    assert checked.components["adapters"] == 2 * plain.components["adapters"] > 0
+    assert checked.peak_bytes - plain.peak_bytes == plain.components["adapters"]
+    plain_full = judge_estimate(shape, full, 4, 2, 32)
+    checked_full = judge_estimate(shape, full, 4, 2, 32, earlier_judge=True)
+    assert checked_full.components["earlier judge"] == plain_full.components["frozen reference"]
+    assert checked_full.peak_bytes - plain_full.peak_bytes == plain_full.components["frozen reference"]
+
+
 def test_qlora_holds_the_body_in_nf4_and_the_rest_in_16_bits(tmp_path):
     shape = ModelShape.from_config_json(model_folder(tmp_path, MISTRAL_7B))
     qlora = Precision(weight_bytes=2, activation_bytes=2, quantization="4bit")
