@@ -237,3 +237,27 @@ def test_what_several_processes_cannot_do_yet_is_refused_up_front(monkeypatch, o
     check_processes(load_config(None, base))
     with pytest.raises(ConfigError, match=message):
         check_processes(load_config(None, [*base, override]))
+
+
+def test_the_earlier_judge_on_two_processes_judges_as_one_process_does(finished_run):
+    """spa.judge_consistency=filter: iter2, redone on 2 processes from the same pi_1, loads pi_0 as the
+    earlier judge on every rank; its pairs (their agreements included) are byte-identical to one process's."""
+    import shutil
+
+    rng = random.Random(2)
+    words = "the cat dog sat ran on a mat log".split()
+    (finished_run / "pool2.jsonl").write_text(
+        "".join(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(3))}) + "\n" for _ in range(10))
+    )
+    overrides = ["spa.iterations=2", "data.prompt_pools=[pool1.jsonl, pool2.jsonl]", "spa.judge_consistency=filter"]
+    shutil.copytree(finished_run / "one" / "stage0", finished_run / "agree1" / "stage0")
+    done = selfee_fast(["run", "run.yaml", "run_dir=agree1", *overrides], 1, finished_run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(finished_run / "agree1", finished_run / "agree2")
+    shutil.rmtree(finished_run / "agree2" / "iter2")
+    done = selfee_fast(["run", "run.yaml", "run_dir=agree2", *overrides], 2, finished_run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "iter1: finished earlier, skipped" in done.stdout
+    one = (finished_run / "agree1" / "iter2" / "pairs.jsonl").read_bytes()
+    assert one == (finished_run / "agree2" / "iter2" / "pairs.jsonl").read_bytes()
+    assert all(json.loads(line)["agreement"] is not None for line in one.splitlines())
