@@ -293,8 +293,8 @@ def judges_agreement(pairs: list[JudgedPair], stage_name: str) -> float:
 def consistency_label_smoothing(agreement: float, spa_alpha: float) -> float | None:
     """CREAM's label smoothing, 1 - agreement; None where it would leave no preference.
 
-    A pair SPA flags is smoothed by SPA's alpha on top: at 0.5 in all the labels say nothing,
-    and past it they are reversed (as CREAM's loss does). Here such an iteration is not trained on.
+    A pair SPA flags is smoothed by SPA's alpha on top. At 0.5 in all a label says nothing, and
+    past it the label is reversed, which CREAM's loss allows; here such an iteration is not trained on.
     """
     smoothing = 1.0 - agreement
     return smoothing if smoothing + spa_alpha < 0.5 else None
