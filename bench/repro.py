@@ -44,12 +44,16 @@ Usage
     python bench/repro.py --arms main --seeds 5
     python bench/repro.py --arms sweep,judge
     python bench/repro.py --task maxof --iterations 3 --arms sft,dpo_seed,dpo_all_gold,spa_dnd --seeds 5
+    python bench/repro.py --task ends --seeds 5 --first-seed 5 --out bench/results/repro-confirm   # fresh seeds
 
 --task takes a short name (ends, listops, maxof, next, upper; see selfee_fast.demo.learnable_tasks) or
 module:object; --iterations 1-3 runs that many SPA iterations of the scale's per-iteration prompt
 count (λ = 0.5, 0.25, 0.125). docs/RESULTS.md gathers one such report per task (see its head).
 
---arms takes arm names and the groups main, sweep, judge, all (default). Results go to
+--first-seed N runs seeds N, N + 1, ...: new π_init, pools, gold seeds and evaluation prompts, to
+confirm on data no decision looked at what earlier seeds suggested (a separate --out keeps both reports).
+
+--arms takes arm names and the groups main, sweep, judge, stable, all (default). Results go to
 <out>/[<task>-<task hash>-]<scale>-<hash>/ (default out: bench/results/repro; scale: quick or default; hash: of the DemoScale
 values, so a changed scale never reuses another's π_init, pools or seeds): repro.json with
 every number, repro.md with the tables, repro.log, and one folder per seed and arm.
