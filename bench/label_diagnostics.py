@@ -49,13 +49,13 @@ def iteration_stats(task, pairs: list[JudgedPair]) -> dict:
         if n_c != n_r:
             longer_chosen.append(n_c > n_r)
         if p.agreement is not None and not p.identical:
-            disagreeing.append(p.agreement < 0.5)
+            disagreeing.append(p.judges_disagree)
         if g_c == g_r:
             continue
         right = g_c > g_r
         decided.append(right)
         if p.agreement is not None:
-            (acc_disagree if p.agreement < 0.5 else acc_agree).append(right)
+            (acc_disagree if p.judges_disagree else acc_agree).append(right)
         if n_c != n_r:
             acc_diff.append(right)
             longer_gold.append((n_c > n_r) == right)  # the gold-better response is the longer one

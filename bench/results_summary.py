@@ -90,12 +90,8 @@ def goal_rows(arm: str) -> list[tuple[str, object]]:
 
 
 def label_accuracy(results: dict, arm: str, iteration: int) -> str:
-    values = []
-    for run in results.get(arm, {}).values():
-        its = run.get("iterations", [])
-        if run.get("status") == "ok" and len(its) >= iteration and its[iteration - 1]["label_accuracy"] is not None:
-            values.append(its[iteration - 1]["label_accuracy"])
-    return f"{statistics.fmean(values):.2f}" if values else "–"
+    accuracy = iteration_mean(results, arm, "label_accuracy", iteration)
+    return "–" if accuracy is None else f"{accuracy:.2f}"
 
 
 COLUMNS = [

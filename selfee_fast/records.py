@@ -72,6 +72,13 @@ class JudgedPair:
         return self.chosen_ids == self.rejected_ids
 
     @property
+    def judges_disagree(self) -> bool:
+        """The previous iteration's judge orders the responses the other way (agreement below 0.5:
+        more orderings reversed than kept; over two responses, the pair itself reversed). A tie in
+        either judge (0.5) orders nothing; an unmeasured agreement (None) is no disagreement."""
+        return self.agreement is not None and self.agreement < 0.5
+
+    @property
     def prompt_text(self) -> str:
         return self.prompt[-1]["content"]
 

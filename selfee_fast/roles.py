@@ -133,29 +133,34 @@ def judge_reference(config: RunConfig, runtime: Runtime, model, earlier: Path) -
         needs_own = config.model.judge_base or runtime.full_finetuning
         return "init", load_frozen(config, runtime) if needs_own else None
     # "previous", the paper's ablation: pi_{i-1} judged against the iterate before it.
-    if earlier == Path(config.model.path) and not runtime.full_finetuning:
-        return "init", None  # pi_init: the shared model with its adapters off
-    if models.is_peft(model) and (earlier / "adapter_config.json").exists():
-        models.load_reference_adapter(model, earlier)
-        return "previous", None
-    return "previous", load_frozen(config, runtime, earlier)
+    role, frozen = earlier_iterate(config, runtime, model, earlier)
+    return ("init", None) if role == "init" else ("previous", frozen)
 
 
 def earlier_judge(config: RunConfig, runtime: Runtime, model, earlier: Path | None) -> EarlierJudge:
     """The previous iteration's judge, for spa.judge_consistency; loads what it needs.
 
     `earlier`: the iterate before pi_{i-1}; None when it is the judge's own reference (pi_init
-    in the first iteration): nothing to load. LoRA plays pi_init with its adapters off and
-    loads a saved iterate as the "reference" adapter (dropped after the judge).
+    in the first iteration): nothing to load.
     """
     if earlier is None:
         return EarlierJudge()
+    role, frozen = earlier_iterate(config, runtime, model, earlier)
+    return EarlierJudge(role=role, model=frozen)
+
+
+def earlier_iterate(config: RunConfig, runtime: Runtime, model, earlier: Path) -> tuple[str, object | None]:
+    """The iterate before pi_{i-1}, loaded: (the shared model's role that plays it, None), or ("policy", a model).
+
+    LoRA plays pi_init with its adapters off ("init") and a saved iterate as its "reference"
+    adapter (dropped after the judge); full fine-tuning loads a frozen model of its own.
+    """
     if models.is_peft(model) and earlier == Path(config.model.path):
-        return EarlierJudge(role="init")
+        return "init", None
     if models.is_peft(model) and (earlier / "adapter_config.json").exists():
         models.load_reference_adapter(model, earlier)
-        return EarlierJudge(role="reference")
-    return EarlierJudge(role="policy", model=load_frozen(config, runtime, earlier))
+        return "reference", None
+    return "policy", load_frozen(config, runtime, earlier)
 
 
 def save_policy(model, tokenizer, path: Path) -> None:

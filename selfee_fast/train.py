@@ -121,9 +121,7 @@ def iteration_pairs(
         log(f"iter{iteration}: {len(judged) - len(kept)} of {len(judged)} pairs are two identical responses: "
             "not trained on (spa.keep_identical_pairs keeps them)")  # fmt: skip
     if drop_disagreeing:
-        # Agreement below 0.5: more of the prompt's response orderings reversed than kept (over two
-        # responses: the pair itself reversed). A tie in either judge (0.5) orders nothing: kept.
-        agreed = [p for p in kept if p.agreement >= 0.5]
+        agreed = [p for p in kept if not p.judges_disagree]
         if len(agreed) < len(kept):
             report.skipped["pairs the previous iteration's judge orders the other way"] += len(kept) - len(agreed)
             log(f"iter{iteration}: {len(kept) - len(agreed)} of {len(kept)} pairs are ordered the other way by the "

@@ -244,7 +244,7 @@ def label_quality(task, stage_dir: Path) -> dict:
     unmeasurable = None  # no decided pair, or nothing flagged: null in results.json
     # spa.judge_consistency: the two judges' agreement, and whether disagreement marks wrong labels.
     measured = [p for p in pairs if p.agreement is not None and not p.identical]
-    disagreeing = [p.location for p in measured if p.agreement < 0.5 and p.location in wrong]
+    disagreeing = [p.location for p in measured if p.judges_disagree and p.location in wrong]
     if measured:
         agreement = {
             "judges_agreement": sum(p.agreement for p in measured) / len(measured),
