@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session, no network: install the peers' wheels from ./.whl/, install the project,
-# run bench/gpu_check.py, bench/engine_check.py, then bench/kernels.py. Everything lands in OUTDIR; the whole script
+# run bench/gpu_check.py, bench/engine_check.py, then bench/bench_kernels.py. Everything lands in OUTDIR; the whole script
 # ends within 8 minutes (each step has a timeout; what a cut-short step wrote is kept).
 #
 #   bash bench/gpu_check.sh OUTDIR          # kernels, engine, benchmarks (the first call of a GPU session)
@@ -95,7 +95,7 @@ if [ "$MODE" = "7b" ]; then
 fi
 
 # 4. Correctness + launch-config sweep: at most 190 s, and never eating into the 300 s kept
-#    for engine_check.py and kernels.py. Inside, the log-prob cases start no new case after
+#    for engine_check.py and bench_kernels.py. Inside, the log-prob cases start no new case after
 #    100 s and the sweep no new config after 60 s (first calls are mostly Triton compilation
 #    on a fresh machine).
 BUDGET=$(($(left 300) < 190 ? $(left 300) : 190))
@@ -109,7 +109,7 @@ else
 fi
 
 # 5. The engine end to end in bf16 (stage 0 + one SPA iteration on a ~47M Llama): at most
-#    100 s, keeping 200 s for kernels.py.
+#    100 s, keeping 200 s for bench_kernels.py.
 BUDGET=$(($(left 200) < 100 ? $(left 200) : 100))
 if [ "$BUDGET" -gt 30 ]; then
     log "engine_check.py (timeout ${BUDGET}s)"
@@ -122,12 +122,12 @@ fi
 # 6. The benchmark, with whatever time is left (minus 10 s to finish cleanly).
 BUDGET=$(left 10)
 if [ "$BUDGET" -gt 30 ]; then
-    log "kernels.py (timeout ${BUDGET}s)"
-    timeout -k 10 "$BUDGET" "$PY" bench/kernels.py --device cuda --out "$OUT" --budget-s $((BUDGET - 20)) 2>&1 |
+    log "bench_kernels.py (timeout ${BUDGET}s)"
+    timeout -k 10 "$BUDGET" "$PY" bench/bench_kernels.py --device cuda --out "$OUT" --budget-s $((BUDGET - 20)) 2>&1 |
         tee "$OUT/kernels.log"
-    log "kernels.py exit ${PIPESTATUS[0]} (124: timed out; kernels-cuda.json holds the shapes finished)"
+    log "bench_kernels.py exit ${PIPESTATUS[0]} (124: timed out; kernels-cuda.json holds the shapes finished)"
 else
-    log "no time left for kernels.py"
+    log "no time left for bench_kernels.py"
 fi
 
 log "done; files in $OUT:"

@@ -253,13 +253,13 @@ def stage_step(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
     if not script.exists():
         print("selfee-fast bench: bench/ lives in the source checkout; run it from a clone", file=sys.stderr)
         return 2
     import subprocess
 
-    # The script's usage line then names this command, not kernels.py.
+    # The script's usage line then names this command, not bench_kernels.py.
     env = {**os.environ, "SELFEE_FAST_PROG": "selfee-fast bench"}
     return subprocess.call([sys.executable, str(script), *args.bench_args], env=env)
 
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="section.key=value overrides")
         p.add_argument("--stage", required=True, help="stage0, iter1, iter2, ...")
         p.set_defaults(func=stage_step)
-    p = sub.add_parser("bench", help="kernel microbenchmarks (bench/kernels.py; its --help lists the options)")
+    p = sub.add_parser("bench", help="kernel microbenchmarks (bench/bench_kernels.py; its --help lists the options)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=bench)
     p = sub.add_parser("demo", help="SPA on a task with a known gold reward, end to end on this machine")

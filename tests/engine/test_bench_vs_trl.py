@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_script(name: str):
-    """A bench script as a module, without putting bench/ on sys.path (its kernels.py would shadow a package)."""
+    """A bench script as a module, without putting bench/ on the test process's sys.path."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # plan_check imports vs_trl by name

@@ -39,9 +39,9 @@ def test_bench_hands_its_arguments_to_the_benchmark_script(capfd):
 def test_bench_script_run_directly_names_itself():
     env = {k: v for k, v in os.environ.items() if k != "SELFEE_FAST_PROG"}
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "kernels.py"), "--help"], capture_output=True, text=True, env=env
+        [sys.executable, str(REPO / "bench" / "bench_kernels.py"), "--help"], capture_output=True, text=True, env=env
     )
-    assert result.returncode == 0 and "usage: kernels.py" in result.stdout
+    assert result.returncode == 0 and "usage: bench_kernels.py" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,9 @@ tasks "simpo", "cpo", "orpo" -- the reference-free losses from x [2B, T, H], eac
 Every number in the output comes from this run: the matmul rate that defines the
 6·M·H·V floor is measured on the same device right before the implementations.
 
-    python bench/kernels.py                      # CPU defaults, small shapes
-    python bench/kernels.py --device cuda        # M=8192, H=4096, V in {32000, 128256}, bf16
-    python bench/kernels.py --shapes 4096,4096,32000 --dtype bf16 --repeats 5 --out /tmp/res
+    python bench/bench_kernels.py                      # CPU defaults, small shapes
+    python bench/bench_kernels.py --device cuda        # M=8192, H=4096, V in {32000, 128256}, bf16
+    python bench/bench_kernels.py --shapes 4096,4096,32000 --dtype bf16 --repeats 5 --out /tmp/res
 """
 
 from __future__ import annotations
@@ -654,7 +654,7 @@ def markdown(env: dict, results: list[dict], cpu_rss_ok: bool) -> str:
         else ("peak RSS (VmHWM) delta" if cpu_rss_ok else "n/a")
     )
     lines = [
-        f"# kernels.py on {where}",
+        f"# bench_kernels.py on {where}",
         "",
         f"torch {env['torch']}, triton {env['triton']}, liger-kernel {env['liger_kernel'] or 'not installed'}, "
         f"cut-cross-entropy {env['cut_cross_entropy'] or 'not installed'}; dtype {env['dtype']}, "
