@@ -26,6 +26,15 @@ seed-fraction sweep: spa_dnd and dpo_seed with seeds of 0.8%, 1.7%, 3.3%, 10% of
   report says so.
 judge-reference ablation: spa_dnd with spa.judge_reference = previous / none
   (spa_dnd_judge_previous, spa_dnd_judge_none; "init" is spa_dnd itself).
+where the gap to all-gold DPO comes from (group "gold"; diagnostics, not methods: they see gold
+labels for every prompt, as dpo_all_gold does)
+  dpo_all_gold_1ep   dpo_all_gold in one epoch instead of train.seed_epochs (3): about as many
+                     optimizer steps as SPA's loop takes
+  gold_judge         iterative DPO with the gold reward as its judge (no refinement, no DND)
+  gold_judge_dnd     spa_dnd's loop with the gold reward as its judge
+  gold_judge_stable  spa_stable's loop with the gold reward as its judge
+  The gold judge ranks each prompt's responses by gold; a prompt whose best and worst tie has no
+  preference and is written as one response paired with itself, which the engine never trains on.
 
 Data per seed s (all arms of a seed share it)
 ----------------------------------------------
@@ -53,7 +62,7 @@ count (λ = 0.5, 0.25, 0.125). docs/RESULTS.md gathers one such report per task 
 --first-seed N runs seeds N, N + 1, ...: new π_init, pools, gold seeds and evaluation prompts, to
 confirm on data no decision looked at what earlier seeds suggested (a separate --out keeps both reports).
 
---arms takes arm names and the groups main, sweep, judge, stable, all (default). Results go to
+--arms takes arm names and the groups main, sweep, judge, stable, gold, all (default). Results go to
 <out>/[<task>-<task hash>-]<scale>-<hash>/ (default out: bench/results/repro; scale: quick or default; hash: of the DemoScale
 values, so a changed scale never reuses another's π_init, pools or seeds): repro.json with
 every number, repro.md with the tables, repro.log, and one folder per seed and arm.
@@ -97,8 +106,10 @@ from selfee_fast.demo.run import (
 )
 from selfee_fast.demo.tasks import gold_label_pairs, load_task
 from selfee_fast.files import write_json_atomic
-from selfee_fast.pipeline import run_pipeline
-from selfee_fast.records import Generation, read_generations
+from selfee_fast.pipeline import run_pipeline, run_stage
+from selfee_fast.preflight import preflight
+from selfee_fast.records import Generation, JudgedPair, read_generations, read_pairs, write_pairs
+from selfee_fast.stages import stage_list
 
 SWEEP_FRACTIONS = (0.008, 0.017, 0.033, 0.10)
 MIN_SEED_PAIRS = 4
@@ -124,7 +135,7 @@ class Arm:
     refine: bool = True
     dnd: bool = True
     judge_reference: str = "init"
-    judge: str = "implicit"  # implicit (SPA) | reward_model (the external-judge baseline)
+    judge: str = "implicit"  # implicit (SPA) | reward_model (the external-judge baseline) | gold (a diagnostic)
     description: str = ""
     options: tuple[tuple[str, object], ...] = ()  # ("section.key", value) on top of the arm's config
 
@@ -217,6 +228,17 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
     }
     for name, (options, what) in stable.items():
         arms.append(Arm(name, "spa", "stable", options=options, description=f"spa_dnd, {what}"))
+    # Where the gap to all-gold DPO comes from: its extra epochs, or the self-made labels (the same loops
+    # with the gold reward as the judge).
+    arms += [
+        Arm("dpo_all_gold_1ep", "dpo", "gold", gold="all", options=(("train.seed_epochs", 1),),
+            description="DPO on gold labels for every prompt, one epoch"),
+        Arm("gold_judge", "spa", "gold", refine=False, dnd=False, judge="gold",
+            description="iterative DPO judged by the gold reward"),
+        Arm("gold_judge_dnd", "spa", "gold", judge="gold", description="spa_dnd, judged by the gold reward"),
+        Arm("gold_judge_stable", "spa", "gold", judge="gold", options=stable["spa_stable"][0],
+            description="spa_stable, judged by the gold reward"),
+    ]  # fmt: skip
     # The official code's handling of identical pairs (trained on, with zero gradient), next to ours (dropped).
     arms.append(Arm("spa_keep_identical", "spa", "judge", options=(("spa.keep_identical_pairs", True),),
                     description="spa_dnd, pairs of two identical responses trained on (the official code)"))  # fmt: skip
@@ -244,6 +266,9 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
     return {a.name: a for a in arms}, aliases
 
 
+GROUPS = ("main", "sweep", "judge", "stable", "gold")
+
+
 def select_arms(spec: str, arms: dict[str, Arm], aliases: dict[str, str]) -> list[str]:
     chosen: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
@@ -251,18 +276,20 @@ def select_arms(spec: str, arms: dict[str, Arm], aliases: dict[str, str]) -> lis
             continue
         if item == "all":
             names = list(arms)
-        elif item in ("main", "sweep", "judge", "stable"):
+        elif item in GROUPS:
             names = [a.name for a in arms.values() if a.group == item]
             if item == "sweep":  # the sweep's row at the scale's own fraction is the main arm
                 names = [aliases[n] for n in aliases if "_seed" in n] + names
             if item in ("judge", "stable"):
                 names = ["spa_dnd", *names]
+            if item == "gold":  # what the diagnostics are compared with
+                names = ["dpo_all_gold", "spa_dnd", "spa_stable", "spa_stable_agree", *names]
         elif item in arms:
             names = [item]
         elif item in aliases:
             names = [aliases[item]]
         else:
-            known = ", ".join([*arms, *aliases, "main", "sweep", "judge", "stable", "all"])
+            known = ", ".join([*arms, *aliases, *GROUPS, "all"])
             raise SystemExit(f"repro: unknown arm {item!r}; known: {known}")
         chosen += [n for n in names if n not in chosen]
     return [n for n in arms if n in chosen]  # registry order
@@ -409,10 +436,60 @@ def arm_config(arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, seed_n: 
             refine=arm.refine,
             extrapolate=list(base.spa.extrapolate) if arm.dnd else [],
             judge_reference=arm.judge_reference,
-            judge=arm.judge,
+            judge="implicit" if arm.judge == "gold" else arm.judge,  # never runs: run_with_gold_judge
         ),
     )
     return with_options(config, dict(arm.options))
+
+
+def gold_judged_pairs(task, generations: list[Generation]) -> tuple[list[JudgedPair], int]:
+    """The gold reward in the judge's place: per prompt its best and worst response by gold.
+
+    A prompt whose best and worst responses tie has no preference: it is written as its first
+    response paired with itself, which the engine counts and never trains on. Returns the pairs
+    and the number of such ties (two identical samples included).
+    """
+    pairs, ties = [], 0
+    for g in generations:
+        if len(g.responses) < 2:
+            continue
+        gold = [task.gold(g.prompt_text, text) for text in g.texts]
+        best = max(range(len(gold)), key=lambda k: (gold[k], -k))
+        worst = min((k for k in range(len(gold)) if k != best), key=lambda k: (gold[k], k))
+        if gold[best] == gold[worst]:
+            ties += 1
+            worst = best
+        pair = JudgedPair(
+            index=g.index, location=g.location, prompt=g.prompt, prompt_ids=g.prompt_ids,
+            chosen_ids=g.responses[best], rejected_ids=g.responses[worst], chosen_text=g.texts[best],
+            rejected_text=g.texts[worst], chosen_score=gold[best], rejected_score=gold[worst],
+            confidence=1.0 / (1.0 + math.exp(gold[worst] - gold[best])),
+            chosen_logp_policy=None, rejected_logp_policy=None,
+        )  # fmt: skip
+        pairs.append(pair)
+    return pairs, ties
+
+
+def run_with_gold_judge(task, config, log) -> None:
+    """The engine's loop with the gold reward as its judge, one stage at a time.
+
+    Each iteration generates, then its pairs file is written from gold before the engine's judge
+    would run; the engine reuses a pairs file made of its stage's generations (`pipeline.judge`).
+    Run from scratch every time (seconds at this scale), so no stage is ever judged otherwise.
+    """
+    shutil.rmtree(config.run_dir, ignore_errors=True)
+    for i in range(config.spa.iterations + 1):
+        upto = replace(config, spa=replace(config.spa, iterations=i))
+        if i:
+            stage = stage_list(upto)[-1]
+            run_stage(upto, preflight(upto), stage, until="generate", log=log)
+            stage_dir = Path(config.run_dir) / stage.name
+            pairs, ties = gold_judged_pairs(task, read_generations(stage_dir / "generations.jsonl"))
+            write_pairs(stage_dir / "pairs.jsonl", pairs)
+            log(f"{stage.name}: gold judge, {len(pairs)} pairs, {ties} with no gold preference")
+        run_pipeline(upto, log=log)
+        if i and [p.to_json() for p in read_pairs(stage_dir / "pairs.jsonl")] != [p.to_json() for p in pairs]:
+            raise RuntimeError(f"{stage.name}: the engine judged again instead of using the gold pairs")
 
 
 def fingerprint(*parts) -> str:
@@ -482,6 +559,8 @@ def run_arm(task, arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, log, 
     gold_pairs = 0 if arm.kind == "sft" else sd.seed_pairs[seed_n]
     if arm.gold == "all":
         gold_prompts, gold_pairs = sd.all_gold_prompts, sd.all_gold_pairs
+    if arm.judge == "gold":  # every prompt is gold-labelled; the pairs themselves come from the arm's own samples
+        gold_prompts = sd.all_gold_prompts
     result = {
         "fingerprint": key,
         "arm": arm.name,
@@ -502,7 +581,10 @@ def run_arm(task, arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, log, 
     if config is not None:
         # force: a stage recorded under another configuration (the library changed what demo_config makes)
         # is redone; stages whose fingerprint matches are still skipped or resumed.
-        run_pipeline(config, force=True, log=log)
+        if arm.judge == "gold":
+            run_with_gold_judge(task, config, log)
+        else:
+            run_pipeline(config, force=True, log=log)
     shutil.rmtree(arm_dir / "eval", ignore_errors=True)  # generation resumes from files: never from stale ones
     trained = time.perf_counter()
     if config is None:
@@ -666,6 +748,12 @@ COMPARISONS = [
     ("spa_stable_agree", "spa_stable"),
     ("spa_stable", "dpo_seed"),
     ("spa_stable", "dpo_all_gold"),
+    ("dpo_all_gold_1ep", "dpo_all_gold"),
+    ("gold_judge", "dpo_all_gold"),
+    ("gold_judge_dnd", "gold_judge"),
+    ("spa_dnd", "gold_judge_dnd"),
+    ("spa_stable", "gold_judge_stable"),
+    ("spa_stable_agree", "gold_judge_stable"),
 ]
 
 
