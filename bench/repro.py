@@ -428,7 +428,7 @@ def arm_config(arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, seed_n: 
     pools = sd.pools if arm.kind == "spa" else []
     base = demo_config(arm_dir, sd.pi_init, seed_path, pools, scale, sd.seed)
     if arm.kind == "dpo":
-        return replace(base, spa=replace(base.spa, iterations=0))
+        return with_options(replace(base, spa=replace(base.spa, iterations=0)), dict(arm.options))
     config = replace(
         base,
         spa=replace(

@@ -2,6 +2,7 @@
 
     python bench/results_summary.py bench/results/repro/maxof-*/repro.json bench/results/repro/upper-*/repro.json ...
     python bench/results_summary.py --goals spa_stable bench/results/repro/*/repro.json   # the stability goals
+    python bench/results_summary.py --gap bench/results/repro/*/repro.json     # where the gap to all-gold comes from
 
 Every cell is a difference of held-out gold paired over seeds: mean ± standard error over
 seeds, and on how many seeds it was positive. Label accuracy is spa_dnd's (and
@@ -122,17 +123,36 @@ COLUMNS = [
     ("all three + filter π_3 − π_1", lambda r: paired(r, ("spa_stable_agree", 3), ("spa_stable_agree", 1))),
 ]
 
+# Where the gap to all-gold DPO comes from (repro's group "gold"): its extra epochs, or the labels.
+GAP_COLUMNS = [
+    ("all-gold DPO − π_init", lambda r: paired(r, ("dpo_all_gold",), ("sft",))),
+    ("all-gold DPO, 1 epoch − 3 epochs", lambda r: paired(r, ("dpo_all_gold_1ep",), ("dpo_all_gold",))),
+    ("iterative DPO, gold judge − all-gold DPO", lambda r: paired(r, ("gold_judge",), ("dpo_all_gold",))),
+    (
+        "spa_dnd's loop, gold judge − iterative DPO, gold judge",
+        lambda r: paired(r, ("gold_judge_dnd",), ("gold_judge",)),
+    ),
+    ("spa_dnd − its loop with the gold judge", lambda r: paired(r, ("spa_dnd",), ("gold_judge_dnd",))),
+    ("all three − their loop with the gold judge", lambda r: paired(r, ("spa_stable",), ("gold_judge_stable",))),
+    (
+        "all three + filter − all three's loop, gold judge",
+        lambda r: paired(r, ("spa_stable_agree",), ("gold_judge_stable",)),
+    ),
+    ("all three's loop, gold judge − all-gold DPO", lambda r: paired(r, ("gold_judge_stable",), ("dpo_all_gold",))),
+]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reports", nargs="+", help="repro.json files, one per task")
     parser.add_argument("--goals", metavar="ARM", help="instead: the iteration-stability goals, checked for ARM")
+    parser.add_argument("--gap", action="store_true", help="instead: where the gap to all-gold DPO comes from")
     args = parser.parse_args(argv)
     reports = [json.loads(Path(p).read_text()) for p in args.reports]
     names = [r["task_name"] if "task_name" in r else "listops" for r in reports]
     print(("| goal | " if args.goals else "| | ") + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    for title, cell in goal_rows(args.goals) if args.goals else COLUMNS:
+    for title, cell in goal_rows(args.goals) if args.goals else GAP_COLUMNS if args.gap else COLUMNS:
         print(f"| {title} | " + " | ".join(cell(r["results"]) for r in reports) + " |")
     seeds = sorted({len(r["seeds"]) for r in reports})
     m = reports[0]["machine"]

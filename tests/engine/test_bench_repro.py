@@ -55,3 +55,28 @@ def test_the_gold_judge_ranks_by_gold_and_writes_a_tie_as_no_preference(tmp_path
     write_pairs(path, pairs)
     assert pairs_problem(path, generations) is None
     assert [p.to_json() for p in read_pairs(path)] == [p.to_json() for p in pairs]
+
+
+def test_every_arm_gets_its_options_and_a_gold_arm_never_reaches_the_engines_judge(tmp_path):
+    scale = repro.DEFAULT
+    arms, _ = repro.build_arms(scale)
+    own = repro.seed_count(scale.seed_fraction, scale)
+    seed_data = repro.SeedData(
+        seed=0, pi_init=tmp_path / "pi_init", pools=["p1.jsonl", "p2.jsonl", "p3.jsonl"], iteration_prompts=1536,
+        eval_prompts=[], seed_paths={own: tmp_path / "seed.jsonl"}, seed_pairs={own: 30},
+        all_gold_path=tmp_path / "all_gold.jsonl", all_gold_pairs=600, all_gold_prompts=own + 1536, notes=[],
+        pi_init_seconds=None,
+    )  # fmt: skip
+
+    def config_of(name):
+        return repro.arm_config(arms[name], scale, seed_data, tmp_path / name, own)
+
+    assert config_of("dpo_all_gold").train.seed_epochs == scale.seed_epochs == 3
+    one_epoch = config_of("dpo_all_gold_1ep")
+    assert one_epoch.train.seed_epochs == 1 and one_epoch.spa.iterations == 0
+    assert one_epoch.data.seed_pairs == str(tmp_path / "all_gold.jsonl")
+    gold, spa_stable = config_of("gold_judge_stable"), config_of("spa_stable")
+    assert gold.spa.judge == "implicit"  # a valid engine setting; run_with_gold_judge writes the pairs first
+    assert (gold.train.nll_alpha, gold.spa.seed_replay) == (spa_stable.train.nll_alpha, spa_stable.spa.seed_replay)
+    assert (gold.spa.refine, gold.spa.extrapolate) == (True, [0.5, 0.25, 0.125])
+    assert (config_of("gold_judge").spa.refine, config_of("gold_judge").spa.extrapolate) == (False, [])
