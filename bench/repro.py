@@ -26,13 +26,16 @@ seed-fraction sweep: spa_dnd and dpo_seed with seeds of 0.8%, 1.7%, 3.3%, 10% of
   report says so.
 judge-reference ablation: spa_dnd with spa.judge_reference = previous / none
   (spa_dnd_judge_previous, spa_dnd_judge_none; "init" is spa_dnd itself).
-where the gap to all-gold DPO comes from (group "gold"; diagnostics, not methods: they see gold
-labels for every prompt, as dpo_all_gold does)
-  dpo_all_gold_1ep   dpo_all_gold in one epoch instead of train.seed_epochs (3): about as many
-                     optimizer steps as SPA's loop takes
-  gold_judge         iterative DPO with the gold reward as its judge (no refinement, no DND)
-  gold_judge_dnd     spa_dnd's loop with the gold reward as its judge
-  gold_judge_stable  spa_stable's loop with the gold reward as its judge
+where the gap to all-gold DPO comes from (group "gap"). The gold_judge arms are diagnostics, not
+methods: they see gold labels for every prompt, as dpo_all_gold does.
+  dpo_all_gold_1ep      dpo_all_gold in one epoch instead of train.seed_epochs (3): about as many
+                        optimizer steps as SPA's loop takes
+  gold_judge            iterative DPO with the gold reward as its judge (no refinement, no DND)
+  gold_judge_dnd        spa_dnd's loop with the gold reward as its judge
+  gold_judge_stable     spa_stable's loop with the gold reward as its judge
+  gold_judge_3ep        gold_judge with train.iteration_epochs 3, all-gold DPO's passes over each pair
+  spa_dnd_3ep           spa_dnd with train.iteration_epochs 3
+  spa_stable_agree_3ep  spa_stable_agree (the demo's setting) with train.iteration_epochs 3
   The gold judge ranks each prompt's responses by gold; a prompt whose best and worst tie has no
   preference and is written as one response paired with itself, which the engine never trains on.
 
@@ -62,7 +65,7 @@ count (λ = 0.5, 0.25, 0.125). docs/RESULTS.md gathers one such report per task 
 --first-seed N runs seeds N, N + 1, ...: new π_init, pools, gold seeds and evaluation prompts, to
 confirm on data no decision looked at what earlier seeds suggested (a separate --out keeps both reports).
 
---arms takes arm names and the groups main, sweep, judge, stable, gold, all (default). Results go to
+--arms takes arm names and the groups main, sweep, judge, stable, gap, all (default). Results go to
 <out>/[<task>-<task hash>-]<scale>-<hash>/ (default out: bench/results/repro; scale: quick or default; hash: of the DemoScale
 values, so a changed scale never reuses another's π_init, pools or seeds): repro.json with
 every number, repro.md with the tables, repro.log, and one folder per seed and arm.
@@ -230,14 +233,20 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
         arms.append(Arm(name, "spa", "stable", options=options, description=f"spa_dnd, {what}"))
     # Where the gap to all-gold DPO comes from: its extra epochs, or the self-made labels (the same loops
     # with the gold reward as the judge).
+    three_epochs = (("train.iteration_epochs", 3),)
     arms += [
-        Arm("dpo_all_gold_1ep", "dpo", "gold", gold="all", options=(("train.seed_epochs", 1),),
+        Arm("dpo_all_gold_1ep", "dpo", "gap", gold="all", options=(("train.seed_epochs", 1),),
             description="DPO on gold labels for every prompt, one epoch"),
-        Arm("gold_judge", "spa", "gold", refine=False, dnd=False, judge="gold",
+        Arm("gold_judge", "spa", "gap", refine=False, dnd=False, judge="gold",
             description="iterative DPO judged by the gold reward"),
-        Arm("gold_judge_dnd", "spa", "gold", judge="gold", description="spa_dnd, judged by the gold reward"),
-        Arm("gold_judge_stable", "spa", "gold", judge="gold", options=stable["spa_stable"][0],
+        Arm("gold_judge_dnd", "spa", "gap", judge="gold", description="spa_dnd, judged by the gold reward"),
+        Arm("gold_judge_stable", "spa", "gap", judge="gold", options=stable["spa_stable"][0],
             description="spa_stable, judged by the gold reward"),
+        Arm("gold_judge_3ep", "spa", "gap", refine=False, dnd=False, judge="gold", options=three_epochs,
+            description="iterative DPO judged by the gold reward, 3 epochs per iteration"),
+        Arm("spa_dnd_3ep", "spa", "gap", options=three_epochs, description="spa_dnd, 3 epochs per iteration"),
+        Arm("spa_stable_agree_3ep", "spa", "gap", options=stable["spa_stable_agree"][0] + three_epochs,
+            description="spa_stable_agree, 3 epochs per iteration"),
     ]  # fmt: skip
     # The official code's handling of identical pairs (trained on, with zero gradient), next to ours (dropped).
     arms.append(Arm("spa_keep_identical", "spa", "judge", options=(("spa.keep_identical_pairs", True),),
@@ -266,7 +275,7 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
     return {a.name: a for a in arms}, aliases
 
 
-GROUPS = ("main", "sweep", "judge", "stable", "gold")
+GROUPS = ("main", "sweep", "judge", "stable", "gap")
 
 
 def select_arms(spec: str, arms: dict[str, Arm], aliases: dict[str, str]) -> list[str]:
@@ -282,7 +291,7 @@ def select_arms(spec: str, arms: dict[str, Arm], aliases: dict[str, str]) -> lis
                 names = [aliases[n] for n in aliases if "_seed" in n] + names
             if item in ("judge", "stable"):
                 names = ["spa_dnd", *names]
-            if item == "gold":  # what the diagnostics are compared with
+            if item == "gap":  # what its arms are compared with
                 names = ["dpo_all_gold", "spa_dnd", "spa_stable", "spa_stable_agree", *names]
         elif item in arms:
             names = [item]
@@ -749,11 +758,15 @@ COMPARISONS = [
     ("spa_stable", "dpo_seed"),
     ("spa_stable", "dpo_all_gold"),
     ("dpo_all_gold_1ep", "dpo_all_gold"),
-    ("gold_judge", "dpo_all_gold"),
-    ("gold_judge_dnd", "gold_judge"),
+    ("gold_judge", "dpo_all_gold_1ep"),
+    ("spa_dnd", "dpo_all_gold_1ep"),
     ("spa_dnd", "gold_judge_dnd"),
     ("spa_stable", "gold_judge_stable"),
     ("spa_stable_agree", "gold_judge_stable"),
+    ("gold_judge_3ep", "dpo_all_gold"),
+    ("spa_dnd_3ep", "spa_dnd"),
+    ("spa_stable_agree_3ep", "spa_stable_agree"),
+    ("spa_stable_agree_3ep", "dpo_all_gold"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from selfee_fast.demo.tasks import load_task
@@ -80,3 +81,6 @@ def test_every_arm_gets_its_options_and_a_gold_arm_never_reaches_the_engines_jud
     assert (gold.train.nll_alpha, gold.spa.seed_replay) == (spa_stable.train.nll_alpha, spa_stable.spa.seed_replay)
     assert (gold.spa.refine, gold.spa.extrapolate) == (True, [0.5, 0.25, 0.125])
     assert (config_of("gold_judge").spa.refine, config_of("gold_judge").spa.extrapolate) == (False, [])
+    agree, agree_3ep = config_of("spa_stable_agree"), config_of("spa_stable_agree_3ep")
+    assert (agree.train.iteration_epochs, agree_3ep.train.iteration_epochs) == (1, 3)
+    assert replace(agree_3ep, run_dir=agree.run_dir, train=replace(agree_3ep.train, iteration_epochs=1)) == agree
