@@ -22,7 +22,7 @@ reference), z = c - r, x = beta * z and s the sigmoid:
     discopop   -log s(x) (1 - s(x / t)) + exp(-x) s(x / t)    (t = discopop_tau)
     orpo       -beta log s(w),  w = [c - log(1 - exp c)] - [r - log(1 - exp r)]  (reference-free)
 
-(e = label_smoothing, g = gamma). These are the formulas of Liger-Kernel's and TRL's
+(e = label_smoothing, g = gamma; a [P] tensor gives each pair its own e: soft labels). These are the formulas of Liger-Kernel's and TRL's
 preference losses of the same names; ORPO's is its odds-ratio term (the NLL term is added
 by the caller).
 
@@ -116,10 +116,10 @@ def _sigmoid(x):
 def _spa_pair_kernel(
     policy_ptr, ref_ptr, ext_ptr, order_ptr, offsets_ptr,
     losses_ptr, chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, noise_margin_ptr, confident_ptr,
-    token_grad_ptr,
+    token_grad_ptr, pair_smoothing_ptr,
     num_pairs, beta, alpha, tau, label_smoothing, gamma, discopop_tau, grad_scale,
     HAS_REF: tl.constexpr, HAS_EXT: tl.constexpr, HAS_TAU: tl.constexpr, AVERAGE: tl.constexpr,
-    LOSS: tl.constexpr, BLOCK: tl.constexpr,
+    PER_PAIR_SMOOTHING: tl.constexpr, LOSS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     k = tl.program_id(0)
     c0 = tl.load(offsets_ptr + k)
@@ -154,7 +154,10 @@ def _spa_pair_kernel(
     if HAS_TAU:
         # Compared as reported (fp32), so `confident` always agrees with the returned margin.
         confident = noise_margin.to(tl.float32) > tau
-    eps = label_smoothing + alpha * (1.0 - confident.to(tl.float64))
+    if PER_PAIR_SMOOTHING:
+        eps = tl.load(pair_smoothing_ptr + k) + alpha * (1.0 - confident.to(tl.float64))
+    else:
+        eps = label_smoothing + alpha * (1.0 - confident.to(tl.float64))
 
     # Each branch gives the pair's loss and its derivatives w.r.t. c and r.
     x = beta * z
@@ -260,7 +263,7 @@ def spa_pair_loss(
     beta: float,
     alpha: float,
     tau: float | None,
-    label_smoothing: float,
+    label_smoothing: float | torch.Tensor,
     loss_type: str,
     average_log_prob: bool,
     gamma: float = 0.0,
@@ -268,9 +271,12 @@ def spa_pair_loss(
 ) -> PairLossResult:
     """Launch one program per pair. Per-token inputs are flat fp32; `order` lists token
     positions grouped by sequence and `offsets` ([2P + 1]) delimits the sequences.
-    `gamma` is the target margin of the sigmoid loss (SimPO); `discopop_tau` DiscoPOP's temperature."""
+    `label_smoothing`: one value, or one per pair ([P]); `gamma` is the target margin of the
+    sigmoid loss (SimPO); `discopop_tau` DiscoPOP's temperature."""
     num_pairs = (offsets.numel() - 1) // 2
     device = policy.device
+    per_pair_smoothing = isinstance(label_smoothing, torch.Tensor)
+    pair_smoothing = label_smoothing.to(device, torch.float64).contiguous() if per_pair_smoothing else policy
 
     def per_pair(dtype=torch.float32) -> torch.Tensor:
         return torch.empty(num_pairs, dtype=dtype, device=device)
@@ -282,11 +288,12 @@ def spa_pair_loss(
         _spa_pair_kernel[(num_pairs,)](
             policy, reference if reference is not None else policy, extrapolated if extrapolated is not None else policy,
             order, offsets,
-            losses, chosen, rejected, ref_chosen, ref_rejected, noise_margin, confident, token_grad,
-            num_pairs, float(beta), float(alpha), float(tau) if tau is not None else 0.0, float(label_smoothing),
-            float(gamma), float(discopop_tau), 1.0 / num_pairs,
+            losses, chosen, rejected, ref_chosen, ref_rejected, noise_margin, confident, token_grad, pair_smoothing,
+            num_pairs, float(beta), float(alpha), float(tau) if tau is not None else 0.0,
+            0.0 if per_pair_smoothing else float(label_smoothing), float(gamma), float(discopop_tau), 1.0 / num_pairs,
             HAS_REF=reference is not None, HAS_EXT=extrapolated is not None, HAS_TAU=tau is not None,
-            AVERAGE=average_log_prob, LOSS=LOSS_CODES[loss_type], BLOCK=128, num_warps=4,
+            AVERAGE=average_log_prob, PER_PAIR_SMOOTHING=per_pair_smoothing, LOSS=LOSS_CODES[loss_type], BLOCK=128,
+            num_warps=4,
         )  # fmt: skip
     return PairLossResult(
         losses, chosen, rejected, ref_chosen, ref_rejected, noise_margin, confident.bool(), token_grad
@@ -336,13 +343,15 @@ def spa_pair_loss_reference(
     beta: float,
     alpha: float,
     tau: float | None,
-    label_smoothing: float,
+    label_smoothing: float | torch.Tensor,
     loss_type: str,
     average_log_prob: bool,
     gamma: float = 0.0,
     discopop_tau: float = 0.05,
 ) -> PairLossResult:
     """Plain-PyTorch twin of `spa_pair_loss` (float64 throughout, same layout and outputs)."""
+    if isinstance(label_smoothing, torch.Tensor):
+        label_smoothing = label_smoothing.to(policy.device, torch.float64)
     num_pairs = (offsets.numel() - 1) // 2
     lengths = offsets[1:] - offsets[:-1]
     seq_of_token = torch.repeat_interleave(torch.arange(2 * num_pairs, device=policy.device), lengths)

@@ -66,7 +66,7 @@ def spa_loss(
     alpha: float = 0.0,
     tau: float | None = None,
     loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
+    label_smoothing: float | torch.Tensor = 0.0,
     average_log_prob: bool = False,
     gamma: float = 0.0,
     discopop_tau: float = 0.05,
@@ -90,12 +90,14 @@ def spa_loss(
             Liger's and TRL's other pair losses, and "orpo" (reference-free); formulas in
             `selfee_fast.kernels.spa_loss`.
         label_smoothing: uniform label smoothing for sigmoid (cDPO) and robust; EXO's
-            target probability (required, in (0, 1)) for exo_pair.
+            target probability (required, in (0, 1)) for exo_pair. A [P] tensor gives each
+            pair its own (soft labels: 1 - the probability that the chosen response is better);
+            its range is checked where it lies, so pass it on the CPU to keep the GPU unsynced.
         average_log_prob: length-normalise each sequence's log-prob.
         gamma: target margin subtracted from beta * z in the sigmoid loss (SimPO's gamma).
         discopop_tau: DiscoPOP's modulation temperature.
     """
-    _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing, gamma, discopop_tau)
+    _check_loss_arguments(beta, alpha, tau, loss_type, smoothing_range(label_smoothing), gamma, discopop_tau)
     if reference_logps is not None and not LOSS_TYPE_INFO[loss_type].takes_reference:
         raise ValueError(f"loss_type={loss_type!r} is reference-free: pass reference_logps=None")
     tensors = {"reference_logps": reference_logps, "extrapolated_logps": extrapolated_logps}
@@ -118,6 +120,9 @@ def spa_loss(
         num_pairs = policy_logps.shape[0] // 2
     seq_ids = _sequence_ids(policy_logps, seq_ids, mask)
     order, offsets = _sequence_layout(seq_ids, num_pairs)
+    pairs = (offsets.numel() - 1) // 2
+    if isinstance(label_smoothing, torch.Tensor) and label_smoothing.shape != (pairs,):
+        raise ValueError(f"label_smoothing holds {tuple(label_smoothing.shape)} values for {pairs} pairs: pass [P]")
 
     flat = {k: (v.detach().reshape(-1).float().contiguous() if v is not None else None) for k, v in tensors.items()}
     options = dict(
@@ -165,15 +170,31 @@ class _SPALossFunction(torch.autograd.Function):
         return (token_grad * grad_loss).reshape(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
 
 
-def _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing, gamma, discopop_tau) -> None:
+def smoothing_range(label_smoothing: float | torch.Tensor) -> tuple[float, float]:
+    """The smallest and largest label smoothing a pair gets (a tensor: one host read of where it lies)."""
+    if not isinstance(label_smoothing, torch.Tensor):
+        return float(label_smoothing), float(label_smoothing)
+    if label_smoothing.dim() != 1 or not label_smoothing.dtype.is_floating_point:
+        raise ValueError(f"label_smoothing as a tensor must be 1-D floating point, one value per pair; "
+                         f"got {label_smoothing.dtype} of shape {tuple(label_smoothing.shape)}")  # fmt: skip
+    if label_smoothing.numel() == 0:
+        return 0.0, 0.0
+    low, high = torch.aminmax(label_smoothing.detach())
+    return float(low), float(high)
+
+
+def _check_loss_arguments(beta, alpha, tau, loss_type, smoothing_bounds, gamma, discopop_tau) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    low, high = smoothing_bounds
+    # One value, or the range of the per-pair values; a NaN fails every comparison below.
+    label_smoothing = low if low == high or math.isnan(low) == math.isnan(high) == True else f"from {low} to {high}"  # noqa: E712
     smoothing = LOSS_TYPE_INFO[loss_type].smoothing
-    if smoothing == "required" and not 0.0 < label_smoothing < 1.0:
+    if smoothing == "required" and not (0.0 < low and high < 1.0):
         raise ValueError(f"label_smoothing must lie in (0, 1) for loss_type={loss_type!r}, got {label_smoothing}")
-    if smoothing != "required" and not 0.0 <= label_smoothing < 0.5:
+    if smoothing != "required" and not (0.0 <= low and high < 0.5):
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     if not 0.0 <= alpha < 0.5:
         raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
@@ -185,10 +206,10 @@ def _check_loss_arguments(beta, alpha, tau, loss_type, label_smoothing, gamma, d
         raise ValueError(
             f"loss_type={loss_type!r} has a fixed target probability; SPA's alpha needs 'sigmoid' or 'robust'"
         )
-    if alpha > 0 and label_smoothing + alpha >= 0.5:
+    if alpha > 0 and high + alpha >= 0.5:
         # A flagged pair's smoothing is their sum; at 0.5 it would carry no preference (robust: divide by 0).
         raise ValueError(f"label_smoothing + alpha must be < 0.5, got {label_smoothing} + {alpha}")
-    if smoothing == "none" and (alpha > 0 or label_smoothing > 0):
+    if smoothing == "none" and (alpha > 0 or high > 0):
         raise ValueError(f"loss_type={loss_type!r} has no label smoothing; use 'sigmoid' or 'robust'")
     if gamma != 0 and loss_type != "sigmoid":
         raise ValueError(f"gamma is the sigmoid loss's target margin; loss_type={loss_type!r} has none")

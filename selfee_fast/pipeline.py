@@ -332,20 +332,21 @@ def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, to
         agreement = judges_agreement(self_labelled, stage.name)
         log(f"{stage.name}: the previous iteration's judge ranks the responses alike on {agreement:.3f} "
             "(CREAM's consistency rate)")  # fmt: skip
-    seed = seed_train_pairs(config, tokenizer)[0] if spa.seed_replay else []
-    pairs = iteration_pairs(judged, i, keep_identical=spa.keep_identical_pairs, seed=seed, replay=spa.seed_replay,
-                            drop_disagreeing=spa.judge_consistency == "filter", report=report, log=log)  # fmt: skip
-    if not pairs:
-        log(f"{stage.name}: no pair with two different responses to train on; pi_{i} is pi_{i - 1}")
-        return lam, 0
     settings = TrainSettings.for_stage(config, epochs=config.train.iteration_epochs, refine=spa.refine,
                                        extrapolate=lam, autocast_dtype=runtime.autocast_name)  # fmt: skip
+    smoothing = 0.0
     if spa.judge_consistency == "smooth" and agreement is not None:
         smoothing = consistency_label_smoothing(agreement, settings.alpha if spa.refine else 0.0)
         if smoothing is None:
             log(f"{stage.name}: smoothing by {1.0 - agreement:.3f} leaves no preference: pi_{i} is pi_{i - 1}")
             return lam, 0
-        settings.label_smoothing = smoothing
+    seed = seed_train_pairs(config, tokenizer)[0] if spa.seed_replay else []
+    pairs = iteration_pairs(judged, i, keep_identical=spa.keep_identical_pairs, seed=seed, replay=spa.seed_replay,
+                            drop_disagreeing=spa.judge_consistency == "filter", label_smoothing=smoothing,
+                            report=report, log=log)  # fmt: skip
+    if not pairs:
+        log(f"{stage.name}: no pair with two different responses to train on; pi_{i} is pi_{i - 1}")
+        return lam, 0
 
     # Without DND the judge's log pi_{i-1} values are the reference: no reference forward at all.
     # DND needs pi_{i-1}'s per-token logits; so does a judge that kept no log-probs (a reward model).

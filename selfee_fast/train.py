@@ -75,9 +75,6 @@ class TrainSettings:
     noise_percentile: float = 0.10
     tau_window: int = 50
     extrapolate: float | None = None
-    # Uniform label smoothing of every pair (cDPO's); SPA's alpha adds to it on flagged pairs.
-    # An iteration sets it from its judges' agreement (spa.judge_consistency=smooth).
-    label_smoothing: float = 0.0
     # The forward's compute dtype under torch.autocast ("bfloat16" on a GPU); None: the weights' dtype.
     autocast_dtype: str | None = None
     # One packed row per micro-batch instead of padded rows (`data.pack`): no padding tokens.
@@ -106,15 +103,19 @@ class TrainPair(TokenizedPair):
 
     ref_chosen: float | None = None
     ref_rejected: float | None = None
+    # This pair's label smoothing (spa.judge_consistency=smooth: the self-labelled pairs'); SPA's
+    # alpha adds to it when the pair is flagged.
+    label_smoothing: float = 0.0
 
 
 def iteration_pairs(
     judged, iteration: int, *, keep_identical: bool, seed: list[TrainPair], replay: float, report, log,
-    drop_disagreeing: bool = False,
+    drop_disagreeing: bool = False, label_smoothing: float = 0.0,
 ) -> list[TrainPair]:  # fmt: skip
     """What an iteration trains on: its judged pairs (those of two identical responses counted and
     dropped unless kept; with `drop_disagreeing`, those the previous iteration's judge orders the
-    other way, counted and dropped), plus `replay` seed pairs per judged pair, each iteration the next ones."""
+    other way, counted and dropped), each smoothed by `label_smoothing`, plus `replay` seed pairs
+    per judged pair, each iteration the next ones (gold labels: never smoothed)."""
     kept = [p for p in judged if keep_identical or not p.identical]
     if len(kept) < len(judged):
         report.skipped["pairs of two identical responses"] += len(judged) - len(kept)
@@ -128,9 +129,10 @@ def iteration_pairs(
                 "previous iteration's judge: not trained on (spa.judge_consistency=filter)")  # fmt: skip
         kept = agreed
     pairs = [
-        TrainPair(p.location, p.prompt_ids, p.chosen_ids, p.rejected_ids, p.chosen_logp_policy, p.rejected_logp_policy)
+        TrainPair(p.location, p.prompt_ids, p.chosen_ids, p.rejected_ids, p.chosen_logp_policy, p.rejected_logp_policy,
+                  label_smoothing)
         for p in kept
-    ]
+    ]  # fmt: skip
     if replay and seed:
         count = round(replay * len(pairs))
         pairs += [seed[(iteration * count + k) % len(seed)] for k in range(count)]
@@ -356,10 +358,11 @@ def train_stage(
             # tau comes from the window before this micro-batch's margins enter it (the official
             # order): a pair is never judged against a threshold its own margin moved.
             tau = threshold.tau if settings.refine else None
+            smoothing = [p.label_smoothing for p in micro]  # a host list: the loss checks it without a sync
             result = spa_loss(
                 logps.policy, ref_tokens, **layout, extrapolated_logps=logps.extrapolated, beta=settings.beta,
                 alpha=alpha_t if tau is not None else 0.0, tau=tau, loss_type=settings.loss_type,
-                label_smoothing=settings.label_smoothing,
+                label_smoothing=torch.tensor(smoothing, dtype=torch.float64) if any(smoothing) else 0.0,
             )  # fmt: skip
             if settings.refine:
                 # Every rank's margins, in rank order, enter the window before the next round's tau.
@@ -408,7 +411,8 @@ def train_stage(
         record = {
             "step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
             **totals, "spa/alpha": alpha_t if tau is not None else 0.0, "spa/tau": tau,
-            "label_smoothing": settings.label_smoothing, "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "label_smoothing": sum(p.label_smoothing for p in step_pairs) / len(step_pairs),
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
             "padding": 1 - tokens / positions, "nonfinite_steps_skipped": skipped_steps,
             "peak_memory_mib": peak_memory_bytes(device) / 2**20,
         }  # fmt: skip
@@ -579,9 +583,11 @@ def restore_checkpoint(out_dir: Path, model, names, optimizer, scheduler, thresh
         if candidates:
             log(f"train: no usable checkpoint in {out_dir}; training this stage from its first step")
         return 0
-    # A setting added after the checkpoint was written counts as its default: an upgrade that
-    # leaves a run's behaviour as it was does not orphan its checkpoints.
-    saved = {**asdict(TrainSettings()), **meta["settings"]}
+    # A setting added after the checkpoint was written counts as its default, and one removed since
+    # is not compared (label_smoothing now travels with each pair): an upgrade that leaves a run's
+    # behaviour as it was does not orphan its checkpoints.
+    known = asdict(TrainSettings())
+    saved = {**known, **{name: value for name, value in meta["settings"].items() if name in known}}
     current = asdict(settings)
     for name in RESUMABLE_CHANGES:  # they change how the math is laid out, not its result
         saved.pop(name, None), current.pop(name, None)

@@ -52,7 +52,9 @@ def spec_loss(policy, reference, extrapolated, seq_ids, num_pairs, *, beta=0.1, 
     per_pair = {k: [] for k in ("losses", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
                                 "chosen_rewards", "rejected_rewards", "noise_margin", "confident")}  # fmt: skip
     total = 0 * policy64.sum()  # keeps the graph when no token belongs to a sequence
+    smoothing_of = label_smoothing if isinstance(label_smoothing, list) else [label_smoothing] * num_pairs
     for k in range(num_pairs):
+        label_smoothing = smoothing_of[k]  # a list: each pair its own
         pw, pl, rw, rl = logp("pol", k), logp("pol", k + num_pairs), logp("ref", k), logp("ref", k + num_pairs)
         z = (pw - pl) - (rw - rl)
         if values["ext"] is not None:
@@ -160,6 +162,21 @@ def test_matches_spec_transcription(backend, loss_type, alpha, use_tau, label_sm
     assert policy.grad.dtype == policy.dtype and policy.grad.shape == policy.shape
     close(policy.grad, expected[1], what="gradient")
     assert torch.equal(policy.grad[seq_ids < 0], torch.zeros(int((seq_ids < 0).sum())))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("loss_type", "average"), [("sigmoid", False), ("robust", True)])
+def test_each_pair_may_have_its_own_label_smoothing(backend, loss_type, average):
+    policy, reference, ext, seq_ids = make_stream(7, LENGTHS)
+    beta, per_pair = 0.4, [0.0, 0.3, 0.05, 0.2]
+    tau = midpoint_tau(policy, reference, ext, seq_ids, 4, beta, average)
+    kwargs = dict(beta=beta, alpha=0.1, tau=tau, loss_type=loss_type)
+    expected = spec_loss(policy, reference, ext, seq_ids, 4, average=average, label_smoothing=per_pair, **kwargs)
+    out = spa_loss(policy, reference, seq_ids, extrapolated_logps=ext, average_log_prob=average, backend=backend,
+                   label_smoothing=torch.tensor(per_pair), **kwargs)  # fmt: skip
+    check_output(out, expected, 4)
+    out.loss.backward()
+    close(policy.grad, expected[1], what="gradient")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -499,6 +516,14 @@ def simple_inputs(rows=4, width=3):
         (dict(gamma=float("inf")), ValueError, "gamma"),
         (dict(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau"),
         (dict(loss_type="orpo", reference_logps=simple_inputs()), ValueError, "reference-free"),
+        (dict(label_smoothing=torch.tensor([0.1, 0.5])), ValueError, r"\[0, 0.5\), got from 0.1"),
+        (dict(label_smoothing=torch.tensor([0.1, float("nan")])), ValueError, r"label_smoothing must lie in"),
+        (dict(label_smoothing=torch.tensor([0.1, 0.35]), alpha=0.2, tau=0.0), ValueError, r"\+ alpha must be < 0.5"),
+        (dict(label_smoothing=torch.tensor([0.1, 0.2, 0.3])), ValueError, r"holds \(3,\) values for 2 pairs"),
+        (dict(label_smoothing=torch.zeros(2, 1)), ValueError, "1-D floating point"),
+        (dict(label_smoothing=torch.zeros(2, dtype=torch.long)), ValueError, "1-D floating point"),
+        (dict(loss_type="exo_pair", label_smoothing=torch.tensor([0.1, 0.0])), ValueError, r"\(0, 1\)"),
+        (dict(loss_type="ipo", label_smoothing=torch.tensor([0.0, 0.1])), ValueError, "loss_type='ipo'"),
     ],
 )
 def test_bad_options_raise(kwargs, error, match):

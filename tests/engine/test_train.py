@@ -1,5 +1,6 @@
 """The training loop: length-grouped or packed micro-batches; checkpoints refused by name when settings change."""
 
+import dataclasses
 import json
 import random
 import weakref
@@ -46,12 +47,13 @@ def test_changed_settings_are_refused_by_name(setup, tmp_path):
         train(model, pairs, pad_id, tmp_path / "train", beta=0.2)
 
 
-def test_a_setting_added_later_reads_as_its_default(setup, tmp_path):
+def test_a_setting_added_or_removed_since_a_checkpoint_does_not_orphan_it(setup, tmp_path):
     model, pairs, pad_id, _ = setup
     train(model, pairs, pad_id, tmp_path / "train")
     latest = tmp_path / "train" / (tmp_path / "train" / "latest").read_text().strip() / "state.json"
     state = json.loads(latest.read_text())
     del state["settings"]["autocast_dtype"]  # as written before the field existed
+    state["settings"]["label_smoothing"] = 0.0  # a setting since removed (it travels with each pair now)
     latest.write_text(json.dumps(state))
     train(model, pairs, pad_id, tmp_path / "train")  # resumes: the default is what the run used
     with pytest.raises(ValueError, match=r"autocast_dtype None -> 'bfloat16'"):
@@ -405,3 +407,41 @@ def test_a_micro_batch_holds_nothing_of_the_one_before_it(tmp_path):
     settings = TrainSettings(lr=1e-3, batch_size=2, micro_batch_size=1, optimizer="adamw", save_every=10)
     train_stage(model, pairs, settings, tmp_path / "out", pad_id=pad_id, reference="init", log=lambda *_: None)
     assert len(alive_at_next_forward) == 3 and not any(alive_at_next_forward)
+
+
+def test_each_pairs_label_smoothing_reaches_the_loss(setup, tmp_path):
+    """At step 1 the policy is its reference (LoRA's B starts at zero), so a pair's loss gradient is
+    beta (2e - 1) / 2: labels smoothed by 0.2 scale the first gradient by 1 - 2 * 0.2."""
+    model, pairs, pad_id, _ = setup
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train(model, pairs, pad_id, tmp_path / "plain")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(initial[n])
+    train(model, [dataclasses.replace(p, label_smoothing=0.2) for p in pairs], pad_id, tmp_path / "smoothed")
+    plain, smoothed = (json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])
+                       for run in ("plain", "smoothed"))  # fmt: skip
+    assert (plain["label_smoothing"], smoothed["label_smoothing"]) == (0.0, 0.2)
+    assert plain["grad_norm"] > 0 and smoothed["grad_norm"] == pytest.approx(0.6 * plain["grad_norm"], rel=1e-5)
+
+
+def test_consistency_smoothing_reaches_the_self_labelled_pairs_only():
+    from selfee_fast.data import DataReport
+    from selfee_fast.records import JudgedPair
+    from selfee_fast.train import iteration_pairs
+
+    def judged(index, chosen, rejected):
+        return JudgedPair(index, f"pool1.jsonl:{index + 1}", [{"role": "user", "content": "q"}], [1, 2], chosen,
+                          rejected, "a", "b", 0.3, 0.1, 0.55, -4.0, -5.0, agreement=1.0)  # fmt: skip
+
+    seed = [TrainPair(f"seed.jsonl:{k + 1}", [1], [2, 3], [4]) for k in range(4)]
+    pairs = iteration_pairs(
+        [judged(0, [5], [6]), judged(1, [7], [7]), judged(2, [8, 9], [6])], 1, keep_identical=False, seed=seed,
+        replay=1.0, report=DataReport(), log=lambda *_: None, label_smoothing=0.25,
+    )  # fmt: skip
+    self_labelled, replayed = pairs[:2], pairs[2:]
+    assert [p.location for p in self_labelled] == ["pool1.jsonl:1", "pool1.jsonl:3"]  # the identical pair dropped
+    assert [p.label_smoothing for p in self_labelled] == [0.25, 0.25]
+    assert len(replayed) == 2 and all(p.location.startswith("seed.jsonl") and p.label_smoothing == 0.0
+                                      for p in replayed)  # fmt: skip

@@ -84,8 +84,12 @@ def transcribe(
     policy, reference, extrapolated, seq_ids, num_pairs, *, beta, alpha, tau, label_smoothing, loss_type, average,
     gamma=0.0, discopop_tau=0.05,
 ):  # fmt: skip
-    """Per pair, in float64 Python: the loss, the statistics and d(mean loss)/d(policy token)."""
+    """Per pair, in float64 Python: the loss, the statistics and d(mean loss)/d(policy token).
+
+    `label_smoothing`: one number, or a list with each pair's own.
+    """
     policy = policy.double().detach().requires_grad_(True)
+    per_pair_smoothing = label_smoothing if isinstance(label_smoothing, list) else [label_smoothing] * num_pairs
     ids = torch.tensor(seq_ids)
 
     def seq_logp(values, s):
@@ -97,6 +101,7 @@ def transcribe(
 
     rows, total = [], torch.zeros((), dtype=torch.float64)
     for k in range(num_pairs):
+        label_smoothing = per_pair_smoothing[k]
         pw, pl = seq_logp(policy, k), seq_logp(policy, k + num_pairs)
         rw, rl = seq_logp(reference, k), seq_logp(reference, k + num_pairs)
         z = (pw - pl) - (rw - rl)
@@ -254,6 +259,27 @@ def test_kernel_matches_twin_and_transcription(nan_empty, loss_type, has_ref, ha
             assert got.losses.shape == (case["num_pairs"],), name
             assert got.token_grad.shape == case["policy"].shape, name
             check_result(got, want)
+
+
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "exo_pair"])
+def test_each_pair_may_have_its_own_label_smoothing(nan_empty, loss_type, average):
+    case = make_case(23, LENGTHS, shuffle=True)
+    beta = 0.5
+    if loss_type == "exo_pair":  # EXO's target probability, in (0, 1)
+        per_pair, alpha, tau = [1e-3, 0.3, 0.05, 0.9], 0.0, None
+    else:  # SPA's alpha adds on flagged pairs: the sum stays below 0.5
+        per_pair, alpha, tau = [0.0, 0.3, 0.05, 0.2], 0.1, split_tau(case, beta, average)
+    options = dict(beta=beta, alpha=alpha, tau=tau, loss_type=loss_type, average_log_prob=average)
+    want = transcribe(
+        case["policy"], case["reference"], case["extrapolated"], case["seq_ids"], case["num_pairs"],
+        beta=beta, alpha=alpha, tau=tau, label_smoothing=per_pair, loss_type=loss_type, average=average,
+    )  # fmt: skip
+    for impl in IMPLEMENTATIONS.values():
+        check_result(run_case(impl, case, label_smoothing=torch.tensor(per_pair, dtype=torch.float64), **options), want)
+        # The same value for every pair is the uniform smoothing.
+        uniform = run_case(impl, case, label_smoothing=torch.full((4,), per_pair[2], dtype=torch.float32), **options)
+        check_result(uniform, run_case(impl, case, label_smoothing=per_pair[2], **options))
 
 
 @pytest.mark.parametrize(
