@@ -227,13 +227,15 @@ def scenarios(dtype: torch.dtype, config: LaunchConfig) -> list[tuple[str, Calla
             config=split,
         )  # fmt: skip
 
-    def loss(loss_type: str) -> None:
+    def loss(loss_type: str, per_pair_smoothing: bool = False) -> None:
         offsets = torch.tensor([0, 10, 20, 30, rows], dtype=torch.int32)
         smoothing = LOSS_TYPE_INFO[loss_type].smoothing
+        label_smoothing = 0.1 if smoothing == "required" else 0.0
         spa_pair_loss(
             stat, stat if LOSS_TYPE_INFO[loss_type].takes_reference else None, stat, active, offsets,
             beta=0.1, alpha=0.1 if smoothing == "optional" else 0.0, tau=0.5,
-            label_smoothing=0.1 if smoothing == "required" else 0.0, loss_type=loss_type, average_log_prob=False,
+            label_smoothing=torch.full((2,), 0.1) if per_pair_smoothing else label_smoothing, loss_type=loss_type,
+            average_log_prob=False,
         )  # fmt: skip
 
     return [
@@ -249,6 +251,8 @@ def scenarios(dtype: torch.dtype, config: LaunchConfig) -> list[tuple[str, Calla
         ),
         # Each loss type is its own compiled branch (LOSS is a constexpr).
         *((f"spa loss {loss_type}", lambda loss_type=loss_type: loss(loss_type)) for loss_type in LOSS_TYPES),
+        # Each pair's own smoothing (spa.judge_consistency=smooth) is a constexpr branch of its own too.
+        ("spa loss sigmoid, per-pair smoothing", lambda: loss("sigmoid", per_pair_smoothing=True)),
     ]
 
 
