@@ -22,9 +22,9 @@ reference), z = c - r, x = beta * z and s the sigmoid:
     discopop   -log s(x) (1 - s(x / t)) + exp(-x) s(x / t)    (t = discopop_tau)
     orpo       -beta log s(w),  w = [c - log(1 - exp c)] - [r - log(1 - exp r)]  (reference-free)
 
-(e = label_smoothing, g = gamma; a [P] tensor gives each pair its own e: soft labels). These are the formulas of Liger-Kernel's and TRL's
-preference losses of the same names; ORPO's is its odds-ratio term (the NLL term is added
-by the caller).
+(e = label_smoothing, g = gamma; a [P] tensor gives each pair its own e: soft labels). These
+are the formulas of Liger-Kernel's and TRL's preference losses of the same names; ORPO's is its
+odds-ratio term (the NLL term is added by the caller).
 
 SPA's self-refinement is the sigmoid (or robust) loss with a per-pair smoothing
 e_k = label_smoothing + alpha * (1 - p_k), where p_k = [m_k > tau] flags confident pairs and

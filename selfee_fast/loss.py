@@ -190,7 +190,7 @@ def _check_loss_arguments(beta, alpha, tau, loss_type, smoothing_bounds, gamma, 
         raise ValueError(f"beta must be > 0, got {beta}")
     low, high = smoothing_bounds
     # One value, or the range of the per-pair values; a NaN fails every comparison below.
-    label_smoothing = low if low == high or math.isnan(low) == math.isnan(high) == True else f"from {low} to {high}"  # noqa: E712
+    label_smoothing = low if low == high or (math.isnan(low) and math.isnan(high)) else f"from {low} to {high}"
     smoothing = LOSS_TYPE_INFO[loss_type].smoothing
     if smoothing == "required" and not (0.0 < low and high < 1.0):
         raise ValueError(f"label_smoothing must lie in (0, 1) for loss_type={loss_type!r}, got {label_smoothing}")
