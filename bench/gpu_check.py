@@ -6,7 +6,9 @@
 Correctness: `selfee_fast.linear_logprobs` (backends "triton" and "torch") and
 `FusedLinearDPOLoss` on a few odd shapes, fp32 and bf16, a shared or a separate reference
 head, lam in {0, 0.5}, frozen or trainable head, against the same formulas evaluated in
-float64 from the very same (rounded) inputs. Every case prints a PASS or FAIL line.
+float64 from the very same (rounded) inputs; the pair-loss kernel for every loss type (and
+each pair's own label smoothing) against its float64 twin on a packed stream of 257 pairs.
+Every case prints a PASS or FAIL line.
 Determinism: `deterministic=True` must repeat bit for bit.
 Sweep: forward and backward Triton kernels timed with a handful of LaunchConfig candidates
 at M=8192, H=4096, V=128256 bf16; configs that fail to compile are skipped.
@@ -387,6 +389,53 @@ def check_dpo(sf, device: torch.device, smoke: bool, seed: int, checks: list[Che
         report(Check(name, ok, details), checks)
 
 
+PAIR_LOSS_TOL = 1e-5  # fp32 outputs of float64 arithmetic on the same fp32 inputs
+
+
+def check_pair_losses(sf, device: torch.device, smoke: bool, seed: int, checks: list[Check]) -> None:
+    """`spa_loss` through the Triton pair-loss kernel against its float64 twin (backend "torch"),
+    on the same device and inputs: every loss type of the table, and each pair's own smoothing."""
+    from selfee_fast.kernels.spa_loss import LOSS_TYPE_INFO, LOSS_TYPES
+
+    pairs = 4 if smoke else 257  # odd: no power-of-two grid hides a missed program
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9 if smoke else 300, (2 * pairs,), generator=gen)
+    # A packed stream: each sequence's tokens, then tokens of no sequence, in a shuffled order.
+    seq_ids = torch.cat([torch.arange(2 * pairs).repeat_interleave(lengths), torch.full((7,), -1)])
+    seq_ids = seq_ids[torch.randperm(seq_ids.numel(), generator=gen)].to(device)
+    policy, reference, extrapolated = (-4 * torch.rand(seq_ids.numel(), generator=gen) for _ in range(3))
+    per_pair_smoothing = torch.rand(pairs, generator=gen, dtype=torch.float64) * 0.3
+    cases = [(loss_type, False) for loss_type in LOSS_TYPES] + [("sigmoid", True), ("robust", True)]
+    for loss_type, per_pair in cases:
+        kind = LOSS_TYPE_INFO[loss_type]
+        options = dict(
+            beta=0.3, loss_type=loss_type, num_pairs=pairs, seq_ids=seq_ids,
+            alpha=0.1 if kind.smoothing == "optional" else 0.0, tau=0.0,
+            label_smoothing=per_pair_smoothing if per_pair else {"optional": 0.2, "required": 0.1}.get(kind.smoothing, 0.0),
+            extrapolated_logps=extrapolated.to(device) if kind.takes_reference else None,
+        )  # fmt: skip
+        name = f"pair loss[triton] {loss_type}{', per-pair smoothing' if per_pair else ''} P={pairs}"
+        try:
+            outputs = {}
+            for backend in ("triton", "torch"):
+                x = policy.to(device, copy=True).requires_grad_(True)  # a leaf of its own per backend
+                ref = reference.to(device) if kind.takes_reference else None
+                out = sf.spa_loss(x, ref, backend=backend, **options)
+                out.loss.backward()
+                outputs[backend] = (out, x.grad)
+            (got, got_grad), (want, want_grad) = outputs["triton"], outputs["torch"]
+            details = {
+                field: rel_err(getattr(got, field), getattr(want, field).double(), floor=1.0)
+                for field in ("losses", "chosen_logps", "rejected_logps", "noise_margin")
+            }
+            details["grad"] = rel_err(got_grad, want_grad.double())
+            details["flags_equal"] = bool(torch.equal(got.confident, want.confident))
+            ok = details["flags_equal"] and all(v <= PAIR_LOSS_TOL for k, v in details.items() if k != "flags_equal")
+        except Exception as exc:
+            ok, details = False, {"error": error_text(exc)}
+        report(Check(name, ok, details), checks)
+
+
 # --------------------------------------------------------------------------- launch-config sweep
 
 
@@ -532,6 +581,7 @@ def main(argv=None) -> int:
     skipped = check_logprobs(sf, device, args.cpu_smoke, args.seed, args.check_budget, checks)
     check_determinism(sf, device, args.cpu_smoke, args.seed, checks)
     check_dpo(sf, device, args.cpu_smoke, args.seed, checks)
+    check_pair_losses(sf, device, args.cpu_smoke, args.seed, checks)
     check_shared_bias_default(sf, device)
     print(f"correctness: {time.monotonic() - started:.1f} s", flush=True)
     save(None)

@@ -17,8 +17,8 @@ REPO=$(pwd)
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 TOTAL=480 # seconds for the whole script
-[ "$MODE" = "7b" ] && TOTAL=290 # the second call of a session: run(..., timeout_s=300)
-TOTAL=${3:-$TOTAL}             # what the device time left allows (status: budget_left_s)
+[ "$MODE" = "7b" ] && TOTAL=290 # the second call of a session, under a 300 s limit
+TOTAL=${3:-$TOTAL}             # what the machine's time left allows
 SECONDS=0
 
 left() { echo $((TOTAL - SECONDS - ${1:-0})); }
@@ -27,7 +27,7 @@ log() { echo "[gpu_check.sh ${SECONDS}s] $*" | tee -a "$OUT/gpu_check_sh.log"; }
 # 1. Peers (liger-kernel, cut-cross-entropy, bitsandbytes) from local wheels into a private
 #    target dir: --no-deps, so torch and triton of the machine stay as they are.
 PEERS=$(mktemp -d /tmp/selfee_peers.XXXXXX) # not under OUT: OUT is meant to be copied back
-# The device tool brings back at most 8 files from OUT: pip's logs and the machine facts go
+# A lent machine may send back only 8 files from OUT: pip's logs and the machine facts go
 # into gpu_check_sh.log, so OUT holds 8 files after a full run (3 in 7b mode).
 SCRATCH=$(mktemp -d /tmp/selfee_scratch.XXXXXX)
 SHIM=""
