@@ -13,6 +13,8 @@ for itself, two of its own samples each. Per iteration it prints
 - sample tokens: mean token length of the judged responses (π_{i-1}'s samples), and eval tokens:
   mean response length of π_i on the held-out prompts (from the arm's eval/iter<i>.jsonl);
 - eval gold: held-out gold of π_i;
+- judge margin: mean |chosen − rejected| reward of the judge over pairs of two different responses
+  (β log π_{i-1}/π_ref, summed or per token as the arm's judge scores);
 - with spa.judge_consistency: disagreeing, the fraction of pairs of two different responses that
   the previous iteration's judge orders the other way (agreement < 0.5), and the label accuracy
   where the two judges agree and where they disagree (what `filter` trains on, and drops).
@@ -41,7 +43,7 @@ def fraction(flags: list[bool]) -> float | None:
 
 def iteration_stats(task, pairs: list[JudgedPair]) -> dict:
     decided, longer_chosen, longer_gold, acc_diff, acc_same, lengths = [], [], [], [], [], []
-    disagreeing, acc_agree, acc_disagree = [], [], []
+    disagreeing, acc_agree, acc_disagree, margins = [], [], [], []
     for p in pairs:
         g_c, g_r = task.gold(p.prompt_text, p.chosen_text), task.gold(p.prompt_text, p.rejected_text)
         n_c, n_r = len(p.chosen_ids), len(p.rejected_ids)
@@ -50,6 +52,8 @@ def iteration_stats(task, pairs: list[JudgedPair]) -> dict:
             longer_chosen.append(n_c > n_r)
         if p.agreement is not None and not p.identical:
             disagreeing.append(p.judges_disagree)
+        if not p.identical:
+            margins.append(abs(p.chosen_score - p.rejected_score))
         if g_c == g_r:
             continue
         right = g_c > g_r
@@ -70,6 +74,7 @@ def iteration_stats(task, pairs: list[JudgedPair]) -> dict:
         "acc_len_differs": fraction(acc_diff),
         "acc_len_equal": fraction(acc_same),
         "sample_tokens": statistics.fmean(lengths) if lengths else None,
+        "judge_margin": statistics.fmean(margins) if margins else None,
         "disagreeing": fraction(disagreeing),
         "acc_judges_agree": fraction(acc_agree),
         "acc_judges_disagree": fraction(acc_disagree),
@@ -113,6 +118,7 @@ KEYS = (
     "sample_tokens",
     "eval_tokens",
     "eval_gold",
+    "judge_margin",
     "disagreeing",
     "acc_judges_agree",
     "acc_judges_disagree",
