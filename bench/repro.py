@@ -30,6 +30,7 @@ where the gap to all-gold DPO comes from (group "gap"). The gold_judge arms are 
 methods: they see gold labels for every prompt, as dpo_all_gold does.
   dpo_all_gold_1ep      dpo_all_gold in one epoch instead of train.seed_epochs (3): about as many
                         optimizer steps as SPA's loop takes
+  dpo_all_gold_2ep      the same in two epochs: more steps than the SPA arms with seed replay take
   gold_judge            iterative DPO with the gold reward as its judge (no refinement, no DND)
   gold_judge_dnd        spa_dnd's loop with the gold reward as its judge
   gold_judge_stable     spa_stable's loop with the gold reward as its judge
@@ -237,6 +238,8 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
     arms += [
         Arm("dpo_all_gold_1ep", "dpo", "gap", gold="all", options=(("train.seed_epochs", 1),),
             description="DPO on gold labels for every prompt, one epoch"),
+        Arm("dpo_all_gold_2ep", "dpo", "gap", gold="all", options=(("train.seed_epochs", 2),),
+            description="DPO on gold labels for every prompt, two epochs"),
         Arm("gold_judge", "spa", "gap", refine=False, dnd=False, judge="gold",
             description="iterative DPO judged by the gold reward"),
         Arm("gold_judge_dnd", "spa", "gap", judge="gold", description="spa_dnd, judged by the gold reward"),
@@ -759,6 +762,7 @@ COMPARISONS = [
     ("spa_stable", "dpo_all_gold"),
     ("dpo_all_gold_1ep", "dpo_all_gold"),
     ("gold_judge", "dpo_all_gold_1ep"),
+    ("spa_stable_agree", "dpo_all_gold_2ep"),
     ("spa_dnd", "dpo_all_gold_1ep"),
     ("spa_dnd", "gold_judge_dnd"),
     ("spa_stable", "gold_judge_stable"),

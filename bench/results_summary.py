@@ -136,6 +136,7 @@ GAP_COLUMNS = [
         lambda r: paired(r, ("spa_stable_agree",), ("gold_judge_stable",)),
     ),
     ("all three + filter − all-gold DPO, 1 epoch", lambda r: paired(r, ("spa_stable_agree",), ("dpo_all_gold_1ep",))),
+    ("all three + filter − all-gold DPO, 2 epochs", lambda r: paired(r, ("spa_stable_agree",), ("dpo_all_gold_2ep",))),
     ("iterative DPO, gold judge, 3 epochs − all-gold DPO", lambda r: paired(r, ("gold_judge_3ep",), ("dpo_all_gold",))),
     ("spa_dnd, 3 epochs − 1 epoch", lambda r: paired(r, ("spa_dnd_3ep",), ("spa_dnd",))),
     ("all three + filter, 3 epochs − 1 epoch", lambda r: paired(r, ("spa_stable_agree_3ep",), ("spa_stable_agree",))),
