@@ -37,6 +37,7 @@ methods: they see gold labels for every prompt, as dpo_all_gold does.
   gold_judge_3ep        gold_judge with train.iteration_epochs 3, all-gold DPO's passes over each pair
   spa_dnd_3ep           spa_dnd with train.iteration_epochs 3
   spa_stable_agree_3ep  spa_stable_agree (the demo's setting) with train.iteration_epochs 3
+  spa_stable_agree_2ep  the same with 2: between the paper's one epoch and stage 0's three
   The gold judge ranks each prompt's responses by gold; a prompt whose best and worst tie has no
   preference and is written as one response paired with itself, which the engine never trains on.
 
@@ -250,6 +251,8 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
         Arm("spa_dnd_3ep", "spa", "gap", options=three_epochs, description="spa_dnd, 3 epochs per iteration"),
         Arm("spa_stable_agree_3ep", "spa", "gap", options=stable["spa_stable_agree"][0] + three_epochs,
             description="spa_stable_agree, 3 epochs per iteration"),
+        Arm("spa_stable_agree_2ep", "spa", "gap", options=(*stable["spa_stable_agree"][0], ("train.iteration_epochs", 2)),
+            description="spa_stable_agree, 2 epochs per iteration"),
     ]  # fmt: skip
     # The official code's handling of identical pairs (trained on, with zero gradient), next to ours (dropped).
     arms.append(Arm("spa_keep_identical", "spa", "judge", options=(("spa.keep_identical_pairs", True),),
@@ -771,6 +774,7 @@ COMPARISONS = [
     ("spa_dnd_3ep", "spa_dnd"),
     ("spa_stable_agree_3ep", "spa_stable_agree"),
     ("spa_stable_agree_3ep", "dpo_all_gold"),
+    ("spa_stable_agree_2ep", "spa_stable_agree"),
 ]
 
 

@@ -141,6 +141,7 @@ GAP_COLUMNS = [
     ("spa_dnd, 3 epochs − 1 epoch", lambda r: paired(r, ("spa_dnd_3ep",), ("spa_dnd",))),
     ("all three + filter, 3 epochs − 1 epoch", lambda r: paired(r, ("spa_stable_agree_3ep",), ("spa_stable_agree",))),
     ("all three + filter, 3 epochs − all-gold DPO", lambda r: paired(r, ("spa_stable_agree_3ep",), ("dpo_all_gold",))),
+    ("all three + filter, 2 epochs − 1 epoch", lambda r: paired(r, ("spa_stable_agree_2ep",), ("spa_stable_agree",))),
 ]
 
 
