@@ -111,6 +111,7 @@ from selfee_fast.demo.run import (
 )
 from selfee_fast.demo.tasks import gold_label_pairs, load_task
 from selfee_fast.files import write_json_atomic
+from selfee_fast.judge import pair_by_scores
 from selfee_fast.pipeline import run_pipeline, run_stage
 from selfee_fast.preflight import preflight
 from selfee_fast.records import Generation, JudgedPair, read_generations, read_pairs, write_pairs
@@ -458,7 +459,8 @@ def arm_config(arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, seed_n: 
 
 
 def gold_judged_pairs(task, generations: list[Generation]) -> tuple[list[JudgedPair], int]:
-    """The gold reward in the judge's place: per prompt its best and worst response by gold.
+    """The gold reward in the judge's place: per prompt its best and worst response by gold, as the
+    engine pairs an external judge's scores (`judge.pair_by_scores`).
 
     A prompt whose best and worst responses tie has no preference: it is written as its first
     response paired with itself, which the engine counts and never trains on. Returns the pairs
@@ -468,19 +470,10 @@ def gold_judged_pairs(task, generations: list[Generation]) -> tuple[list[JudgedP
     for g in generations:
         if len(g.responses) < 2:
             continue
-        gold = [task.gold(g.prompt_text, text) for text in g.texts]
-        best = max(range(len(gold)), key=lambda k: (gold[k], -k))
-        worst = min((k for k in range(len(gold)) if k != best), key=lambda k: (gold[k], k))
-        if gold[best] == gold[worst]:
+        pair = pair_by_scores(g, [task.gold(g.prompt_text, text) for text in g.texts])
+        if pair.chosen_score == pair.rejected_score:
             ties += 1
-            worst = best
-        pair = JudgedPair(
-            index=g.index, location=g.location, prompt=g.prompt, prompt_ids=g.prompt_ids,
-            chosen_ids=g.responses[best], rejected_ids=g.responses[worst], chosen_text=g.texts[best],
-            rejected_text=g.texts[worst], chosen_score=gold[best], rejected_score=gold[worst],
-            confidence=1.0 / (1.0 + math.exp(gold[worst] - gold[best])),
-            chosen_logp_policy=None, rejected_logp_policy=None,
-        )  # fmt: skip
+            pair = replace(pair, rejected_ids=pair.chosen_ids, rejected_text=pair.chosen_text)
         pairs.append(pair)
     return pairs, ties
 

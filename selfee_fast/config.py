@@ -147,8 +147,8 @@ class SPAConfig:
     # pairs (the experience replay of DICE, Chen et al. 2024); 0: the paper's self-labelled data only.
     seed_replay: float = 0.0
     # The previous iteration's judge ranks each prompt's responses too (CREAM, Wang et al. 2025),
-    # and its agreement with this one (scaled Kendall tau) is used: "smooth" smooths every label
-    # by the iteration's mean disagreement (CREAM's consistency_avg); "filter" (ours) does not
+    # and its agreement with this one (scaled Kendall tau) is used: "smooth" smooths every self-made
+    # label by the iteration's mean disagreement (CREAM's consistency_avg); "filter" (ours) does not
     # train on the pairs the two judges order oppositely; "none": the paper's labels as judged.
     judge_consistency: str = "none"
 

@@ -176,10 +176,7 @@ def judge_generations(
             items = [(g.prompt_ids, g.responses) for g in batch]
             if reward_model is not None:
                 # An external judge: its scores are the rewards; the policy's log-probs stay unknown.
-                judged = [
-                    _pair_of(r, s, [0.0] * len(s), 1.0, policy_known=False)
-                    for r, s in zip(batch, reward_model.score(items), strict=True)
-                ]
+                judged = [pair_by_scores(r, s) for r, s in zip(batch, reward_model.score(items), strict=True)]
             else:
                 scores = split_on_oom(score, items, what=f"judge batch {number}", log=log, limit=limit)
                 judged = [
@@ -205,6 +202,12 @@ def judge_generations(
         + (f", {dropped} prompts with < 2 responses dropped" if dropped else "")
     )
     return pairs
+
+
+def pair_by_scores(generation: Generation, scores: list[float]) -> JudgedPair:
+    """The pair an external judge's scores make: its best and worst response (ties: the first), the
+    scores as the rewards, the policy's log-probs unknown."""
+    return _pair_of(generation, scores, [0.0] * len(scores), 1.0, policy_known=False)
 
 
 def _pair_of(

@@ -130,7 +130,7 @@ def iteration_pairs(
         kept = agreed
     pairs = [
         TrainPair(p.location, p.prompt_ids, p.chosen_ids, p.rejected_ids, p.chosen_logp_policy, p.rejected_logp_policy,
-                  label_smoothing)
+                  label_smoothing=label_smoothing)
         for p in kept
     ]  # fmt: skip
     if replay and seed:
