@@ -52,6 +52,34 @@ def test_the_base_is_nf4_and_the_head_is_not(workspace):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_a_reference_pass_leaves_the_nf4_base_differentiable(workspace):
+    # bitsandbytes' CPU inference kernel (taken in eval mode without gradients, on CPUs with
+    # AVX512-BF16) has no backward: after a reference pass the adapters' gradients would change.
+    # On a CPU without AVX512-BF16 the kernel is never taken and this passes either way.
+    model, tokenizer = models.load_model(
+        workspace / "model", lora=models.LoraSettings(r=4, alpha=8), quantization="4bit", gradient_checkpointing=False
+    )
+    with torch.no_grad():  # a nonzero adapter, so that the gradient reaches every layer's A
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.tensor([tokenizer("the cat sat on a mat").input_ids])
+
+    def adapter_gradients() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        out = models.sequence_token_logprobs(model, ids, torch.ones_like(ids), ids)
+        out.policy.sum().backward()
+        return [p.grad.clone() for n, p in model.named_parameters() if "lora_A" in n]
+
+    before = adapter_gradients()
+    with torch.no_grad():
+        models.sequence_token_logprobs(model, ids, torch.ones_like(ids), ids, reference="init")
+    after = adapter_gradients()
+    assert len(after) == len(before) > 0
+    for first, second in zip(before, after, strict=True):
+        torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
 def test_qlora_runs_the_loop_and_its_adapter_loads_on_the_plain_base(workspace):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
