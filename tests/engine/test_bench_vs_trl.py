@@ -34,12 +34,35 @@ def test_help_describes_the_script(script, capsys):
     assert "--quick" in out and "--out" in out
 
 
-def test_vs_trl_refuses_nonsense_arguments(capsys):
-    for argv in (["--steps", "0"], ["--rounds", "0"], ["--pairs", "-1"], ["--engines", "deepspeed"]):
-        with pytest.raises(SystemExit) as done:
-            vs_trl.main(argv)
-        assert done.value.code == 2
-    assert "must be at least 1" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "must be at least 1"),
+        (["--rounds", "0"], "must be at least 1"),
+        (["--pairs", "-1"], "must be at least 1"),
+        (["--new-tokens", "0"], "must be at least 1"),
+        (["--layers", "0"], "--layers must be at least 1"),
+        (["--engines", "deepspeed"], "invalid choice"),
+        (["--model", "mistral-7b", "--vocab", "500"], "has its own vocabulary (32000)"),
+        (["--device", "cpu", "--memory-cap-gb", "24"], "applies to a CUDA device only"),
+        (["--quantization", "8bit"], "invalid choice"),
+    ],
+)
+def test_vs_trl_refuses_nonsense_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as done:
+        vs_trl.main(argv)
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_7b_shapes_are_those_models_and_layers_only_shorten_them():
+    (mistral,) = vs_trl.shapes(vs_trl.parse_args(["--model", "mistral-7b", "--device", "cpu"]))
+    (llama3,) = vs_trl.shapes(vs_trl.parse_args(["--model", "llama3-8b", "--layers", "2", "--device", "cpu"]))
+    body = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8)
+    assert mistral == {**body, "num_hidden_layers": 32, "vocab_size": 32000}
+    assert llama3 == {**body, "num_hidden_layers": 2, "vocab_size": 128256}
+    small = vs_trl.shapes(vs_trl.parse_args(["--vocab", "500", "700", "--device", "cpu"]))
+    assert [s["vocab_size"] for s in small] == [500, 700] and small[0]["hidden_size"] == 768
 
 
 def test_rounds_pool_the_timed_steps_and_keep_the_highest_peak():
@@ -63,5 +86,28 @@ def test_a_tiny_side_by_side_run_agrees_at_step_one(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1].startswith("selfee_fast / TRL: V=500 T=16: throughput x")
-    (case,) = json.loads((tmp_path / "vs_trl-cpu.json").read_text())["cases"]
+    (case,) = json.loads((tmp_path / "vs_trl-cpu-quick.json").read_text())["cases"]
     assert case["step1_loss_difference"] < 1e-5 and case["step1_logps_difference"] < 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed (pip install trl)")
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="QLoRA needs bitsandbytes")
+def test_a_tiny_qlora_run_with_8bit_adamw_agrees_and_times_judge_and_generation(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SELFEE_FAST_BACKEND")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "vs_trl.py"), "--quick", "--vocab", "500", "--seq-len", "32",
+         "--steps", "2", "--rounds", "1", "--quantization", "4bit", "--optimizer", "adamw8bit", "--throughput",
+         "--new-tokens", "4", "--generation-cache", "dynamic", "static", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "vs_trl-cpu-quick.json").read_text())
+    assert (results["env"]["quantization"], results["env"]["optimizer"]) == ("4bit", "bitsandbytes AdamW8bit")
+    (case,) = results["cases"]
+    assert case["step1_loss_difference"] < 1e-5 and case["step1_logps_difference"] < 1e-2
+    throughput = case["engines"]["selfee_fast"]["throughput"]
+    assert throughput["judge_sequences"] == 4 and throughput["judge_tokens_per_s"] > 0
+    for cache in ("dynamic", "static"):  # random weights rarely stop: 8 prompts x 2 responses x 4 tokens
+        assert 0 < throughput[f"generation_{cache}_new_tokens"] <= 64
+        assert throughput[f"generation_{cache}_new_tokens_per_s"] > 0
