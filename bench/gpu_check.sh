@@ -6,10 +6,17 @@
 #   bash bench/gpu_check.sh OUTDIR          # kernels, engine, benchmarks (the first call of a GPU session)
 #   bash bench/gpu_check.sh OUTDIR 7b       # same set-up, then only bench/memory_7b.py (a second call)
 #   bash bench/gpu_check.sh OUTDIR 7b 220   # the same within 220 s: keep it 10-20 s under the call's timeout
+#   bash bench/gpu_check.sh OUTDIR trl 280  # same set-up, then only bench/vs_trl.py: QLoRA on a Mistral-7B
+#                                           # shape against TRL under a 24 GiB cap (a session's second call)
 set -u
 
-OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [all|7b] [SECONDS]}
+OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [all|7b|trl] [SECONDS]}
 MODE=${2:-all}
+case "$MODE" in all | 7b | trl) ;; *)
+    echo "mode must be all, 7b or trl, not $MODE" >&2
+    exit 2
+    ;;
+esac
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 1 # the repository root
@@ -17,7 +24,7 @@ REPO=$(pwd)
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 TOTAL=480 # seconds for the whole script
-[ "$MODE" = "7b" ] && TOTAL=290 # the second call of a session, under a 300 s limit
+[ "$MODE" != "all" ] && TOTAL=290 # the second call of a session, under a 300 s limit
 TOTAL=${3:-$TOTAL}             # what the machine's time left allows
 SECONDS=0
 
@@ -72,7 +79,8 @@ fi
 import importlib.metadata as md, platform, torch
 print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-for dist in ("triton", "liger-kernel", "cut-cross-entropy", "bitsandbytes", "selfee-fast"):
+for dist in ("triton", "liger-kernel", "cut-cross-entropy", "bitsandbytes", "transformers", "peft", "trl", "datasets",
+             "selfee-fast"):
     try:
         print(dist, md.version(dist))
     except md.PackageNotFoundError:
@@ -90,6 +98,26 @@ if [ "$MODE" = "7b" ]; then
     log "memory_7b.py (timeout ${BUDGET}s)"
     timeout -k 10 "$BUDGET" "$PY" bench/memory_7b.py --out "$OUT" 2>&1 | tee "$OUT/memory_7b.log"
     log "memory_7b.py exit ${PIPESTATUS[0]} (124: timed out; memory_7b-cuda.json holds the variants finished)"
+    ls -la "$OUT" | tee -a "$OUT/gpu_check_sh.log"
+    exit 0
+fi
+
+if [ "$MODE" = "trl" ]; then
+    # One case, the issue's: a Mistral-7B shape, QLoRA, 2 pairs of 2048 tokens a step, within 24 GiB.
+    # selfee_fast runs first, so a call cut short during TRL keeps its numbers (the JSON is
+    # rewritten after every process).
+    ENGINES="selfee_fast trl"
+    if ! (cd / && "$PY" -c "import trl" >/dev/null 2>&1); then
+        log "trl does not import (carry trl, datasets, dill and multiprocess wheels in .whl/): selfee_fast alone"
+        ENGINES="selfee_fast"
+    fi
+    BUDGET=$(left 10)
+    log "vs_trl.py (timeout ${BUDGET}s)"
+    # shellcheck disable=SC2086 # ENGINES is a list of words
+    timeout -k 10 "$BUDGET" "$PY" bench/vs_trl.py --model mistral-7b --quantization 4bit --memory-cap-gb 24 \
+        --seq-len 2048 --pairs 2 --steps 3 --rounds 1 --throughput --new-tokens 64 --engines $ENGINES \
+        --out "$OUT" 2>&1 | tee "$OUT/vs_trl.log"
+    log "vs_trl.py exit ${PIPESTATUS[0]} (124: timed out; vs_trl-cuda-mistral-7b.json holds the processes finished)"
     ls -la "$OUT" | tee -a "$OUT/gpu_check_sh.log"
     exit 0
 fi

@@ -55,6 +55,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -380,7 +381,11 @@ def run_in_fresh_process(engine: str, folder: Path, pairs: list[dict], args) -> 
     results = ctx.Queue()
     worker = ctx.Process(target=_worker, args=(engine, str(folder), pairs, args, results))
     worker.start()
-    result = result_or_none(worker, results)  # never waits on a worker that died
+    try:
+        result = result_or_none(worker, results)  # never waits on a worker that died
+    except BaseException:  # stopped while waiting (SIGTERM from `timeout`): the worker must not run on
+        worker.terminate()
+        raise
     worker.join()
     if result is None:
         result = {"engine": engine, "error": f"the process died (exit code {worker.exitcode})"}
@@ -612,4 +617,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `timeout` stops the run with SIGTERM: as SystemExit, the finally blocks still stop the
+    # worker and remove the saved model (a 7B one is 14 GB of disk).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())
