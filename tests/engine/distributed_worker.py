@@ -46,6 +46,10 @@ def main() -> None:
     trained = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters() if p.requires_grad}
     if world().is_main:
         torch.save(trained, out_dir / "final.pt")
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+        (out_dir / "fsdp_units.json").write_text(json.dumps(units))
     stop_world()
 
 

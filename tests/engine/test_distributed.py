@@ -77,6 +77,11 @@ def test_two_processes_train_as_one_with_the_same_settings(model_dir, tmp_path, 
     assert final_one.keys() == final_two.keys()
     for name in final_one:
         torch.testing.assert_close(final_two[name], final_one[name], rtol=1e-4, atol=1e-5, msg=name)
+    # What FSDP2 shards: nothing in one process; on two, each layer, and the body as the root unit, which
+    # holds the input embedding (as a unit of its own it cost more than it saved: bench/NOTES.md).
+    assert json.loads((tmp_path / "one" / "fsdp_units.json").read_text()) == []
+    body, *layers = sorted(json.loads((tmp_path / "two" / "fsdp_units.json").read_text()), key=len)
+    assert body.endswith("model") and layers == [f"{body}.layers.0", f"{body}.layers.1"]
 
 
 def back_to_step_2(run: Path) -> None:
