@@ -464,8 +464,8 @@ def fsdp2_layout(shape: ModelShape, precision: Precision, processes: int, base_l
       its gradient is copied into a reduce-scatter input; a frozen reference model's root, whose
       forwards have no backward, keeps them unsharded from its first forward on (seen on a 1-rank
       gloo mesh: the root's parameters stay plain tensors after a forward without gradient).
-    Quantised bases are not sharded (preflight refuses them on several processes): the base is
-    counted in its dtype.
+    A quantised (QLoRA) base is never sharded (preflight refuses "sharded" for it): it stays whole on
+    every rank in its 4-bit layout, like any frozen base kept whole.
     """
     n = processes
     w, a, h = precision.weight_bytes, precision.activation_bytes, shape.hidden_size
@@ -780,8 +780,9 @@ def frozen_base_layout(config: RunConfig, processes: int) -> str:
     one rank cannot hold its training step that way, then "sharded" (model.shard_frozen_base=auto)."""
     if config.model.shard_frozen_base != "auto":
         return config.model.shard_frozen_base
-    if processes == 1 or config.model.lora_r == 0:
-        return "whole"  # nothing to share out; full fine-tuning shards every weight it trains anyway
+    if processes == 1 or config.model.lora_r == 0 or config.model.quantization != "none":
+        # Nothing to share out; full fine-tuning shards every weight it trains anyway; FSDP2 cannot shard NF4.
+        return "whole"
     plan = plan_run(config, processes=processes, base_layout="whole")
     train = next(s for s in plan.stages if s.stage == "train")
     # One rank's estimate with the base whole: its share of the micro-batch, the sharded adapter.

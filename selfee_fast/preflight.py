@@ -43,9 +43,12 @@ def check_processes(config: RunConfig, processes: int | None = None) -> None:
         )
     if config.generation.backend == "vllm":
         raise ConfigError("generation.backend=vllm runs on one process; under torchrun use generation.backend=hf")
-    if config.model.quantization != "none":
+    if config.model.quantization != "none" and config.model.shard_frozen_base == "sharded":
+        # QLoRA runs data-parallel instead: the NF4 base whole on every rank, the adapters sharded.
         raise ConfigError(
-            "model.quantization=4bit (bitsandbytes NF4) cannot be sharded by FSDP2 here: run QLoRA on one process"
+            "model.quantization=4bit with model.shard_frozen_base=sharded: FSDP2 cannot shard bitsandbytes' NF4 "
+            "weights; use model.shard_frozen_base=whole (or auto): the 4-bit base whole on every rank, the adapters "
+            "sharded"
         )
     if config.train.optimizer != "adamw":
         # bitsandbytes' 8-bit states assume whole tensors; torchao's 8-bit AdamW, which takes

@@ -1,7 +1,8 @@
 """Run by tests/engine/test_distributed.py, once alone and once under torchrun: one training stage.
 
-argv: model folder, output folder, mode (lora | lora-sharded | full), micro_batch_size[, optimizer].
-"lora" keeps the frozen base whole on every rank, "lora-sharded" lets FSDP2 shard it.
+argv: model folder, output folder, mode (lora | lora-sharded | qlora | full), micro_batch_size[, optimizer].
+"lora" keeps the frozen base whole on every rank, "lora-sharded" lets FSDP2 shard it, "qlora" loads
+the base in NF4 (whole on every rank).
 """
 
 import faulthandler
@@ -22,8 +23,9 @@ def main() -> None:
     faulthandler.dump_traceback_later(120, exit=True)  # a hang (a collective one rank skipped) shows where
     start_world()
     torch.manual_seed(0)
-    lora = models.LoraSettings(r=4, alpha=8) if mode.startswith("lora") else None
-    model, _ = models.load_model(model_dir, lora=lora, gradient_checkpointing=True)
+    lora = models.LoraSettings(r=4, alpha=8) if mode != "full" else None
+    quantization = "4bit" if mode == "qlora" else "none"
+    model, _ = models.load_model(model_dir, lora=lora, gradient_checkpointing=True, quantization=quantization)
     reference_model = None
     if lora is None:
         reference_model, _ = models.load_model(model_dir, gradient_checkpointing=False)

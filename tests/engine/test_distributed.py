@@ -5,6 +5,7 @@ ranks), the same tau window, so losses, flags and final weights agree to fp32 ro
 checkpoint resumes on either.
 """
 
+import importlib.util
 import json
 import os
 import random
@@ -60,7 +61,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["lora", "lora-sharded", "full"])
+@pytest.mark.parametrize(
+    "mode", ["lora", "lora-sharded", "full", pytest.param("qlora", marks=pytest.mark.skipif(
+        importlib.util.find_spec("bitsandbytes") is None, reason="QLoRA needs bitsandbytes"))],
+)  # fmt: skip
 def test_two_processes_train_as_one_with_the_same_settings(model_dir, tmp_path, mode):
     run_worker([str(model_dir), str(tmp_path / "one"), mode, "4"], processes=1)
     run_worker([str(model_dir), str(tmp_path / "two"), mode, "4"], processes=2)
@@ -139,6 +143,27 @@ def finished_run(model_dir, tmp_path_factory) -> Path:
     done = selfee_fast(["run", "run.yaml"], 1, root)
     assert done.returncode == 0, done.stderr[-3000:]
     return root
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="QLoRA needs bitsandbytes")
+def test_a_qlora_iteration_on_two_processes_writes_the_files_one_process_writes(finished_run):
+    """QLoRA under torchrun is data-parallel (the NF4 base whole on every rank, the adapters sharded): iter1
+    redone on 2 processes from one process's pi_0, generations and pairs byte-identical, training equal."""
+    import shutil
+
+    qlora = ["model.quantization=4bit"]
+    done = selfee_fast(["run", "run.yaml", "run_dir=qlora1", *qlora], 1, finished_run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(finished_run / "qlora1", finished_run / "qlora2")
+    shutil.rmtree(finished_run / "qlora2" / "iter1")
+    done = selfee_fast(["run", "run.yaml", "run_dir=qlora2", *qlora], 2, finished_run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stage0: finished earlier, skipped" in done.stdout
+    one, two = finished_run / "qlora1" / "iter1", finished_run / "qlora2" / "iter1"
+    for name in ("generations.jsonl", "pairs.jsonl"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    metrics_one, metrics_two = read_jsonl(one / "train" / "metrics.jsonl"), read_jsonl(two / "train" / "metrics.jsonl")
+    assert [r["loss"] for r in metrics_two] == pytest.approx([r["loss"] for r in metrics_one], rel=1e-4, abs=1e-6)
 
 
 def test_a_torchrun_iteration_writes_the_files_one_process_writes(finished_run):
@@ -228,7 +253,10 @@ def test_a_rank_killed_mid_training_resumes_on_one_process_to_the_same_end(finis
     [
         ("train.micro_batch_size=3", r"train\.micro_batch_size=3 must split evenly over the 2 processes"),
         ("generation.backend=vllm", r"generation\.backend=vllm runs on one process"),
-        ("model.quantization=4bit", r"model\.quantization=4bit .* cannot be sharded by FSDP2"),
+        (
+            "model.quantization=4bit model.shard_frozen_base=sharded",
+            r"FSDP2 cannot shard bitsandbytes' NF4 weights; use model\.shard_frozen_base=whole",
+        ),
         ("train.optimizer=adamw8bit", r"train\.optimizer=adamw8bit does not run on FSDP2's sharded parameters"),
     ],
 )
@@ -241,7 +269,19 @@ def test_what_several_processes_cannot_do_yet_is_refused_up_front(monkeypatch, o
     base = ["model.path=m", "train.optimizer=adamw", "train.batch_size=6", "train.micro_batch_size=2"]
     check_processes(load_config(None, base))
     with pytest.raises(ConfigError, match=message):
-        check_processes(load_config(None, [*base, override]))
+        check_processes(load_config(None, [*base, *override.split()]))
+
+
+def test_qlora_on_several_processes_keeps_the_nf4_base_whole(monkeypatch):
+    import selfee_fast.distributed as distributed
+    from selfee_fast.config import load_config
+    from selfee_fast.plan import frozen_base_layout
+    from selfee_fast.preflight import check_processes
+
+    monkeypatch.setattr(distributed, "_world", distributed.World(rank=0, size=2))
+    config = load_config(None, ["model.path=m", "model.quantization=4bit", "train.optimizer=adamw"])
+    check_processes(config)  # accepted: data-parallel QLoRA
+    assert frozen_base_layout(config, 2) == "whole"  # auto, whatever the plan would say
 
 
 def test_the_earlier_judge_on_two_processes_judges_as_one_process_does(finished_run):

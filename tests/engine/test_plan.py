@@ -323,6 +323,16 @@ def test_a_lora_base_stays_whole_on_each_gpu_unless_the_plan_says_it_cannot(tmp_
     ), "a layout setting: a run may switch it and resume"
 
 
+def test_qlora_on_two_processes_keeps_the_nf4_base_whole_and_halves_the_adapter(tmp_path):
+    path = config_file(tmp_path, MISTRAL_7B, lora_r=16)
+    overrides = ["model.quantization=4bit", "train.optimizer=adamw", "train.micro_batch_size=2"]
+    one, two = (next(s for s in plan_run(load_config(path, overrides), processes=n).stages if s.stage == "train")
+                for n in (1, 2))  # fmt: skip
+    assert two.components["weights"] == one.components["weights"]  # NF4, whole on every rank
+    assert two.components["adapter"] * 2 == one.components["adapter"]
+    assert two.components["optimizer"] * 2 == one.components["optimizer"]
+
+
 # --------------------------------------------------------------------------- several processes (FSDP2)
 
 # SMALL's tensors as torch holds them: per layer the linears [out, in] (q 64x64, k and v 32x64, o 64x64,
