@@ -3,6 +3,7 @@
     python bench/plan_check.py            # every shape, gradient checkpointing on and off
     python bench/plan_check.py --quick    # one shape (about a minute)
     python bench/plan_check.py --validation   # only the validation shapes
+    python bench/plan_check.py --quantization 4bit   # QLoRA: the base's linear layers in NF4
 
 The CASES are the shapes the plan's activation terms were checked against while they were
 written; the VALIDATION cases (more layers, other head counts and GQA ratios, a longer
@@ -119,7 +120,7 @@ def build_case(case: tuple, folder: Path):
     return tokenizer, train_pairs
 
 
-def _measure(case: tuple, checkpointing: bool, results) -> None:
+def _measure(case: tuple, checkpointing: bool, quantization: str, results) -> None:
     import torch
 
     os.environ["SELFEE_FAST_BACKEND"] = "torch"
@@ -133,7 +134,8 @@ def _measure(case: tuple, checkpointing: bool, results) -> None:
     try:
         tokenizer, train_pairs = build_case(case, work / "m")
         model, _ = models.load_model(work / "m", dtype=torch.float32, device="cpu", gradient_checkpointing=checkpointing,
-                                     lora=models.LoraSettings(r=LORA_R, alpha=2 * LORA_R))  # fmt: skip
+                                     lora=models.LoraSettings(r=LORA_R, alpha=2 * LORA_R),
+                                     quantization=quantization)  # fmt: skip
         settings = TrainSettings(lr=1e-4, warmup_ratio=0.0, batch_size=pairs, micro_batch_size=pairs,
                                  optimizer="adamw", save_every=10**9)  # fmt: skip
         # A first step on two tokens loads what a step loads once (lazy imports, TensorBoard's writer,
@@ -163,12 +165,12 @@ def _measure(case: tuple, checkpointing: bool, results) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def measure(case: tuple, checkpointing: bool) -> dict:
+def measure(case: tuple, checkpointing: bool, quantization: str = "none") -> dict:
     from selfee_fast.cli import result_or_none
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    worker = ctx.Process(target=_measure, args=(case, checkpointing, results))
+    worker = ctx.Process(target=_measure, args=(case, checkpointing, quantization, results))
     worker.start()
     result = result_or_none(worker, results)  # never waits on a worker that died
     worker.join()
@@ -177,13 +179,13 @@ def measure(case: tuple, checkpointing: bool) -> dict:
     return result
 
 
-def predict(case: tuple, checkpointing: bool) -> int:
+def predict(case: tuple, checkpointing: bool, quantization: str = "none") -> int:
     from selfee_fast.plan import ModelShape, Precision, lora_params, training_estimate, weight_bytes
 
     hidden, intermediate, layers, heads, kv_heads, vocab, seq_len, pairs = case
     shape = ModelShape(hidden, intermediate, layers, heads, kv_heads, hidden // heads, vocab)
-    cpu = Precision(weight_bytes=4, activation_bytes=4, lora_r=LORA_R, gradient_checkpointing=checkpointing,
-                    optimizer="adamw", on_gpu=False)  # fmt: skip
+    cpu = Precision(weight_bytes=4, activation_bytes=4, quantization=quantization, lora_r=LORA_R,
+                    gradient_checkpointing=checkpointing, optimizer="adamw", on_gpu=False)  # fmt: skip
     estimate = training_estimate(shape, cpu, pairs, seq_len, frozen_reference=False)
     loaded = weight_bytes(shape, cpu) + 4 * sum(lora_params(shape, LORA_R))
     return estimate.peak_bytes - loaded
@@ -193,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the first shape only")
     parser.add_argument("--validation", action="store_true", help="the validation shapes only")
+    parser.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "4bit"],
+        help="4bit: the base's linear layers in NF4 (QLoRA), as model.quantization=4bit loads them",
+    )
     parser.add_argument("--out", help="also write the results as JSON to this folder")
     args = parser.parse_args(argv)
     if args.quick:
@@ -206,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{'predicted MiB':>15}{'tensors MiB':>13}{'pred/tensors':>14}{'RSS MiB':>9}")  # fmt: skip
     for case in cases:
         for checkpointing in (True, False):
-            result = measure(case, checkpointing)
+            result = measure(case, checkpointing, args.quantization)
             row = {"case": case, "validation": case in VALIDATION, "checkpointing": checkpointing,
-                   "predicted": predict(case, checkpointing), **result}  # fmt: skip
+                   "quantization": args.quantization, "predicted": predict(case, checkpointing, args.quantization),
+                   **result}  # fmt: skip
             rows.append(row)
             h, i, layers, heads, kv, v, t, pairs = case
             head = f"{'val' if row['validation'] else 'case':>5}{h:>5}{i:>6}{layers:>3}{f'{heads}/{kv}':>7}{v:>7}{t:>6}{pairs:>6}{'on' if checkpointing else 'off':>6}"
@@ -226,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"over {len(ratios)} {name}")  # fmt: skip
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "plan_check-cpu.json").write_text(json.dumps(rows, indent=2))
+        name = "plan_check-cpu.json" if args.quantization == "none" else f"plan_check-cpu-{args.quantization}.json"
+        (Path(args.out) / name).write_text(json.dumps(rows, indent=2))
     return 0 if len(measured) == len(rows) else 1
 
 
