@@ -39,8 +39,8 @@ chosen/rejected log-probs, which must agree (policy = reference at step 1: loss 
 `--memory-cap-gb G` (CUDA only) limits each process to G GiB of the card
 (`torch.cuda.set_per_process_memory_fraction`): a consumer card's memory on a larger one. An
 engine that runs out of it is reported as OOM. `--throughput` also times selfee_fast's judge
-(the policy and reference log-probs of both responses of every pair, the scoring an SPA
-iteration does) and its generation (hf backend, `--new-tokens` per response, two responses per
+(the policy and reference log-probs of both responses of up to 16 pairs in one batch, the
+scoring an SPA iteration does) and its generation (hf backend, `--new-tokens` per response, two responses per
 prompt) on the trained model; TRL's DPOTrainer has neither stage.
 """
 
@@ -78,6 +78,7 @@ MODELS = {
 }  # fmt: skip
 DEFAULT_SEQ_LENS = {"small": [512, 1024], "quick": [128], "mistral-7b": [1024, 2048], "llama3-8b": [1024, 2048]}
 GENERATION_PROMPTS = 8  # prompts per timed generation call (`--throughput`), two responses each
+JUDGE_PROMPTS = 16  # prompts (pairs) per timed judge batch at most: the engine's judge batch
 LORA = dict(r=16, alpha=32)
 LR = 1e-4
 SEED = 0
@@ -240,7 +241,7 @@ def selfee_judge_and_generation(model, tokenizer, pairs: list[dict], args, devic
     autocast = torch.bfloat16 if device.type == "cuda" else None
     # The judge scores prompt + response under pi_{i-1} and the reference: here every pair's two responses.
     items = [(p["prompt_ids"], [p["chosen_ids"], p["rejected_ids"]]) for p in pairs]
-    judge_batch = items[: args.pairs]
+    judge_batch = items[:JUDGE_PROMPTS]
 
     def judge() -> None:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):

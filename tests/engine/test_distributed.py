@@ -119,6 +119,20 @@ def selfee_fast(args: list[str], processes: int, cwd: Path) -> subprocess.Comple
     return subprocess.run(command, env=worker_env(), capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
+def one_process_then_two(root: Path, name: str, stage: str, overrides: list[str]):
+    """Run `<name>1` to its end on one process, copy it to `<name>2` without `stage`, redo that on two processes:
+    (the stage's folder in each, the two-process run)."""
+    import shutil
+
+    done = selfee_fast(["run", "run.yaml", f"run_dir={name}1", *overrides], 1, root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(root / f"{name}1", root / f"{name}2")
+    shutil.rmtree(root / f"{name}2" / stage)
+    done = selfee_fast(["run", "run.yaml", f"run_dir={name}2", *overrides], 2, root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / f"{name}1" / stage, root / f"{name}2" / stage, done
+
+
 @pytest.fixture(scope="module")
 def finished_run(model_dir, tmp_path_factory) -> Path:
     """A one-process run of stage 0 and one iteration, with prompts enough for several batches."""
@@ -149,17 +163,8 @@ def finished_run(model_dir, tmp_path_factory) -> Path:
 def test_a_qlora_iteration_on_two_processes_writes_the_files_one_process_writes(finished_run):
     """QLoRA under torchrun is data-parallel (the NF4 base whole on every rank, the adapters sharded): iter1
     redone on 2 processes from one process's pi_0, generations and pairs byte-identical, training equal."""
-    import shutil
-
-    qlora = ["model.quantization=4bit"]
-    done = selfee_fast(["run", "run.yaml", "run_dir=qlora1", *qlora], 1, finished_run)
-    assert done.returncode == 0, done.stderr[-3000:]
-    shutil.copytree(finished_run / "qlora1", finished_run / "qlora2")
-    shutil.rmtree(finished_run / "qlora2" / "iter1")
-    done = selfee_fast(["run", "run.yaml", "run_dir=qlora2", *qlora], 2, finished_run)
-    assert done.returncode == 0, done.stderr[-3000:]
+    one, two, done = one_process_then_two(finished_run, "qlora", "iter1", ["model.quantization=4bit"])
     assert "stage0: finished earlier, skipped" in done.stdout
-    one, two = finished_run / "qlora1" / "iter1", finished_run / "qlora2" / "iter1"
     for name in ("generations.jsonl", "pairs.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
     metrics_one, metrics_two = read_jsonl(one / "train" / "metrics.jsonl"), read_jsonl(two / "train" / "metrics.jsonl")
@@ -296,13 +301,8 @@ def test_the_earlier_judge_on_two_processes_judges_as_one_process_does(finished_
     )
     overrides = ["spa.iterations=2", "data.prompt_pools=[pool1.jsonl, pool2.jsonl]", "spa.judge_consistency=filter"]
     shutil.copytree(finished_run / "one" / "stage0", finished_run / "agree1" / "stage0")
-    done = selfee_fast(["run", "run.yaml", "run_dir=agree1", *overrides], 1, finished_run)
-    assert done.returncode == 0, done.stderr[-3000:]
-    shutil.copytree(finished_run / "agree1", finished_run / "agree2")
-    shutil.rmtree(finished_run / "agree2" / "iter2")
-    done = selfee_fast(["run", "run.yaml", "run_dir=agree2", *overrides], 2, finished_run)
-    assert done.returncode == 0, done.stderr[-3000:]
+    first, second, done = one_process_then_two(finished_run, "agree", "iter2", overrides)
     assert "iter1: finished earlier, skipped" in done.stdout
-    one = (finished_run / "agree1" / "iter2" / "pairs.jsonl").read_bytes()
-    assert one == (finished_run / "agree2" / "iter2" / "pairs.jsonl").read_bytes()
+    one = (first / "pairs.jsonl").read_bytes()
+    assert one == (second / "pairs.jsonl").read_bytes()
     assert all(json.loads(line)["agreement"] is not None for line in one.splitlines())
