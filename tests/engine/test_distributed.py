@@ -253,6 +253,55 @@ def test_a_rank_killed_mid_training_resumes_on_one_process_to_the_same_end(finis
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resumes(finished_run):
+    """SIGTERM to rank 1 alone mid-training: the ranks agree at the end of that step, both write the checkpoint and
+    stop there (exit 130, saying so), and the same command on two processes finishes to the uninterrupted end."""
+    import re
+    import shutil
+    import signal
+    import time
+
+    longer = ["train.iteration_epochs=4"]  # 12 steps: time to signal one in the middle
+    for name in ("uninterrupted2", "stopped"):
+        shutil.copytree(finished_run / "one", finished_run / name)
+        shutil.rmtree(finished_run / name / "iter1")
+    done = selfee_fast(["run", "run.yaml", "run_dir=uninterrupted2", *longer], 2, finished_run)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [sys.executable, *launcher, "-m", "selfee_fast", "run", "run.yaml", "run_dir=stopped", *longer]
+    with (finished_run / "stopped.err").open("w") as err:
+        process = subprocess.Popen(command, env=worker_env(), cwd=finished_run, stdout=subprocess.DEVNULL, stderr=err)
+        checkpoint, signalled = finished_run / "stopped" / "iter1" / "train" / "checkpoint-0000003", False
+        deadline = time.time() + 240
+        while process.poll() is None and time.time() < deadline and not signalled:
+            if checkpoint.exists() and (pid := rank_process(process.pid, 1)) is not None:
+                os.kill(pid, signal.SIGTERM)
+                signalled = True
+            time.sleep(0.005)
+        process.wait(timeout=240)
+    stderr = (finished_run / "stopped.err").read_text()
+    assert signalled and process.returncode != 0, stderr[-3000:]
+    asked = re.search(r"rank 1 of 2\): stopped on SIGTERM after training step (\d+)/12", stderr)
+    agreed = re.search(r"stopped with the run's other processes after training step (\d+)/12", stderr)
+    assert asked and agreed and asked.group(1) == agreed.group(1), stderr[-3000:]
+    step = int(asked.group(1))
+    train = finished_run / "stopped" / "iter1" / "train"
+    assert 3 <= step < 12 and (train / "latest").read_text().strip() == f"checkpoint-{step:07d}"
+    assert [r["step"] for r in read_jsonl(train / "metrics.jsonl")] == list(range(1, step + 1))
+
+    resumed = selfee_fast(["run", "run.yaml", "run_dir=stopped", *longer], 2, finished_run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"train: resuming at step {step}" in resumed.stdout
+    assert [r["step"] for r in read_jsonl(train / "metrics.jsonl")] == list(range(1, 13))
+    from safetensors.torch import load_file
+
+    expected = load_file(finished_run / "uninterrupted2" / "iter1" / "model" / "adapter_model.safetensors")
+    got = load_file(finished_run / "stopped" / "iter1" / "model" / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
