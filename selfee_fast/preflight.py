@@ -50,12 +50,11 @@ def check_processes(config: RunConfig, processes: int | None = None) -> None:
             "weights; use model.shard_frozen_base=whole (or auto): the 4-bit base whole on every rank, the adapters "
             "sharded"
         )
-    if config.train.optimizer != "adamw":
-        # bitsandbytes' 8-bit states assume whole tensors; torchao's 8-bit AdamW, which takes
-        # DTensors, failed on FSDP2's uneven shards in our 2-process CPU check (torchao 0.18).
+    if config.train.optimizer == "paged_adamw8bit":
+        # adamw8bit steps each rank's shards (train.ShardedAdamW8bit); the paged variant's pages are not wired.
         raise ConfigError(
-            f"train.optimizer={config.train.optimizer} does not run on FSDP2's sharded parameters yet: "
-            "use train.optimizer=adamw on several processes (its states are sharded N ways)"
+            "train.optimizer=paged_adamw8bit does not run on FSDP2's sharded parameters yet: use train.optimizer="
+            "adamw8bit (its states are sharded N ways, in 8 bits) or adamw on several processes"
         )
 
 

@@ -37,6 +37,7 @@ from .distributed import (
     clip_grad_norm,
     full_tensor,
     gather_lists,
+    is_sharded,
     shard_model,
     sum_across_ranks,
     world,
@@ -146,10 +147,181 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) ->
     import bitsandbytes as bnb
 
     if settings.optimizer == "adamw8bit":
+        if any(is_sharded(p) for p in params):
+            return ShardedAdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
         return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if settings.optimizer == "paged_adamw8bit":
         return bnb.optim.PagedAdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {settings.optimizer!r}")
+
+
+BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizer states: one absmax per block of this many elements
+BNB_MIN_8BIT = 4096  # bitsandbytes keeps a tensor's states in 32 bits below this many elements
+
+
+def _bnb_adamw8bit():
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit
+
+
+class ShardedAdamW8bit(torch.optim.Optimizer):
+    """bitsandbytes' AdamW8bit on FSDP2's parameters: each rank steps its own shards.
+
+    bitsandbytes' kernels take plain tensors; a sharded parameter's local shard is one (a view of
+    the DTensor's storage), and AdamW is elementwise but for its states' per-block scales. So the
+    inner optimizer holds views of the local shards, and each step hands it the local shards of the
+    gradients. Its state in a checkpoint is the one-process layout (`whole_state_dict`): each
+    moment dequantised, gathered whole and quantised again as bitsandbytes would hold it for the
+    whole tensor; where a shard's size is a multiple of the block (every dim-0 split of a 7B
+    model's matrices), the blocks are the same and the round trip changes nothing.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], **options):
+        self.params = list(params)
+        with torch.no_grad():  # views without autograd: the inner optimizer's leaves
+            self.shards = [p.to_local() if is_sharded(p) else p for p in self.params]
+        self.inner = _bnb_adamw8bit()(self.shards, **options)
+        # The scheduler and the training loop read and set `param_groups` (the learning rate): the inner one's.
+        self.defaults, self.param_groups, self.state = self.inner.defaults, self.inner.param_groups, self.inner.state
+
+    def step(self, closure=None):
+        for param, shard in zip(self.params, self.shards, strict=True):
+            if shard is not param:
+                shard.grad = None if param.grad is None else param.grad.to_local()
+        try:
+            return self.inner.step(closure)
+        finally:
+            for param, shard in zip(self.params, self.shards, strict=True):
+                if shard is not param:
+                    shard.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params:
+            if set_to_none:
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.zero_()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()  # this rank's shards' states, as bitsandbytes keeps them
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.inner.load_state_dict(state_dict)
+
+    def whole_state_dict(self) -> dict:
+        """The state one process would hold for the whole tensors, keyed by position (every rank calls it)."""
+        whole = {}
+        for index, (param, shard) in enumerate(zip(self.params, self.shards, strict=True)):
+            state = self.inner.state.get(shard)
+            if not state:
+                continue
+            if shard is param:  # a whole parameter (the LM head): its state is already the one-process one
+                whole[index] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+            elif state["state1"].dtype == torch.uint8 and _blocks_align(param):
+                # The shards' 8-bit blocks are the whole tensor's: their bytes and scales, concatenated.
+                whole[index] = {"step": state["step"]}
+                for which in (1, 2):
+                    whole[index].update({
+                        f"state{which}": _gathered(state[f"state{which}"], param).cpu(),
+                        f"qmap{which}": state[f"qmap{which}"].cpu(),
+                        f"absmax{which}": torch.cat(gather_lists([state[f"absmax{which}"].cpu()])),
+                    })  # fmt: skip
+            else:  # blocks that straddle two shards: the moments, quantised again over the whole tensor
+                moments = [_gathered(_dequantised(state, which), param) for which in (1, 2)]
+                whole[index] = _bnb_state(*moments, step=state["step"], device=torch.device("cpu"))
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.inner.param_groups]
+        positions = iter(range(len(self.params)))
+        for group, inner in zip(groups, self.inner.param_groups, strict=True):
+            group["params"] = [next(positions) for _ in inner["params"]]
+        return {"state": whole, "param_groups": groups}
+
+    def load_whole_state_dict(self, state_dict: dict) -> None:
+        """Take a one-process state (from `whole_state_dict` or bitsandbytes' own), each rank its shards."""
+        for group, saved in zip(self.inner.param_groups, state_dict["param_groups"], strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.inner.state.clear()
+        for index, saved in state_dict["state"].items():
+            param, shard = self.params[int(index)], self.shards[int(index)]
+            saved = {**saved, **saved.get(_bnb_adamw8bit()._FSDP_WRAPPED_QUANT_STATE_KEY, {})}
+            saved.pop(_bnb_adamw8bit()._FSDP_WRAPPED_QUANT_STATE_KEY, None)
+            if shard is param:
+                state = {k: v.to(shard.device) if torch.is_tensor(v) else v for k, v in saved.items()}
+            elif saved["state1"].dtype == torch.uint8 and _blocks_align(param):
+                first, rows = _shard_rows(param)
+                per_row = param.numel() // param.shape[0]
+                block, blocks = first * per_row // BNB_BLOCK, -(-rows * per_row // BNB_BLOCK)
+                state = {"step": saved["step"]}
+                for which in (1, 2):
+                    state.update({
+                        f"state{which}": _local_shard(saved[f"state{which}"].to(shard.device), param),
+                        f"qmap{which}": saved[f"qmap{which}"].to(shard.device),
+                        f"absmax{which}": saved[f"absmax{which}"][block : block + blocks].to(shard.device),
+                    })  # fmt: skip
+            else:
+                moments = [_local_shard(_dequantised(saved, which).to(shard.device), param) for which in (1, 2)]
+                state = _bnb_state(*moments, step=saved["step"], device=shard.device)
+            self.inner.state[shard] = state
+
+
+def _shard_rows(param) -> tuple[int, int]:
+    """(first row, rows) of this rank's dim-0 shard of a sharded parameter: torch.chunk's split, as FSDP2's."""
+    rows, ranks = param.shape[0], param.device_mesh.size()
+    chunk = -(-rows // ranks)
+    first = min(param.device_mesh.get_local_rank() * chunk, rows)
+    return first, min(chunk, rows - first)
+
+
+def _blocks_align(param) -> bool:
+    """Whether every rank's shard keeps 8-bit states (4096 elements or more) starting on a block of the whole
+    tensor: then the shards' blocks are the whole tensor's (true of a 7B model's matrices on 2-8 GPUs)."""
+    rows, ranks = param.shape[0], param.device_mesh.size()
+    per_row, chunk = param.numel() // rows, -(-rows // ranks)
+    smallest = min(max(0, min(chunk, rows - rank * chunk)) for rank in range(ranks))
+    return (chunk * per_row) % BNB_BLOCK == 0 and smallest * per_row >= BNB_MIN_8BIT
+
+
+def _dequantised(state: dict, which: int) -> torch.Tensor:
+    """A bitsandbytes state's moment (1: exp_avg, 2: exp_avg_sq) in fp32."""
+    values = state[f"state{which}"]
+    if values.dtype != torch.uint8:
+        return values.float()
+    from bitsandbytes import functional as bnb_functional
+
+    code, absmax = state[f"qmap{which}"].to(values.device), state[f"absmax{which}"].to(values.device)
+    return bnb_functional.dequantize_blockwise(values, absmax=absmax, code=code, blocksize=BNB_BLOCK)
+
+
+def _bnb_state(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, step: int, device: torch.device) -> dict:
+    """The state bitsandbytes' AdamW8bit keeps for a tensor of these moments: 8-bit blocks, or 32 bits if small."""
+    exp_avg, exp_avg_sq = exp_avg.float().contiguous().to(device), exp_avg_sq.float().contiguous().to(device)
+    if exp_avg.numel() < BNB_MIN_8BIT:
+        return {"step": step, "state1": exp_avg, "state2": exp_avg_sq}
+    from bitsandbytes import functional as bnb_functional
+
+    state = {"step": step}
+    for which, values, signed in ((1, exp_avg, True), (2, exp_avg_sq, False)):
+        code = bnb_functional.create_dynamic_map(signed=signed).to(device)
+        quantised, quant_state = bnb_functional.quantize_blockwise(values, code=code, blocksize=BNB_BLOCK)
+        state.update({f"state{which}": quantised, f"qmap{which}": code, f"absmax{which}": quant_state.absmax})
+    return state
+
+
+def _gathered(local: torch.Tensor, param) -> torch.Tensor:
+    """The whole tensor of a sharded parameter's local values (a collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local.view(param.to_local().shape), param.device_mesh, param.placements,
+                              shape=param.shape, stride=param.stride()).full_tensor()  # fmt: skip
+
+
+def _local_shard(whole: torch.Tensor, param) -> torch.Tensor:
+    """This rank's part of a whole tensor every rank holds, laid out as `param`'s shard (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        whole.view(param.shape), param.device_mesh, param.placements, src_data_rank=None
+    ).to_local()
 
 
 def eight_bit_optimizer_problem(device: torch.device) -> str | None:
@@ -484,6 +656,8 @@ def whole_training_state(model, names: list[str], optimizer) -> tuple[dict, dict
     weights = {n: full_tensor(state[n].detach()).contiguous().cpu() for n in names}
     if not world().distributed:
         return weights, optimizer.state_dict()
+    if isinstance(optimizer, ShardedAdamW8bit):  # its shards' 8-bit states, gathered and quantised whole
+        return weights, optimizer.whole_state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -509,6 +683,9 @@ def load_training_state(model, names: list[str], optimizer, weights: dict, optim
 
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, {n: weights[n] for n in names}, options=options)
+    if isinstance(optimizer, ShardedAdamW8bit):
+        optimizer.load_whole_state_dict(optimizer_state)
+        return
     by_name = {
         "state": {names[i]: v for i, v in optimizer_state["state"].items()},
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer_state["param_groups"]],
