@@ -181,6 +181,9 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
         self.params = list(params)
         with torch.no_grad():  # views without autograd: the inner optimizer's leaves
             self.shards = [p.to_local() if is_sharded(p) else p for p in self.params]
+        if not all(shard.is_contiguous() for shard in self.shards):
+            # bitsandbytes makes a non-contiguous parameter contiguous: a copy, which the update would go to.
+            raise RuntimeError("8-bit AdamW on FSDP2: a local shard is not contiguous; use train.optimizer=adamw")
         self.inner = _bnb_adamw8bit()(self.shards, **options)
         # The scheduler and the training loop read and set `param_groups` (the learning rate): the inner one's.
         self.defaults, self.param_groups, self.state = self.inner.defaults, self.inner.param_groups, self.inner.state
@@ -188,6 +191,9 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
     def step(self, closure=None):
         for param, shard in zip(self.params, self.shards, strict=True):
             if shard is not param:
+                if shard.data_ptr() != param.to_local().data_ptr():  # FSDP2 moved the shard: the view is stale
+                    raise RuntimeError("8-bit AdamW on FSDP2: a parameter's local shard moved since the optimizer "
+                                       "was built; use train.optimizer=adamw")  # fmt: skip
                 shard.grad = None if param.grad is None else param.grad.to_local()
         try:
             return self.inner.step(closure)

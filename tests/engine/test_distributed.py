@@ -216,9 +216,12 @@ def finished_run(model_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="QLoRA needs bitsandbytes")
 def test_a_qlora_iteration_on_two_processes_writes_the_files_one_process_writes(finished_run):
-    """QLoRA under torchrun is data-parallel (the NF4 base whole on every rank, the adapters sharded): iter1
-    redone on 2 processes from one process's pi_0, generations and pairs byte-identical, training equal."""
-    one, two, done = one_process_then_two(finished_run, "qlora", "iter1", ["model.quantization=4bit"])
+    """QLoRA under torchrun is data-parallel (the NF4 base whole on every rank, the adapters sharded, stepped by
+    8-bit AdamW): iter1 redone on 2 processes from one process's pi_0, generations and pairs byte-identical,
+    training equal."""
+    # With 8-bit AdamW, QLoRA's usual optimizer (on the adapters' shards; small tensors keep 32-bit states).
+    qlora = ["model.quantization=4bit", "train.optimizer=adamw8bit"]
+    one, two, done = one_process_then_two(finished_run, "qlora", "iter1", qlora)
     assert "stage0: finished earlier, skipped" in done.stdout
     for name in ("generations.jsonl", "pairs.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
