@@ -171,10 +171,12 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
     bitsandbytes' kernels take plain tensors; a sharded parameter's local shard is one (a view of
     the DTensor's storage), and AdamW is elementwise but for its states' per-block scales. So the
     inner optimizer holds views of the local shards, and each step hands it the local shards of the
-    gradients. Its state in a checkpoint is the one-process layout (`whole_state_dict`): each
-    moment dequantised, gathered whole and quantised again as bitsandbytes would hold it for the
-    whole tensor; where a shard's size is a multiple of the block (every dim-0 split of a 7B
-    model's matrices), the blocks are the same and the round trip changes nothing.
+    gradients. Its state in a checkpoint is the one-process layout (`whole_state_dict`): where every
+    shard starts on a block of the whole tensor (every dim-0 split of a 7B model's matrices on 2-8
+    ranks), the shards' blocks are the whole tensor's and their bytes and scales are concatenated
+    as they are; elsewhere each moment is dequantised, gathered whole and quantised again, a round
+    trip that moves levels (bitsandbytes' signed map ends at -0.993, so a block whose largest
+    magnitude is negative comes back with a smaller scale).
     """
 
     def __init__(self, params: list[torch.nn.Parameter], **options):
