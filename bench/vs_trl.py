@@ -22,7 +22,7 @@ head stays unquantised in both).
 
 Optimizer (`--optimizer auto`): bitsandbytes' AdamW8bit in both engines (TRL:
 `optim="adamw_bnb_8bit"`) wherever one test step of it works on the device (bitsandbytes
-0.45+ steps it on the CPU too), else torch's AdamW in both. On a GPU both compute under bf16
+0.50 steps it on the CPU too, checked), else torch's AdamW in both. On a GPU both compute under bf16
 autocast on bf16 weights; on the CPU in fp32.
 
 Each engine runs in fresh processes, `--rounds` of them, alternating with the other engine's

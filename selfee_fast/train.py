@@ -171,7 +171,7 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
     bitsandbytes' kernels take plain tensors; a sharded parameter's local shard is one (a view of
     the DTensor's storage), and AdamW is elementwise but for its states' per-block scales. So the
     inner optimizer holds views of the local shards, and each step hands it the local shards of the
-    gradients. Its state in a checkpoint is the one-process layout (`whole_state_dict`): where every
+    gradients. Its `state_dict` is the one-process layout, as a checkpoint keeps it: where every
     shard starts on a block of the whole tensor (every dim-0 split of a 7B model's matrices on 2-8
     ranks), the shards' blocks are the whole tensor's and their bytes and scales are concatenated
     as they are; elsewhere each moment is dequantised, gathered whole and quantised again, a round
@@ -212,13 +212,8 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
                 param.grad.zero_()
 
     def state_dict(self) -> dict:
-        return self.inner.state_dict()  # this rank's shards' states, as bitsandbytes keeps them
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.inner.load_state_dict(state_dict)
-
-    def whole_state_dict(self) -> dict:
-        """The state one process would hold for the whole tensors, keyed by position (every rank calls it)."""
+        """The state one process would hold for the whole tensors, keyed by position (every rank calls it):
+        what a checkpoint keeps, so that it resumes on any number of processes."""
         whole = {}
         for index, (param, shard) in enumerate(zip(self.params, self.shards, strict=True)):
             state = self.inner.state.get(shard)
@@ -238,21 +233,22 @@ class ShardedAdamW8bit(torch.optim.Optimizer):
             else:  # blocks that straddle two shards: the moments, quantised again over the whole tensor
                 moments = [_gathered(_dequantised(state, which), param) for which in (1, 2)]
                 whole[index] = _bnb_state(*moments, step=state["step"], device=torch.device("cpu"))
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.inner.param_groups]
-        positions = iter(range(len(self.params)))
-        for group, inner in zip(groups, self.inner.param_groups, strict=True):
-            group["params"] = [next(positions) for _ in inner["params"]]
+        groups, first = [], 0
+        for group in self.inner.param_groups:
+            count = len(group["params"])
+            groups.append({**group, "params": list(range(first, first + count))})
+            first += count
         return {"state": whole, "param_groups": groups}
 
-    def load_whole_state_dict(self, state_dict: dict) -> None:
-        """Take a one-process state (from `whole_state_dict` or bitsandbytes' own), each rank its shards."""
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Take a one-process state (this class's or bitsandbytes' own), each rank its shards."""
         for group, saved in zip(self.inner.param_groups, state_dict["param_groups"], strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.inner.state.clear()
         for index, saved in state_dict["state"].items():
             param, shard = self.params[int(index)], self.shards[int(index)]
-            saved = {**saved, **saved.get(_bnb_adamw8bit()._FSDP_WRAPPED_QUANT_STATE_KEY, {})}
-            saved.pop(_bnb_adamw8bit()._FSDP_WRAPPED_QUANT_STATE_KEY, None)
+            saved = dict(saved)  # bitsandbytes' own state_dict nests the 8-bit tensors under one key
+            saved.update(saved.pop(_bnb_adamw8bit()._FSDP_WRAPPED_QUANT_STATE_KEY, {}))
             if shard is param:
                 state = {k: v.to(shard.device) if torch.is_tensor(v) else v for k, v in saved.items()}
             elif saved["state1"].dtype == torch.uint8 and _blocks_align(param):
@@ -662,10 +658,8 @@ def whole_training_state(model, names: list[str], optimizer) -> tuple[dict, dict
     """
     state = dict(model.named_parameters())
     weights = {n: full_tensor(state[n].detach()).contiguous().cpu() for n in names}
-    if not world().distributed:
+    if not world().distributed or isinstance(optimizer, ShardedAdamW8bit):  # the latter gathers its own shards
         return weights, optimizer.state_dict()
-    if isinstance(optimizer, ShardedAdamW8bit):  # its shards' 8-bit states, gathered and quantised whole
-        return weights, optimizer.whole_state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -691,8 +685,8 @@ def load_training_state(model, names: list[str], optimizer, weights: dict, optim
 
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, {n: weights[n] for n in names}, options=options)
-    if isinstance(optimizer, ShardedAdamW8bit):
-        optimizer.load_whole_state_dict(optimizer_state)
+    if isinstance(optimizer, ShardedAdamW8bit):  # it takes the one-process state itself
+        optimizer.load_state_dict(optimizer_state)
         return
     by_name = {
         "state": {names[i]: v for i, v in optimizer_state["state"].items()},
