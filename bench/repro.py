@@ -61,8 +61,10 @@ Usage
     python bench/repro.py --task ends --seeds 5 --first-seed 5 --out bench/results/repro-confirm   # fresh seeds
 
 --task takes a short name (ends, listops, maxof, next, upper; see selfee_fast.demo.learnable_tasks) or
-module:object; --iterations 1-3 runs that many SPA iterations of the scale's per-iteration prompt
-count (λ = 0.5, 0.25, 0.125). docs/RESULTS.md gathers one such report per task (see its head).
+module:object; --iterations n runs that many SPA iterations of the scale's per-iteration prompt
+count, as many as the pool holds beside the largest gold seed (5 at the default scale). DND's λ is
+the paper's 0.5, 0.25, 0.125 for iterations 1-3 and keeps halving past them (ours: the paper runs
+three). docs/RESULTS.md gathers one such report per task (see its head).
 
 --first-seed N runs seeds N, N + 1, ...: new π_init, pools, gold seeds and evaluation prompts, to
 confirm on data no decision looked at what earlier seeds suggested (a separate --out keeps both reports).
@@ -683,21 +685,27 @@ def paired_cell(diffs: list[float]) -> str:
     return f"{statistics.fmean(diffs):+.3f} ± {se:.3f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
 
 
-def iteration_trend(results: dict, name: str) -> list[str]:
-    """Cells of the iteration-trend table for one SPA arm: differences paired over seeds."""
+def trend_columns(iterations: int) -> list[str]:
+    """Headers of the iteration-trend table: each step, then the last iterate against π_1 and all-gold DPO."""
+    steps = ["π_1 − dpo_seed"] + [f"π_{i} − π_{i - 1}" for i in range(2, iterations + 1)]
+    return steps + ([f"π_{iterations} − π_1"] if iterations > 1 else []) + ["π_last − dpo_all_gold"]
+
+
+def iteration_trend(results: dict, name: str, iterations: int) -> list[str]:
+    """Cells of the iteration-trend table for one SPA arm (`trend_columns`): differences paired over seeds."""
 
     def cell(a, b) -> str:
         return paired_cell(
             [x - y for s in results.get(name, {}) if (x := a(s)) is not None and (y := b(s)) is not None]
         )
 
-    return [
-        cell(lambda s: seed_gold(results, name, s, 1), lambda s: seed_gold(results, "dpo_seed", s)),
-        cell(lambda s: seed_gold(results, name, s, 2), lambda s: seed_gold(results, name, s, 1)),
-        cell(lambda s: seed_gold(results, name, s, 3), lambda s: seed_gold(results, name, s, 2)),
-        cell(lambda s: seed_gold(results, name, s, 3), lambda s: seed_gold(results, name, s, 1)),
-        cell(lambda s: seed_gold(results, name, s), lambda s: seed_gold(results, "dpo_all_gold", s)),
-    ]
+    def gold(arm, i=None):
+        return lambda s: seed_gold(results, arm, s, i)
+
+    steps = [cell(gold(name, 1), gold("dpo_seed"))]
+    steps += [cell(gold(name, i), gold(name, i - 1)) for i in range(2, iterations + 1)]
+    overall = [cell(gold(name, iterations), gold(name, 1))] if iterations > 1 else []
+    return steps + overall + [cell(gold(name), gold("dpo_all_gold"))]
 
 
 def sentence(c: dict) -> str:
@@ -823,6 +831,7 @@ def status_note(runs: dict) -> str:
 def markdown(report: dict, arms: dict[str, Arm]) -> str:
     results, info = report["results"], report
     seeds_run = info["seeds"]
+    iterations = len(info["scale"]["iteration_prompts"])
     lines = [
         f"# SPA on {info.get('task_name', 'listops')}: the paper's tables in miniature",
         "",
@@ -933,10 +942,10 @@ def markdown(report: dict, arms: dict[str, Arm]) -> str:
             "",
             "Per-seed paired differences of held-out gold, mean ± standard error over seeds (seeds higher / seeds).",
             "",
-            "| arm | π_1 − dpo_seed | π_2 − π_1 | π_3 − π_2 | π_3 − π_1 | π_last − dpo_all_gold |",
-            "|---|---|---|---|---|---|",
+            "| arm | " + " | ".join(trend_columns(iterations)) + " |",
+            "|---|" + "---|" * len(trend_columns(iterations)),
         ]
-        lines += [f"| {name} | " + " | ".join(iteration_trend(results, name)) + " |" for name in trend_arms]
+        lines += [f"| {name} | " + " | ".join(iteration_trend(results, name, iterations)) + " |" for name in trend_arms]
         lines.append("")
 
     sweep = report["sweep"]
@@ -1066,7 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
         "--iterations",
         type=int,
         default=None,
-        help="SPA iterations, 1-3, each with the scale's per-iteration prompt count (default: the scale's own, 2)",
+        help="SPA iterations, each with the scale's per-iteration prompt count (default: the scale's own, 2)",
     )
     parser.add_argument(
         "--threads",
@@ -1081,8 +1090,13 @@ def main(argv: list[str] | None = None) -> int:
     started_wall, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     scale, scale_name = (QUICK, "quick") if args.quick else (DEFAULT, "default")
     if args.iterations is not None:
-        if not 1 <= args.iterations <= 3:  # demo_config has DND lambdas for three iterations
-            raise SystemExit("repro: --iterations must be 1, 2 or 3")
+        # Every seed fraction's pairs come from the pool's head, the iterations' prompts from its tail.
+        room = (scale.pool - seed_count(max(SWEEP_FRACTIONS), scale)) // scale.iteration_prompts[0]
+        if not 1 <= args.iterations <= room:
+            raise SystemExit(
+                f"repro: --iterations must be 1 to {room}: a pool of {scale.pool} prompts holds the largest gold "
+                f"seed and {room} iterations of {scale.iteration_prompts[0]}"
+            )
         scale = replace(scale, iteration_prompts=(scale.iteration_prompts[0],) * args.iterations)
     task = load_task(args.task)
     count = args.seeds if args.seeds is not None else (1 if args.quick else 3)

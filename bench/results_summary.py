@@ -3,6 +3,7 @@
     python bench/results_summary.py bench/results/repro/maxof-*/repro.json bench/results/repro/upper-*/repro.json ...
     python bench/results_summary.py --goals spa_stable bench/results/repro/*/repro.json   # the stability goals
     python bench/results_summary.py --gap bench/results/repro/*/repro.json     # where the gap to all-gold comes from
+    python bench/results_summary.py --trajectory spa_stable_agree bench/results/repro-horizon/*/repro.json
 
 Every cell is a difference of held-out gold paired over seeds: mean ± standard error over
 seeds, and on how many seeds it was positive. Label accuracy is spa_dnd's (and
@@ -49,12 +50,12 @@ def iteration_mean(results: dict, arm: str, key: str, iteration: int | None = No
     return statistics.fmean(values) if values else None
 
 
-def goal_rows(arm: str) -> list[tuple[str, object]]:
-    """The iteration-stability goals, checked for one arm: (goal, cell of one task's results)."""
+def goal_rows(arm: str, n: int = 3) -> list[tuple[str, object]]:
+    """The iteration-stability goals over n iterations, checked for one arm: (goal, cell of one task's results)."""
 
     def rises(r) -> str:
-        steps = [((arm, 1), ("dpo_seed",), "π_1 − π_0"), ((arm, 2), (arm, 1), "π_2 − π_1"),
-                 ((arm, 3), (arm, 2), "π_3 − π_2")]  # fmt: skip
+        steps = [((arm, 1), ("dpo_seed",), "π_1 − π_0")]
+        steps += [((arm, i), (arm, i - 1), f"π_{i} − π_{i - 1}") for i in range(2, n + 1)]
         for a, b, name in steps:
             if not clearly_above(paired_diffs(r, a, b)):
                 return f"no: {name} = {paired(r, a, b)}"
@@ -68,7 +69,7 @@ def goal_rows(arm: str) -> list[tuple[str, object]]:
         return ("yes: " if diffs and statistics.fmean(diffs) >= 0 else "no: ") + paired_cell(diffs)
 
     def labels_hold(r) -> str:
-        first, last = iteration_mean(r, arm, "label_accuracy", 1), iteration_mean(r, arm, "label_accuracy", 3)
+        first, last = iteration_mean(r, arm, "label_accuracy", 1), iteration_mean(r, arm, "label_accuracy", n)
         if first is None or last is None:
             return "–"
         ok = last >= 0.7 and first - last <= 0.05
@@ -83,11 +84,21 @@ def goal_rows(arm: str) -> list[tuple[str, object]]:
     return [
         ("gold rises every iteration (each step > 2 SE)", rises),
         ("π_1 > DPO on seed (> 2 SE)", above((arm, 1), ("dpo_seed",))),
-        ("π_3 > π_1 (> 2 SE)", above((arm, 3), (arm, 1))),
-        ("π_3 ≥ DPO on all-gold labels", reaches_all_gold),
-        ("label accuracy at iteration 3 ≥ 0.7 and within 0.05 of iteration 1", labels_hold),
+        (f"π_{n} > π_1 (> 2 SE)", above((arm, n), (arm, 1))),
+        (f"π_{n} ≥ DPO on all-gold labels", reaches_all_gold),
+        (f"label accuracy at iteration {n} ≥ 0.7 and within 0.05 of iteration 1", labels_hold),
         ("flag precision above the wrong-label base rate (mean over iterations)", flags_useful),
     ]
+
+
+def trajectory_rows(arm: str, n: int) -> list[tuple[str, object]]:
+    """One arm iteration by iteration: each step's gold, paired over seeds, and the labels' accuracy."""
+    rows = [("π_1 − dpo_seed", lambda r: paired(r, (arm, 1), ("dpo_seed",)))]
+    rows += [(f"π_{i} − π_{i - 1}", lambda r, i=i: paired(r, (arm, i), (arm, i - 1))) for i in range(2, n + 1)]
+    rows.append((f"π_{n} − π_1", lambda r: paired(r, (arm, n), (arm, 1))))
+    rows.append(("label accuracy, iterations 1 → " + str(n),
+                 lambda r: " → ".join(label_accuracy(r, arm, i) for i in range(1, n + 1))))  # fmt: skip
+    return rows
 
 
 def label_accuracy(results: dict, arm: str, iteration: int) -> str:
@@ -148,12 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("reports", nargs="+", help="repro.json files, one per task")
     parser.add_argument("--goals", metavar="ARM", help="instead: the iteration-stability goals, checked for ARM")
     parser.add_argument("--gap", action="store_true", help="instead: where the gap to all-gold DPO comes from")
+    parser.add_argument("--trajectory", metavar="ARM", help="instead: ARM iteration by iteration, gold and labels")
     args = parser.parse_args(argv)
     reports = [json.loads(Path(p).read_text()) for p in args.reports]
     names = [r["task_name"] if "task_name" in r else "listops" for r in reports]
+    counts = sorted({len(r["scale"]["iteration_prompts"]) for r in reports})
+    if (args.goals or args.trajectory) and len(counts) > 1:
+        parser.error(f"the reports ran different numbers of iterations ({counts}); give one number's reports")
+    if args.goals:
+        rows = goal_rows(args.goals, counts[0])
+    elif args.trajectory:
+        rows = trajectory_rows(args.trajectory, counts[0])
+    else:
+        rows = GAP_COLUMNS if args.gap else COLUMNS
     print(("| goal | " if args.goals else "| | ") + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    for title, cell in goal_rows(args.goals) if args.goals else GAP_COLUMNS if args.gap else COLUMNS:
+    for title, cell in rows:
         print(f"| {title} | " + " | ".join(cell(r["results"]) for r in reports) + " |")
     seeds = sorted({len(r["seeds"]) for r in reports})
     m = reports[0]["machine"]

@@ -181,7 +181,10 @@ def demo_config(out: Path, pi_init: Path, seed_path: Path, pools: list[str], sca
             save_every=50,
             optimizer="adamw",
         ),
-        spa=SPAConfig(iterations=len(pools), extrapolate=[0.5, 0.25, 0.125][: len(pools)], tau_window=scale.tau_window),
+        # The paper's lambdas are 1/2, 1/4, 1/8 for its three iterations; past them ours keep halving.
+        spa=SPAConfig(
+            iterations=len(pools), extrapolate=[0.5**i for i in range(1, len(pools) + 1)], tau_window=scale.tau_window
+        ),
     )
 
 

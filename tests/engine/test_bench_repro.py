@@ -84,3 +84,67 @@ def test_every_arm_gets_its_options_and_a_gold_arm_never_reaches_the_engines_jud
     agree, agree_3ep = config_of("spa_stable_agree"), config_of("spa_stable_agree_3ep")
     assert (agree.train.iteration_epochs, agree_3ep.train.iteration_epochs) == (1, 3)
     assert replace(agree_3ep, run_dir=agree.run_dir, train=replace(agree_3ep.train, iteration_epochs=1)) == agree
+
+
+def test_past_the_papers_three_iterations_dnd_keeps_halving_and_the_pool_bounds_the_count(tmp_path):
+    scale = replace(repro.DEFAULT, iteration_prompts=(512,) * 5)
+    arms, _ = repro.build_arms(scale)
+    own = repro.seed_count(scale.seed_fraction, scale)
+    seed_data = repro.SeedData(
+        seed=0, pi_init=tmp_path / "pi_init", pools=[f"p{i}.jsonl" for i in range(1, 6)], iteration_prompts=2560,
+        eval_prompts=[], seed_paths={own: tmp_path / "seed.jsonl"}, seed_pairs={own: 30},
+        all_gold_path=tmp_path / "all_gold.jsonl", all_gold_pairs=600, all_gold_prompts=own + 2560, notes=[],
+        pi_init_seconds=None,
+    )  # fmt: skip
+    config = repro.arm_config(arms["spa_dnd"], scale, seed_data, tmp_path / "spa_dnd", own)
+    assert config.spa.iterations == 5 and config.spa.extrapolate == [0.5, 0.25, 0.125, 0.0625, 0.03125]
+
+    # 300 prompts for the largest gold seed (10% of 3000) leave room for five iterations of 512, not six.
+    try:
+        repro.main(["--iterations", "6", "--out", str(tmp_path)])
+    except SystemExit as stop:
+        assert "must be 1 to 5" in str(stop)
+    else:
+        raise AssertionError("six iterations of 512 prompts do not fit a pool of 3000")
+    assert not any(tmp_path.iterdir())  # refused before any folder was made
+
+
+def fake_results(arm: str, golds: list[list[float]], accuracy: list[float] | None = None) -> dict:
+    """repro.json's results for one arm, per seed: the gold of pi_1..pi_n with `accuracy` (an SPA arm),
+    or of the final model alone (a DPO arm)."""
+    runs = {}
+    for seed, g in enumerate(golds):
+        its = (
+            []
+            if accuracy is None
+            else [{"gold_reward": x, "label_accuracy": a} for x, a in zip(g, accuracy, strict=True)]
+        )
+        runs[seed] = {"status": "ok", "final": {"gold_reward": g[-1]}, "iterations": its}
+    return {arm: runs}
+
+
+def test_the_trend_and_the_goals_follow_the_number_of_iterations():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_summary
+
+    rising = [[0.50 + 0.1 * i + 0.01 * s for i in range(1, 5)] for s in range(5)]  # four iterations, five seeds
+    flat_last = [[*g[:3], g[2] - 0.001 * (s % 2)] for s, g in enumerate(rising)]
+    results = fake_results("spa", flat_last, accuracy=[0.9, 0.9, 0.88, 0.8])
+    results |= fake_results("dpo_seed", [[0.5 + 0.01 * s] for s in range(5)])
+    results |= fake_results("dpo_all_gold", [[0.9] for s in range(5)])
+
+    assert repro.trend_columns(4) == [
+        "π_1 − dpo_seed", "π_2 − π_1", "π_3 − π_2", "π_4 − π_3", "π_4 − π_1", "π_last − dpo_all_gold",
+    ]  # fmt: skip
+    cells = repro.iteration_trend(results, "spa", 4)
+    assert cells[0] == "+0.100 ± 0.000 (5/5)" and cells[3] == "-0.000 ± 0.000 (0/5)"
+    assert repro.trend_columns(1) == ["π_1 − dpo_seed", "π_last − dpo_all_gold"]
+
+    goals = dict(results_summary.goal_rows("spa", 4))
+    assert goals["gold rises every iteration (each step > 2 SE)"](results).startswith("no: π_4 − π_3")
+    assert goals["π_4 > π_1 (> 2 SE)"](results) == "+0.200 ± 0.000 (5/5)"
+    # Labels fall 0.10 from iteration 1 to 4: more than the goal's 0.05.
+    assert goals["label accuracy at iteration 4 ≥ 0.7 and within 0.05 of iteration 1"](results) == "no: 0.90 → 0.80"
+    trajectory = dict(results_summary.trajectory_rows("spa", 4))
+    assert trajectory["label accuracy, iterations 1 → 4"](results) == "0.90 → 0.90 → 0.88 → 0.80"
+    assert list(trajectory)[:4] == ["π_1 − dpo_seed", "π_2 − π_1", "π_3 − π_2", "π_4 − π_3"]
