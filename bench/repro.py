@@ -229,6 +229,20 @@ def build_arms(scale: DemoScale) -> tuple[dict[str, Arm], dict[str, str]]:
             ),
             "the three together, pairs the two judges order oppositely not trained on",
         ),
+        "spa_agree_stage0": (
+            (("spa.judge_consistency", "filter"), ("spa.consistency_judge", "stage0")),
+            "+ pairs pi_0's judge (gold seed only) orders oppositely not trained on, from iteration 3 on",
+        ),
+        "spa_stable_agree_stage0": (
+            (
+                ("spa.judge_reward", "mean"),
+                ("train.nll_alpha", 1.0),
+                ("spa.seed_replay", 0.5),
+                ("spa.judge_consistency", "filter"),
+                ("spa.consistency_judge", "stage0"),
+            ),
+            "the three together, pairs pi_0's judge orders oppositely not trained on (from iteration 3)",
+        ),
         "spa_dice": (
             (("spa.judge_reference", "previous"), ("spa.judge_reward", "mean"), ("spa.seed_replay", 0.5)),
             "DICE's recipe in our terms: judge against the previous iterate, per token, seed replay",

@@ -151,6 +151,10 @@ class SPAConfig:
     # label by the iteration's mean disagreement (CREAM's consistency_avg); "filter" (ours) does not
     # train on the pairs the two judges order oppositely; "none": the paper's labels as judged.
     judge_consistency: str = "none"
+    # Which earlier judge checks this one from iteration 3 on: "previous", pi_{i-2} (CREAM's), or
+    # "stage0", pi_0, trained on the gold seed alone (ours): pi_{i-2} learnt from nearly the same
+    # self-made labels as pi_{i-1}, so it shares their errors; pi_0's errors are not the loop's.
+    consistency_judge: str = "previous"
 
 
 @dataclass
@@ -197,6 +201,7 @@ CHOICES = {
     "spa.judge": ("implicit", "reward_model"),
     "spa.judge_reward": ("sum", "mean"),
     "spa.judge_consistency": ("none", "smooth", "filter"),
+    "spa.consistency_judge": ("previous", "stage0"),
 }
 
 
@@ -339,6 +344,13 @@ def check_values(config: RunConfig) -> None:
             "spa.judge_consistency compares this iteration's implicit-reward judge with the previous one, "
             "both against pi_init: it needs spa.judge=implicit and spa.judge_reference=init"
         )
+    if spa.consistency_judge != "previous" and spa.judge_consistency == "none":
+        raise ConfigError(
+            f"spa.consistency_judge={spa.consistency_judge} has no effect while spa.judge_consistency is none: "
+            "set spa.judge_consistency to smooth or filter"
+        )
+    if spa.consistency_judge == "stage0" and not d.seed_pairs:
+        raise ConfigError("spa.consistency_judge=stage0 checks the judge with pi_0, trained on data.seed_pairs: set them")
     if spa.judge_consistency == "smooth" and LOSS_TYPE_INFO[t.loss_type].smoothing != "optional":
         raise ConfigError(
             f"spa.judge_consistency=smooth smooths labels, which train.loss_type={t.loss_type!r} has not: use sigmoid or robust"

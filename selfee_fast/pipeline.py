@@ -266,9 +266,14 @@ def judge(config: RunConfig, runtime: Runtime, stage: Stage, model, tokenizer, g
     reference, base_model = roles.judge_reference(config, runtime, model, earlier)
     earlier_judge = None
     if config.spa.judge_consistency != "none":
-        # The previous iteration's judge: pi_{i-2} against pi_init, or pi_init alone when it is pi_{i-2}.
-        own_reference = earlier == Path(config.model.judge_base or config.model.path)
-        earlier_judge = roles.earlier_judge(config, runtime, model, None if own_reference else earlier)
+        # The previous iteration's judge: pi_{i-2} against pi_init, or pi_init alone when it is pi_{i-2};
+        # with consistency_judge=stage0, pi_0 from iteration 3 on (in iteration 2 pi_0 is pi_{i-2}).
+        checker = earlier
+        if config.spa.consistency_judge == "stage0" and stage.index > 2:
+            checker = Path(config.run_dir) / stages[0].name / "model"
+            log(f"{stage.name}: pi_0 ({checker}) checks the judge's labels (spa.consistency_judge=stage0)")
+        own_reference = checker == Path(config.model.judge_base or config.model.path)
+        earlier_judge = roles.earlier_judge(config, runtime, model, None if own_reference else checker)
     # The same autocast as training: the judge's log pi_{i-1} is reused as the training reference.
     judged = judge_generations(
         model, tokenizer, generations, pairs_path, beta=config.train.beta, judge_reference=reference,

@@ -106,6 +106,8 @@ def stage_inputs(config: RunConfig) -> dict[str, dict]:
         }
     for i in range(1, config.spa.iterations + 1):
         stage_spa = dict(spa)
+        if i < 3:  # up to iteration 2 the two consistency judges are one model, pi_{i-2}
+            stage_spa.pop("consistency_judge", None)
         lam = iteration_lambda(config.spa.extrapolate, i)
         if lam != iteration_lambda(SPAConfig().extrapolate, i):
             stage_spa["lambda"] = lam

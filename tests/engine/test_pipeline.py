@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from selfee_fast.config import ConfigError, load_config
+from selfee_fast.config import ConfigError, check_values, load_config
 from selfee_fast.demo.tiny import build_tiny_llama, build_tokenizer
 from selfee_fast.pipeline import run_pipeline
 
@@ -39,7 +39,7 @@ def workspace(tmp_path_factory):
         for p in prompts[:8]:
             # A learnable preference: short answers about cats beat long ones about logs.
             f.write(json.dumps({"prompt": p, "chosen": "the cat sat", "rejected": "a big red log ran on a mat"}) + "\n")
-    for k in (1, 2):
+    for k in (1, 2, 3):
         with (root / f"pool{k}.jsonl").open("w") as f:
             for p in prompts[8 * k : 8 * k + 8]:
                 f.write(json.dumps({"prompt": p}) + "\n")
@@ -577,6 +577,53 @@ def test_consistency_filter_drops_the_pairs_the_judges_order_oppositely(workspac
             dropped = f"{stage}: {len(different) - len(agreed)} of {len(different)} pairs are ordered the other way"
             assert any(m.startswith(dropped) for m in messages), stage
     assert reversed_somewhere, "the test needs a pair the two judges order oppositely"
+
+
+def test_the_stage0_consistency_judge_is_pi_0_from_iteration_3_and_changes_nothing_before(workspace, monkeypatch):
+    """spa.consistency_judge=stage0: iteration 3 is checked by pi_0, not pi_1; switching back to
+    CREAM's pi_{i-2} changes iteration 3's fingerprint alone, so --force redoes only it."""
+    from selfee_fast import roles
+
+    checkers = []
+    original = roles.earlier_judge
+
+    def recording(config, runtime, model, earlier):
+        checkers.append(None if earlier is None else Path(earlier).relative_to(config.run_dir).parts[0])
+        return original(config, runtime, model, earlier)
+
+    monkeypatch.setattr(roles, "earlier_judge", recording)
+    pools = f"data.prompt_pools=[{', '.join(str(workspace / f'pool{k}.jsonl') for k in (1, 2, 3))}]"
+    three = ["spa.iterations=3", pools, "spa.judge_consistency=filter"]
+    anchored = load_config(
+        write_config(workspace, "anchored", train__seed_epochs=1), [*three, "spa.consistency_judge=stage0"]
+    )
+    messages = []
+    run_pipeline(anchored, log=messages.append)
+    assert checkers == [None, "stage0", "stage0"]  # iteration 1: pi_init's likelihood, nothing to load
+    assert any(m.startswith("iter3: pi_0 (") for m in messages) and not any(
+        m.startswith("iter2: pi_0 (") for m in messages
+    )
+    pairs = read_jsonl(workspace / "anchored" / "iter3" / "pairs.jsonl")
+    assert all(0.0 <= p["agreement"] <= 1.0 for p in pairs)
+
+    checkers.clear()
+    messages.clear()
+    previous = load_config(write_config(workspace, "anchored", train__seed_epochs=1), three)
+    run_pipeline(previous, force=True, log=messages.append)
+    assert checkers == ["iter1"]
+    assert [m.split(":")[0] for m in messages if m.endswith("finished earlier, skipped")] == [
+        "stage0",
+        "iter1",
+        "iter2",
+    ]
+
+    for refused, rule in (
+        (["spa.consistency_judge=stage0"], "has no effect while spa.judge_consistency is none"),
+        (["spa.consistency_judge=stage0", "spa.judge_consistency=filter", "data.seed_pairs=null",
+          f"model.judge_base={workspace / 'model'}"], "trained on data.seed_pairs: set them"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=rule):
+            check_values(load_config(write_config(workspace, "refused"), refused))
 
 
 def test_full_finetuning_judges_with_the_earlier_iterate_as_a_model_of_its_own(workspace):
