@@ -17,7 +17,12 @@ for itself, two of its own samples each. Per iteration it prints
   (β log π_{i-1}/π_ref, summed or per token as the arm's judge scores);
 - with spa.judge_consistency: disagreeing, the fraction of pairs of two different responses that
   the previous iteration's judge orders the other way (agreement < 0.5), and the label accuracy
-  where the two judges agree and where they disagree (what `filter` trains on, and drops).
+  where the two judges agree and where they disagree (what `filter` trains on, and drops);
+- earlier judge acc: with two responses per prompt, the checking judge's own accuracy on the same
+  gold-decided pairs (its order is the label's, or the label's reverse where the two disagree; a
+  tie, agreement 0.5, counts as neither). With spa.consistency_judge=stage0 that judge is π_0 from
+  iteration 2 on, one fixed judge: what it loses from one iteration to the next, the pairs lost
+  by getting harder, not by a judge that drifted.
 
 Numbers are mean over seeds, with the per-seed values in brackets.
 
@@ -41,9 +46,11 @@ def fraction(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def iteration_stats(task, pairs: list[JudgedPair]) -> dict:
+def iteration_stats(task, pairs: list[JudgedPair], pairwise: bool = True) -> dict:
+    """One iteration's label statistics; `pairwise`: two responses per prompt, so a pair's
+    agreement is the earlier judge's order of that pair itself."""
     decided, longer_chosen, longer_gold, acc_diff, acc_same, lengths = [], [], [], [], [], []
-    disagreeing, acc_agree, acc_disagree, margins = [], [], [], []
+    disagreeing, acc_agree, acc_disagree, earlier_right, margins = [], [], [], [], []
     for p in pairs:
         g_c, g_r = task.gold(p.prompt_text, p.chosen_text), task.gold(p.prompt_text, p.rejected_text)
         n_c, n_r = len(p.chosen_ids), len(p.rejected_ids)
@@ -60,6 +67,8 @@ def iteration_stats(task, pairs: list[JudgedPair]) -> dict:
         decided.append(right)
         if p.agreement is not None:
             (acc_disagree if p.judges_disagree else acc_agree).append(right)
+            if pairwise and p.agreement != 0.5:
+                earlier_right.append(right != p.judges_disagree)
         if n_c != n_r:
             acc_diff.append(right)
             longer_gold.append((n_c > n_r) == right)  # the gold-better response is the longer one
@@ -78,6 +87,7 @@ def iteration_stats(task, pairs: list[JudgedPair]) -> dict:
         "disagreeing": fraction(disagreeing),
         "acc_judges_agree": fraction(acc_agree),
         "acc_judges_disagree": fraction(acc_disagree),
+        "earlier_judge_acc": fraction(earlier_right),
     }
 
 
@@ -94,12 +104,14 @@ def eval_stats(task, path: Path) -> dict:
 def collect(folder: Path, arm: str) -> tuple[str, dict[int, list[dict]]]:
     report = json.loads((folder / "repro.json").read_text())
     task = load_task(report.get("task", "listops"))
+    options = dict(report["arms"][arm]["options"]) if arm in report.get("arms", {}) else {}
+    pairwise = options.get("generation.responses_per_prompt", 2) == 2
     per_seed: dict[int, list[dict]] = {}
     for seed_dir in sorted(folder.glob("seed*"), key=lambda p: int(p.name[4:])):
         run = seed_dir / arm / "run"
         rows, i = [], 1
         while (run / f"iter{i}" / "pairs.jsonl").exists():
-            row = {"iteration": i, **iteration_stats(task, read_pairs(run / f"iter{i}" / "pairs.jsonl"))}
+            row = {"iteration": i, **iteration_stats(task, read_pairs(run / f"iter{i}" / "pairs.jsonl"), pairwise)}
             row.update(eval_stats(task, seed_dir / arm / "eval" / f"iter{i}.jsonl"))
             rows.append(row)
             i += 1
@@ -122,6 +134,7 @@ KEYS = (
     "disagreeing",
     "acc_judges_agree",
     "acc_judges_disagree",
+    "earlier_judge_acc",
 )
 
 

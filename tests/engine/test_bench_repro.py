@@ -7,7 +7,7 @@ from pathlib import Path
 
 from selfee_fast.demo.tasks import load_task
 from selfee_fast.pipeline import pairs_problem
-from selfee_fast.records import Generation, read_pairs, write_pairs
+from selfee_fast.records import Generation, JudgedPair, read_pairs, write_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -148,3 +148,31 @@ def test_the_trend_and_the_goals_follow_the_number_of_iterations():
     trajectory = dict(results_summary.trajectory_rows("spa", 4))
     assert trajectory["label accuracy, iterations 1 → 4"](results) == "0.90 → 0.90 → 0.88 → 0.80"
     assert list(trajectory)[:4] == ["π_1 − dpo_seed", "π_2 − π_1", "π_3 − π_2", "π_4 − π_3"]
+
+
+def test_the_earlier_judges_accuracy_is_its_own_order_of_each_gold_decided_pair():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from label_diagnostics import iteration_stats
+
+    task = load_task("maxof")
+    prompt = "max: c a f b"  # gold: f 1, c 1/3, a 0
+
+    def pair(chosen: str, rejected: str, agreement: float | None):
+        return JudgedPair(
+            index=0, location="pool1.jsonl:1", prompt=[{"role": "user", "content": prompt}], prompt_ids=[1],
+            chosen_ids=[ord(chosen)], rejected_ids=[ord(rejected)], chosen_text=chosen, rejected_text=rejected,
+            chosen_score=1.0, rejected_score=0.0, confidence=0.7, chosen_logp_policy=None, rejected_logp_policy=None,
+            agreement=agreement,
+        )  # fmt: skip
+
+    pairs = [
+        pair("f", "c", 1.0),  # label right, the earlier judge agrees: right
+        pair("f", "a", 0.0),  # label right, the earlier judge reverses it: wrong
+        pair("a", "c", 0.0),  # label wrong, reversed: the earlier judge is right
+        pair("c", "f", 0.5),  # the earlier judge ties: it orders nothing
+        pair("f", "c", None),  # not measured
+    ]
+    stats = iteration_stats(task, pairs)
+    assert stats["label_accuracy"] == 3 / 5
+    assert stats["earlier_judge_acc"] == 2 / 3
+    assert iteration_stats(task, pairs, pairwise=False)["earlier_judge_acc"] is None
