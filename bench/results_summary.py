@@ -4,6 +4,7 @@
     python bench/results_summary.py --goals spa_stable bench/results/repro/*/repro.json   # the stability goals
     python bench/results_summary.py --gap bench/results/repro/*/repro.json     # where the gap to all-gold comes from
     python bench/results_summary.py --trajectory spa_stable_agree bench/results/repro-horizon/*/repro.json
+    python bench/results_summary.py --horizon bench/results/repro-horizon/*/repro.json   # past three iterations
 
 Every cell is a difference of held-out gold paired over seeds: mean ± standard error over
 seeds, and on how many seeds it was positive. Label accuracy is spa_dnd's (and
@@ -154,22 +155,46 @@ GAP_ROWS = [  # (title, arm a, arm b): held-out gold of a minus b
 GAP_COLUMNS = [(title, lambda r, a=a, b=b: paired(r, (a,), (b,))) for title, a, b in GAP_ROWS]
 
 
+def horizon_rows(n: int) -> list[tuple[str, object]]:
+    """Past the paper's three iterations (repro --iterations n): what the later ones add, and what helps there."""
+    later = [(f"{title} π_{n} − π_3", lambda r, arm=arm: paired(r, (arm, n), (arm, 3)))
+             for title, arm in (("spa_dnd", "spa_dnd"), ("all three + filter", "spa_stable_agree"),
+                                ("all three's loop, gold judge,", "gold_judge_stable"))]  # fmt: skip
+    finals = [
+        ("all-gold DPO, 1 epoch − π_init (prerequisite)", "dpo_all_gold_1ep", "sft"),
+        ("all-gold DPO, 3 epochs − π_init", "dpo_all_gold", "sft"),
+        ("filter − spa_dnd", "spa_agree", "spa_dnd"),
+        ("all three + filter − all three", "spa_stable_agree", "spa_stable"),
+        ("all three + filter − spa_dnd", "spa_stable_agree", "spa_dnd"),
+        ("all three + filter − all-gold DPO, 1 epoch", "spa_stable_agree", "dpo_all_gold_1ep"),
+        ("all three + filter − all three's loop, gold judge", "spa_stable_agree", "gold_judge_stable"),
+        ("filter, π_0 checking − filter", "spa_agree_stage0", "spa_agree"),
+        ("all three + filter, π_0 checking − all three + filter", "spa_stable_agree_stage0", "spa_stable_agree"),
+    ]
+    return later + [(title, lambda r, a=a, b=b: paired(r, (a,), (b,))) for title, a, b in finals]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reports", nargs="+", help="repro.json files, one per task")
     parser.add_argument("--goals", metavar="ARM", help="instead: the iteration-stability goals, checked for ARM")
     parser.add_argument("--gap", action="store_true", help="instead: where the gap to all-gold DPO comes from")
     parser.add_argument("--trajectory", metavar="ARM", help="instead: ARM iteration by iteration, gold and labels")
+    parser.add_argument("--horizon", action="store_true", help="instead: past the paper's three iterations")
     args = parser.parse_args(argv)
     reports = [json.loads(Path(p).read_text()) for p in args.reports]
     names = [r["task_name"] if "task_name" in r else "listops" for r in reports]
     counts = sorted({len(r["scale"]["iteration_prompts"]) for r in reports})
-    if (args.goals or args.trajectory) and len(counts) > 1:
+    if (args.goals or args.trajectory or args.horizon) and len(counts) > 1:
         parser.error(f"the reports ran different numbers of iterations ({counts}); give one number's reports")
     if args.goals:
         rows = goal_rows(args.goals, counts[0])
     elif args.trajectory:
         rows = trajectory_rows(args.trajectory, counts[0])
+    elif args.horizon:
+        if counts[0] <= 3:
+            parser.error(f"--horizon compares iterations past the third; these reports ran {counts[0]}")
+        rows = horizon_rows(counts[0])
     else:
         rows = GAP_COLUMNS if args.gap else COLUMNS
     print(("| goal | " if args.goals else "| | ") + " | ".join(names) + " |")

@@ -148,6 +148,14 @@ def test_the_trend_and_the_goals_follow_the_number_of_iterations():
     trajectory = dict(results_summary.trajectory_rows("spa", 4))
     assert trajectory["label accuracy, iterations 1 → 4"](results) == "0.90 → 0.90 → 0.88 → 0.80"
     assert list(trajectory)[:4] == ["π_1 − dpo_seed", "π_2 − π_1", "π_3 − π_2", "π_4 − π_3"]
+    horizon = dict(results_summary.horizon_rows(4))
+    assert list(horizon)[:3] == [
+        "spa_dnd π_4 − π_3",
+        "all three + filter π_4 − π_3",
+        "all three's loop, gold judge, π_4 − π_3",
+    ]
+    results |= fake_results("spa_dnd", flat_last, accuracy=[0.9, 0.9, 0.88, 0.8])
+    assert horizon["spa_dnd π_4 − π_3"](results) == cells[3]
 
 
 def test_the_earlier_judges_accuracy_is_its_own_order_of_each_gold_decided_pair():
