@@ -15,6 +15,8 @@ for itself, two of its own samples each. Per iteration it prints
 - eval gold: held-out gold of π_i;
 - judge margin: mean |chosen − rejected| reward of the judge over pairs of two different responses
   (β log π_{i-1}/π_ref, summed or per token as the arm's judge scores);
+- acc margin q1 … q4: label accuracy within each quarter of those pairs by judge margin, least to
+  most confident: whether the judge's confidence still tells its right labels from its wrong ones;
 - with spa.judge_consistency: disagreeing, the fraction of pairs of two different responses that
   the previous iteration's judge orders the other way (agreement < 0.5), and the label accuracy
   where the two judges agree and where they disagree (what `filter` trains on, and drops);
@@ -50,7 +52,7 @@ def iteration_stats(task, pairs: list[JudgedPair], pairwise: bool = True) -> dic
     """One iteration's label statistics; `pairwise`: two responses per prompt, so a pair's
     agreement is the earlier judge's order of that pair itself."""
     decided, longer_chosen, longer_gold, acc_diff, acc_same, lengths = [], [], [], [], [], []
-    disagreeing, acc_agree, acc_disagree, earlier_right, margins = [], [], [], [], []
+    disagreeing, acc_agree, acc_disagree, earlier_right, margins, decided_margins = [], [], [], [], [], []
     for p in pairs:
         g_c, g_r = task.gold(p.prompt_text, p.chosen_text), task.gold(p.prompt_text, p.rejected_text)
         n_c, n_r = len(p.chosen_ids), len(p.rejected_ids)
@@ -65,6 +67,8 @@ def iteration_stats(task, pairs: list[JudgedPair], pairwise: bool = True) -> dic
             continue
         right = g_c > g_r
         decided.append(right)
+        if not p.identical:
+            decided_margins.append((abs(p.chosen_score - p.rejected_score), right))
         if p.agreement is not None:
             (acc_disagree if p.judges_disagree else acc_agree).append(right)
             if pairwise and p.agreement != 0.5:
@@ -88,7 +92,21 @@ def iteration_stats(task, pairs: list[JudgedPair], pairwise: bool = True) -> dic
         "acc_judges_agree": fraction(acc_agree),
         "acc_judges_disagree": fraction(acc_disagree),
         "earlier_judge_acc": fraction(earlier_right),
+        **margin_quarters(margins, decided_margins),
     }
+
+
+def margin_quarters(margins: list[float], decided: list[tuple[float, bool]]) -> dict:
+    """Label accuracy per quarter of the judged pairs by judge margin (cut at the margins' quartiles)."""
+    keys = [f"acc_margin_q{k}" for k in (1, 2, 3, 4)]
+    if len(margins) < 4:
+        return dict.fromkeys(keys)
+    ordered = sorted(margins)
+    cuts = [ordered[len(ordered) * k // 4] for k in (1, 2, 3)]
+    quarters: list[list[bool]] = [[], [], [], []]
+    for margin, right in decided:
+        quarters[sum(margin >= c for c in cuts)].append(right)
+    return {key: fraction(q) for key, q in zip(keys, quarters, strict=True)}
 
 
 def eval_stats(task, path: Path) -> dict:
@@ -135,6 +153,10 @@ KEYS = (
     "acc_judges_agree",
     "acc_judges_disagree",
     "earlier_judge_acc",
+    "acc_margin_q1",
+    "acc_margin_q2",
+    "acc_margin_q3",
+    "acc_margin_q4",
 )
 
 

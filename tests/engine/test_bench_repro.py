@@ -184,3 +184,17 @@ def test_the_earlier_judges_accuracy_is_its_own_order_of_each_gold_decided_pair(
     assert stats["label_accuracy"] == 3 / 5
     assert stats["earlier_judge_acc"] == 2 / 3
     assert iteration_stats(task, pairs, pairwise=False)["earlier_judge_acc"] is None
+
+
+def test_label_accuracy_by_quarter_of_judge_margin():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from label_diagnostics import margin_quarters
+
+    margins = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    decided = [(0.1, False), (0.2, True), (0.3, False), (0.5, True), (0.6, True), (0.8, False)]  # 0.4, 0.7: gold ties
+    assert margin_quarters(margins, decided) == {
+        "acc_margin_q1": 0.5, "acc_margin_q2": 0.0, "acc_margin_q3": 1.0, "acc_margin_q4": 0.0,
+    }  # fmt: skip
+    assert margin_quarters(margins[:3], decided[:3]) == dict.fromkeys(
+        ["acc_margin_q1", "acc_margin_q2", "acc_margin_q3", "acc_margin_q4"]
+    )
