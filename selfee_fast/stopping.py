@@ -47,12 +47,16 @@ def stop_requested() -> bool:
     return bool(_requested)
 
 
-def stop_here(where: str, *, requested: bool | None = None) -> None:
+def stop_here(where: str, *, agreed: bool | None = None) -> None:
     """Raise `Interrupted` if a stop was asked for; call at a boundary whose state is on disk.
 
-    `requested`: a stop the processes of a run agreed on (a signal reached one of them).
+    `agreed`: whether the processes of a run agreed to stop here (a signal had reached one of
+    them when they compared). Only that decides then: a signal that arrives after the
+    comparison waits for the next one, so no process ever stops while the others go on.
     """
+    if agreed is False:
+        return
     if _requested:
         raise Interrupted(f"stopped on {_requested[0]} {where}")
-    if requested:
+    if agreed:
         raise Interrupted(f"stopped with the run's other processes {where}")

@@ -604,11 +604,13 @@ def train_stage(
             acc=f"{record['rewards/accuracies']:.2f}",
             tok_s=f"{record['tokens_per_s']:.0f}",
         )
-        stopping = any_rank(stop_requested())  # every rank saves, and stops, together
+        # Every rank saves, and stops, together: at this step if a signal had reached any of them by
+        # now; one that arrives while the checkpoint is written counts at the next step.
+        stopping = any_rank(stop_requested())
         if (step + 1) % settings.save_every == 0 or step + 1 == total_steps or stopping:
             save_checkpoint(out_dir, step + 1, model, names, optimizer, scheduler, threshold, settings)
         where = f"after training step {step + 1}/{total_steps} of {out_dir.parent.name} (checkpoint written)"
-        stop_here(where, requested=stopping)
+        stop_here(where, agreed=stopping)
     progress.close()
     if writer is not None:
         writer.close()

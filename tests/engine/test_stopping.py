@@ -22,3 +22,17 @@ def test_first_signal_asks_second_stops_at_once():
             signal.sigtimedwait([], 0.1)  # give the handler a chance to run
     assert not stop_requested(), "the request ends with the run"
     assert signal.getsignal(signal.SIGINT) is before, "the previous handler is back"
+
+
+def test_under_an_agreement_a_signal_after_it_waits_for_the_next_one():
+    """Training's ranks compare requests, then write the checkpoint, then stop where they agreed: a
+    signal that lands in between must not stop this process alone (the others would go on)."""
+    with stop_requests():
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives after the comparison said "go on"
+        assert stop_requested()
+        stop_here("after step 3", agreed=False)  # no stop: the other ranks were told to continue
+        with pytest.raises(Interrupted, match="stopped on SIGTERM after step 4"):
+            stop_here("after step 4", agreed=True)  # the next comparison includes it
+    with stop_requests():
+        with pytest.raises(Interrupted, match="stopped with the run's other processes after step 2"):
+            stop_here("after step 2", agreed=True)  # another rank asked
