@@ -350,7 +350,9 @@ def check_values(config: RunConfig) -> None:
             "set spa.judge_consistency to smooth or filter"
         )
     if spa.consistency_judge == "stage0" and not d.seed_pairs:
-        raise ConfigError("spa.consistency_judge=stage0 checks the judge with pi_0, trained on data.seed_pairs: set them")
+        raise ConfigError(
+            "spa.consistency_judge=stage0 checks the judge with pi_0, trained on data.seed_pairs: set them"
+        )
     if spa.judge_consistency == "smooth" and LOSS_TYPE_INFO[t.loss_type].smoothing != "optional":
         raise ConfigError(
             f"spa.judge_consistency=smooth smooths labels, which train.loss_type={t.loss_type!r} has not: use sigmoid or robust"
