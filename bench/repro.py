@@ -344,6 +344,18 @@ class SeedData:
     all_gold_prompts: int
     notes: list[str]
     pi_init_seconds: float | None  # the SFT's time when π_init was built (maybe by an earlier invocation)
+    # DND's λ halves every this many iteration prompts (None: every iteration): the scale's own
+    # iteration size, so iterations made smaller with --iteration-prompts keep the λ of the prompts they hold.
+    lambda_prompts: int | None = None
+
+
+def dnd_lambdas(iteration_prompts: tuple[int, ...], every: int | None) -> list[float]:
+    """DND's λ per iteration: the paper's 1/2, 1/4, 1/8, halving on past them; with `every`, by prompt
+    position (an iteration ending at prompt k takes λ = 2^-ceil(k / every))."""
+    if every is None:
+        return [0.5**i for i in range(1, len(iteration_prompts) + 1)]
+    ends = itertools.accumulate(iteration_prompts)
+    return [0.5 ** math.ceil(end / every) for end in ends]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -466,7 +478,7 @@ def arm_config(arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, seed_n: 
         spa=replace(
             base.spa,
             refine=arm.refine,
-            extrapolate=list(base.spa.extrapolate) if arm.dnd else [],
+            extrapolate=dnd_lambdas(scale.iteration_prompts, sd.lambda_prompts) if arm.dnd else [],
             judge_reference=arm.judge_reference,
             judge="implicit" if arm.judge == "gold" else arm.judge,  # never runs: run_with_gold_judge
         ),
@@ -1092,6 +1104,13 @@ def main(argv: list[str] | None = None) -> int:
         help="SPA iterations, each with the scale's per-iteration prompt count (default: the scale's own, 2)",
     )
     parser.add_argument(
+        "--iteration-prompts",
+        type=int,
+        default=None,
+        help="prompts per SPA iteration (default: the scale's); smaller ones over the same prompts re-judge more "
+        "often, DND's λ following the prompts' position",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -1103,15 +1122,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     started_wall, started_at = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     scale, scale_name = (QUICK, "quick") if args.quick else (DEFAULT, "default")
-    if args.iterations is not None:
+    lambda_prompts = scale.iteration_prompts[0]  # the scale's own iteration size
+    if args.iteration_prompts is not None and args.iteration_prompts < 1:
+        raise SystemExit("repro: --iteration-prompts must be >= 1")
+    if args.iterations is not None or args.iteration_prompts is not None:
+        size = args.iteration_prompts or scale.iteration_prompts[0]
+        count = args.iterations or len(scale.iteration_prompts)
         # Every seed fraction's pairs come from the pool's head, the iterations' prompts from its tail.
-        room = (scale.pool - seed_count(max(SWEEP_FRACTIONS), scale)) // scale.iteration_prompts[0]
-        if not 1 <= args.iterations <= room:
+        room = (scale.pool - seed_count(max(SWEEP_FRACTIONS), scale)) // size
+        if not 1 <= count <= room:
             raise SystemExit(
                 f"repro: --iterations must be 1 to {room}: a pool of {scale.pool} prompts holds the largest gold "
-                f"seed and {room} iterations of {scale.iteration_prompts[0]}"
+                f"seed and {room} iterations of {size}"
             )
-        scale = replace(scale, iteration_prompts=(scale.iteration_prompts[0],) * args.iterations)
+        scale = replace(scale, iteration_prompts=(size,) * count)
     task = load_task(args.task)
     count = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     seeds = list(range(args.first_seed, args.first_seed + count))
@@ -1180,6 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         t0 = time.perf_counter()
         sd = prepare_seed(task, scale, seed, out / f"seed{seed}", counts, logger(f"seed{seed} data"))
+        sd = replace(sd, lambda_prompts=lambda_prompts)
         seed_seconds[seed] = {"data_this_invocation": time.perf_counter() - t0, "pi_init_sft": sd.pi_init_seconds}
         notes += [f"seed {seed}: {n}" for n in sd.notes]
         for name in selected:

@@ -108,6 +108,19 @@ def test_past_the_papers_three_iterations_dnd_keeps_halving_and_the_pool_bounds_
         raise AssertionError("six iterations of 512 prompts do not fit a pool of 3000")
     assert not any(tmp_path.iterdir())  # refused before any folder was made
 
+    # Ten iterations of 256 over the same prompts re-judge twice as often; each keeps the λ of its prompts.
+    halves = replace(scale, iteration_prompts=(256,) * 10)
+    halved = replace(seed_data, pools=[f"p{i}.jsonl" for i in range(1, 11)], lambda_prompts=512)
+    config = repro.arm_config(arms["spa_dnd"], halves, halved, tmp_path / "spa_dnd_256", own)
+    assert config.spa.iterations == 10
+    assert config.spa.extrapolate == [0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625, 0.03125, 0.03125]
+    try:
+        repro.main(["--iterations", "11", "--iteration-prompts", "256", "--out", str(tmp_path)])
+    except SystemExit as stop:
+        assert "must be 1 to 10" in str(stop)
+    else:
+        raise AssertionError("eleven iterations of 256 prompts do not fit beside a seed of 300 in 3000")
+
 
 def fake_results(arm: str, golds: list[list[float]], accuracy: list[float] | None = None) -> dict:
     """repro.json's results for one arm, per seed: the gold of pi_1..pi_n with `accuracy` (an SPA arm),
