@@ -4,7 +4,8 @@
     python bench/results_summary.py --goals spa_stable bench/results/repro/*/repro.json   # the stability goals
     python bench/results_summary.py --gap bench/results/repro/*/repro.json     # where the gap to all-gold comes from
     python bench/results_summary.py --trajectory spa_stable_agree bench/results/repro-horizon/*/repro.json
-    python bench/results_summary.py --horizon bench/results/repro-horizon/*/repro.json   # past three iterations
+    python bench/results_summary.py --horizon bench/results/repro-horizon/*-c3510de3/repro.json   # past three iterations
+    python bench/results_summary.py --finer bench/results/repro-horizon/*/repro.json   # re-judging more often
 
 Every cell is a difference of held-out gold paired over seeds: mean ± standard error over
 seeds, and on how many seeds it was positive. Label accuracy is spa_dnd's (and
@@ -174,6 +175,70 @@ def horizon_rows(n: int) -> list[tuple[str, object]]:
     return later + [(title, lambda r, a=a, b=b: paired(r, (a,), (b,))) for title, a, b in finals]
 
 
+def finer_columns(reports: list[dict]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Re-judging more often: per task, the report with the smallest iterations against the one with the
+    largest over the same prompts (repro --iteration-prompts). Returns the tasks and the rows."""
+    by_task: dict[str, list[dict]] = {}
+    for r in reports:
+        by_task.setdefault(r.get("task_name", "listops"), []).append(r)
+    pairs = {}
+    for task, group in by_task.items():
+        group.sort(key=lambda r: r["scale"]["iteration_prompts"][0])
+        fine, coarse = group[0], group[-1]
+        if sum(fine["scale"]["iteration_prompts"]) != sum(coarse["scale"]["iteration_prompts"]) or fine is coarse:
+            continue
+        pairs[task] = (fine, coarse)
+    if not pairs:
+        return [], []
+    fine, coarse = next(iter(pairs.values()))
+    ratio = coarse["scale"]["iteration_prompts"][0] // fine["scale"]["iteration_prompts"][0]
+    n, size = len(coarse["scale"]["iteration_prompts"]), coarse["scale"]["iteration_prompts"][0]
+    name = f"{len(fine['scale']['iteration_prompts'])}×{fine['scale']['iteration_prompts'][0]} − {n}×{size}"
+
+    def gold_diff(task, arm, fine_i, coarse_i):
+        f, c = pairs[task][0]["results"].get(arm, {}), pairs[task][1]["results"].get(arm, {})
+        diffs = []
+        for seed in f:
+            x, y = seed_gold({arm: f}, arm, seed, fine_i), seed_gold({arm: c}, arm, seed, coarse_i)
+            if x is not None and y is not None:
+                diffs.append(x - y)
+        return paired_cell(diffs)
+
+    def labels(task, arm):
+        f, c = pairs[task][0]["results"], pairs[task][1]["results"]
+        first = label_accuracy_over(c, arm, [1]), label_accuracy_over(f, arm, list(range(1, ratio + 1)))
+        last = (
+            label_accuracy_over(c, arm, [n]),
+            label_accuracy_over(f, arm, list(range(n * ratio - ratio + 1, n * ratio + 1))),
+        )
+        return f"{first[0]} → {last[0]} ; {first[1]} → {last[1]}"
+
+    rows = []
+    for arm in ("spa_dnd", "spa_stable_agree"):
+        rows.append((f"{arm}: {name}, final gold", [gold_diff(t, arm, None, None) for t in pairs]))
+        rows += [(f"{arm}: after {k * size} prompts, {name}", [gold_diff(t, arm, k * ratio, k) for t in pairs])
+                 for k in range(1, n)]  # fmt: skip
+        rows.append(
+            (f"{arm}: labels on the first → last {size} prompts ({n}×{size} ; finer)", [labels(t, arm) for t in pairs])
+        )
+    return list(pairs), rows
+
+
+def label_accuracy_over(results: dict, arm: str, iterations: list[int]) -> str:
+    """Mean over seeds of an arm's self-label accuracy averaged over the given iterations."""
+    per_seed = []
+    for run in results.get(arm, {}).values():
+        its = run.get("iterations", []) if run.get("status") == "ok" else []
+        values = [
+            its[i - 1]["label_accuracy"]
+            for i in iterations
+            if i <= len(its) and its[i - 1].get("label_accuracy") is not None
+        ]
+        if values:
+            per_seed.append(statistics.fmean(values))
+    return f"{statistics.fmean(per_seed):.2f}" if per_seed else "–"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reports", nargs="+", help="repro.json files, one per task")
@@ -181,8 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap", action="store_true", help="instead: where the gap to all-gold DPO comes from")
     parser.add_argument("--trajectory", metavar="ARM", help="instead: ARM iteration by iteration, gold and labels")
     parser.add_argument("--horizon", action="store_true", help="instead: past the paper's three iterations")
+    parser.add_argument(
+        "--finer", action="store_true",
+        help="instead: per task, smaller iterations against larger ones over the same prompts (re-judging more often)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     reports = [json.loads(Path(p).read_text()) for p in args.reports]
+    if args.finer:
+        tasks, finer = finer_columns(reports)
+        if not tasks:
+            parser.error("--finer needs, per task, two reports over the same prompts with different iteration sizes")
+        print("| | " + " | ".join(tasks) + " |")
+        print("|---|" + "---|" * len(tasks))
+        for title, cells in finer:
+            print(f"| {title} | " + " | ".join(cells) + " |")
+        return 0
     names = [r["task_name"] if "task_name" in r else "listops" for r in reports]
     counts = sorted({len(r["scale"]["iteration_prompts"]) for r in reports})
     if (args.goals or args.trajectory or args.horizon) and len(counts) > 1:

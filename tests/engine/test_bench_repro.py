@@ -211,3 +211,26 @@ def test_label_accuracy_by_quarter_of_judge_margin():
     assert margin_quarters(margins[:3], decided[:3]) == dict.fromkeys(
         ["acc_margin_q1", "acc_margin_q2", "acc_margin_q3", "acc_margin_q4"]
     )
+
+
+def test_finer_iterations_are_paired_with_coarser_ones_over_the_same_prompts():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import results_summary
+
+    def report(size: int, count: int, golds: list[list[float]], accuracy: list[float]) -> dict:
+        results = fake_results("spa_stable_agree", golds, accuracy)
+        return {"task_name": "maxof", "scale": {"iteration_prompts": [size] * count}, "results": results}
+
+    coarse = report(512, 2, [[0.5, 0.6], [0.6, 0.7]], [0.9, 0.8])
+    fine = report(256, 4, [[0.5, 0.52, 0.6, 0.65], [0.6, 0.61, 0.7, 0.74]], [0.9, 0.9, 0.7, 0.7])
+    unrelated = {**report(512, 3, [[0.1, 0.2, 0.3]] * 2, [0.5] * 3), "task_name": "upper"}  # nothing to pair with
+    tasks, rows = results_summary.finer_columns([coarse, fine, unrelated])
+    assert tasks == ["maxof"]
+    cells = dict(rows)
+    assert cells["spa_stable_agree: 4×256 − 2×512, final gold"] == ["+0.045 ± 0.005 (2/2)"]
+    assert cells["spa_stable_agree: after 512 prompts, 4×256 − 2×512"] == [
+        "+0.015 ± 0.005 (2/2)"
+    ]  # pi_2 of 256s against pi_1 of 512s
+    assert cells["spa_stable_agree: labels on the first → last 512 prompts (2×512 ; finer)"] == [
+        "0.90 → 0.80 ; 0.90 → 0.70"
+    ]
