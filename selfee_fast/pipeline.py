@@ -50,7 +50,7 @@ from .stages import (
     stage_list,
 )
 from .stopping import stop_requests
-from .train import TrainPair, TrainSettings, iteration_pairs, last_metrics, train_stage
+from .train import TrainPair, TrainSettings, iteration_pairs, last_metrics, train_stage, without_identical
 
 
 def run_pipeline(config: RunConfig, *, force: bool = False, log=print) -> dict:
@@ -331,7 +331,7 @@ def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, to
     lam = (iteration_lambda(spa.extrapolate, i) if spa.refine else None) or None
     if spa.refine and spa.extrapolate and i > len(spa.extrapolate):
         log(f"{stage.name}: spa.extrapolate lists {len(spa.extrapolate)} lambdas; iteration {i} runs without DND")
-    self_labelled = [p for p in judged if spa.keep_identical_pairs or not p.identical]
+    self_labelled = without_identical(judged, i, keep=spa.keep_identical_pairs, report=report, log=log)
     agreement = None
     if spa.judge_consistency != "none" and self_labelled:
         agreement = judges_agreement(self_labelled, stage.name)
@@ -346,7 +346,7 @@ def train_iteration(config: RunConfig, runtime: Runtime, stage: Stage, model, to
             log(f"{stage.name}: smoothing by {1.0 - agreement:.3f} leaves no preference: pi_{i} is pi_{i - 1}")
             return lam, 0
     seed = seed_train_pairs(config, tokenizer)[0] if spa.seed_replay else []
-    pairs = iteration_pairs(judged, i, keep_identical=spa.keep_identical_pairs, seed=seed, replay=spa.seed_replay,
+    pairs = iteration_pairs(self_labelled, i, seed=seed, replay=spa.seed_replay,
                             drop_disagreeing=spa.judge_consistency == "filter", label_smoothing=smoothing,
                             report=report, log=log)  # fmt: skip
     if not pairs:

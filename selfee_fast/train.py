@@ -109,19 +109,26 @@ class TrainPair(TokenizedPair):
     label_smoothing: float = 0.0
 
 
-def iteration_pairs(
-    judged, iteration: int, *, keep_identical: bool, seed: list[TrainPair], replay: float, report, log,
-    drop_disagreeing: bool = False, label_smoothing: float = 0.0,
-) -> list[TrainPair]:  # fmt: skip
-    """What an iteration trains on: its judged pairs (those of two identical responses counted and
-    dropped unless kept; with `drop_disagreeing`, those the previous iteration's judge orders the
-    other way, counted and dropped), each smoothed by `label_smoothing`, plus `replay` seed pairs
-    per judged pair, each iteration the next ones (gold labels: never smoothed)."""
-    kept = [p for p in judged if keep_identical or not p.identical]
+def without_identical(judged: list, iteration: int, *, keep: bool, report, log) -> list:
+    """The judged pairs an iteration can learn from: those of two identical responses carry no
+    preference and are counted and dropped, unless `keep` (the official code trains on them)."""
+    kept = [p for p in judged if keep or not p.identical]
     if len(kept) < len(judged):
         report.skipped["pairs of two identical responses"] += len(judged) - len(kept)
         log(f"iter{iteration}: {len(judged) - len(kept)} of {len(judged)} pairs are two identical responses: "
             "not trained on (spa.keep_identical_pairs keeps them)")  # fmt: skip
+    return kept
+
+
+def iteration_pairs(
+    self_labelled, iteration: int, *, seed: list[TrainPair], replay: float, report, log,
+    drop_disagreeing: bool = False, label_smoothing: float = 0.0,
+) -> list[TrainPair]:  # fmt: skip
+    """What an iteration trains on: its self-labelled pairs (`without_identical`'s; with
+    `drop_disagreeing`, less those the previous iteration's judge orders the other way, counted),
+    each smoothed by `label_smoothing`, plus `replay` seed pairs per self-labelled pair, each
+    iteration the next ones (gold labels: never smoothed)."""
+    kept = self_labelled
     if drop_disagreeing:
         agreed = [p for p in kept if not p.judges_disagree]
         if len(agreed) < len(kept):

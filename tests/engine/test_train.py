@@ -429,16 +429,20 @@ def test_each_pairs_label_smoothing_reaches_the_loss(setup, tmp_path):
 def test_consistency_smoothing_reaches_the_self_labelled_pairs_only():
     from selfee_fast.data import DataReport
     from selfee_fast.records import JudgedPair
-    from selfee_fast.train import iteration_pairs
+    from selfee_fast.train import iteration_pairs, without_identical
 
     def judged(index, chosen, rejected):
         return JudgedPair(index, f"pool1.jsonl:{index + 1}", [{"role": "user", "content": "q"}], [1, 2], chosen,
                           rejected, "a", "b", 0.3, 0.1, 0.55, -4.0, -5.0, agreement=1.0)  # fmt: skip
 
     seed = [TrainPair(f"seed.jsonl:{k + 1}", [1], [2, 3], [4]) for k in range(4)]
+    report = DataReport()
+    three = [judged(0, [5], [6]), judged(1, [7], [7]), judged(2, [8, 9], [6])]
+    self_labelled = without_identical(three, 1, keep=False, report=report, log=lambda *_: None)
+    assert report.skipped["pairs of two identical responses"] == 1
+    assert without_identical(three, 1, keep=True, report=report, log=lambda *_: None) == three
     pairs = iteration_pairs(
-        [judged(0, [5], [6]), judged(1, [7], [7]), judged(2, [8, 9], [6])], 1, keep_identical=False, seed=seed,
-        replay=1.0, report=DataReport(), log=lambda *_: None, label_smoothing=0.25,
+        self_labelled, 1, seed=seed, replay=1.0, report=report, log=lambda *_: None, label_smoothing=0.25
     )  # fmt: skip
     self_labelled, replayed = pairs[:2], pairs[2:]
     assert [p.location for p in self_labelled] == ["pool1.jsonl:1", "pool1.jsonl:3"]  # the identical pair dropped
