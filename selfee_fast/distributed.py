@@ -92,13 +92,28 @@ def broadcast_value(value):
     return box[0]
 
 
+def collective_device() -> torch.device:
+    """Where a tensor of our own must live for the process group to reduce it: NCCL reduces CUDA
+    tensors only (a CPU one raises), gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on one (a stop signal that reached one process)."""
     if not _world.distributed:
         return flag
-    value = torch.tensor([int(flag)])
+    value = torch.tensor([int(flag)], device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def my_batches(count: int) -> list[int | None]:
+    """This rank's batches of a plan of `count`, every N-th, one per round, None in a round where it
+    has none left: every rank runs as many rounds as the others, so they can agree after each."""
+    size, rank = _world.size, _world.rank
+    return [i if (i := r * size + rank) < count else None for r in range(-(-count // size))]
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:

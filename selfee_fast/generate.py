@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 from .batching import BatchLimit, split_on_oom
 from .config import RunConfig
 from .data import PromptRecord, padding_id, record_prompt_ids, with_system_prompt
-from .distributed import barrier, broadcast_value, world
+from .distributed import barrier, broadcast_value, my_batches, world
 from .files import append_batch, merge_shards, rank_shard
 from .records import Generation, read_generations
-from .stopping import stop_here
+from .stopping import stop_here, stop_here_together
 
 
 @dataclass
@@ -149,9 +149,11 @@ def generate_responses(
     with write_path.open("a", encoding="utf-8") as out:
         progress = tqdm(total=len(plan), initial=len(done), desc="generate", unit="batch",
                         disable=None if ranks.is_main else True)  # fmt: skip
-        for batch_index, indices in enumerate(plan):
-            if batch_index in done or batch_index % ranks.size != ranks.rank:
+        for batch_index in my_batches(len(plan)):
+            if batch_index is None or batch_index in done:  # nothing to do this round, but the others may stop
+                stop_here_together(f"between generation batches ({write_path})")
                 continue
+            indices = plan[batch_index]
             batch_ids = [all_prompt_ids[i] for i in indices]
             batch_seed = settings.seed * 1_000_003 + batch_index
 
@@ -174,7 +176,7 @@ def generate_responses(
                 new_tokens += sum(len(r) for r in record.responses)
                 records.append(record)
             append_batch(out, [r.to_json() for r in records])
-            stop_here(f"after generation batch {batch_index + 1}/{len(plan)} ({write_path})")
+            stop_here_together(f"after generation batch {batch_index + 1}/{len(plan)} ({write_path})")
             elapsed = time.perf_counter() - start
             progress.update(1)
             progress.set_postfix_str(f"{new_tokens / max(elapsed, 1e-9):.0f} new tok/s")

@@ -29,11 +29,11 @@ import torch
 from .batching import BatchLimit, split_on_oom
 from .config import CHOICES
 from .data import pack, padded_seq_ids, padding_id, right_pad
-from .distributed import barrier, broadcast_value, world
+from .distributed import barrier, broadcast_value, my_batches, world
 from .files import append_batch, merge_shards, rank_shard
 from .models import sequence_token_logprobs
 from .records import Generation, JudgedPair, read_jsonl, read_pairs, write_pairs
-from .stopping import stop_here
+from .stopping import stop_here_together
 
 JUDGE_REFERENCES = CHOICES["spa.judge_reference"]
 
@@ -170,9 +170,11 @@ def judge_generations(
 
     limit = BatchLimit()  # what fitted for one batch is where the next one starts
     with write_path.open("a", encoding="utf-8") as out:
-        for number, batch in enumerate(batches):
-            if number in finished or number % ranks.size != ranks.rank:
+        for number in my_batches(len(batches)):
+            if number is None or number in finished:  # nothing to do this round, but the others may stop
+                stop_here_together(f"between judge batches ({write_path})")
                 continue
+            batch = batches[number]
             items = [(g.prompt_ids, g.responses) for g in batch]
             if reward_model is not None:
                 # An external judge: its scores are the rewards; the policy's log-probs stay unknown.
@@ -186,7 +188,7 @@ def judge_generations(
                     for r, (policy, ref, before) in zip(batch, scores, strict=True)
                 ]
             append_batch(out, [{**pair.to_json(), "batch": number} for pair in judged])
-            stop_here(f"after judge batch {number + 1}/{len(batches)} ({write_path})")
+            stop_here_together(f"after judge batch {number + 1}/{len(batches)} ({write_path})")
     model.train(was_training)
     barrier()  # every shard complete
     if ranks.is_main:

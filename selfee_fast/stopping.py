@@ -47,6 +47,14 @@ def stop_requested() -> bool:
     return bool(_requested)
 
 
+def stop_here_together(where: str) -> None:
+    """`stop_here` where every process of a run reaches this boundary as often as the others: they
+    compare requests first, so all of them stop here, or none."""
+    from .distributed import any_rank, world
+
+    stop_here(where, agreed=any_rank(stop_requested()) if world().distributed else None)
+
+
 def stop_here(where: str, *, agreed: bool | None = None) -> None:
     """Raise `Interrupted` if a stop was asked for; call at a boundary whose state is on disk.
 

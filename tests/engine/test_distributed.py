@@ -290,37 +290,52 @@ def assert_same_iter1_adapters(expected_run: Path, got_run: Path) -> None:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def signal_rank_1_mid_training(root: Path, run: str, signum: int, overrides: list[str], stderr=subprocess.DEVNULL):
-    """Run `run` on 2 processes under torchrun; once its iter1 training has written checkpoint 3, send `signum`
-    to rank 1. (the launcher's exit code, whether the signal was sent)."""
+def signal_rank_1_mid_training(
+    root: Path, run: str, signum: int, overrides: list[str], stderr=subprocess.DEVNULL, when: str | None = None
+):
+    """Run `run` on 2 processes under torchrun; once `when` (a path in the run folder; default: its iter1
+    training's checkpoint 3) exists, send `signum` to rank 1. (the launcher's exit code, whether the signal was
+    sent)."""
     import time
 
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command = [sys.executable, *launcher, "-m", "selfee_fast", "run", "run.yaml", f"run_dir={run}", *overrides]
     process = subprocess.Popen(command, env=worker_env(), cwd=root, stdout=subprocess.DEVNULL, stderr=stderr)
-    checkpoint, sent = root / run / "iter1" / "train" / "checkpoint-0000003", False
+    ready, sent = root / run / (when or "iter1/train/checkpoint-0000003"), False
     deadline = time.time() + 240
     while process.poll() is None and time.time() < deadline and not sent:
-        if checkpoint.exists() and (pid := rank_process(process.pid, 1)) is not None:
+        if ready.exists() and (pid := rank_process(process.pid, 1)) is not None:
             os.kill(pid, signum)
             sent = True
         time.sleep(0.005)
     return process.wait(timeout=240), sent
 
 
+# Training steps enough to signal one rank in the middle of them (12).
+LONGER = ["train.iteration_epochs=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted2(finished_run) -> Path:
+    """iter1 with LONGER training, redone on 2 processes without interruption: what a stopped run must reach."""
+    copies_before_iter1(finished_run, "uninterrupted2")
+    done = selfee_fast(["run", "run.yaml", "run_dir=uninterrupted2", *LONGER], 2, finished_run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return finished_run / "uninterrupted2"
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc (Linux)")
 def test_a_rank_killed_mid_training_resumes_on_one_process_to_the_same_end(finished_run):
     import signal
 
-    longer = ["train.iteration_epochs=4"]  # 12 steps: time to kill one in the middle
     copies_before_iter1(finished_run, *("uninterrupted", "killed"))
-    done = selfee_fast(["run", "run.yaml", "run_dir=uninterrupted", *longer], 1, finished_run)
+    done = selfee_fast(["run", "run.yaml", "run_dir=uninterrupted", *LONGER], 1, finished_run)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    returncode, killed = signal_rank_1_mid_training(finished_run, "killed", signal.SIGKILL, longer)
+    returncode, killed = signal_rank_1_mid_training(finished_run, "killed", signal.SIGKILL, LONGER)
     assert killed and returncode != 0, "rank 1 was killed mid-training and the run stopped"
 
-    resumed = selfee_fast(["run", "run.yaml", "run_dir=killed", *longer], 1, finished_run)
+    resumed = selfee_fast(["run", "run.yaml", "run_dir=killed", *LONGER], 1, finished_run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "train: resuming at step" in resumed.stdout
     steps = [r["step"] for r in read_jsonl(finished_run / "killed" / "iter1" / "train" / "metrics.jsonl")]
@@ -329,19 +344,15 @@ def test_a_rank_killed_mid_training_resumes_on_one_process_to_the_same_end(finis
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc (Linux)")
-def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resumes(finished_run):
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resumes(finished_run, uninterrupted2):
     """SIGTERM to rank 1 alone mid-training: the ranks agree at the end of that step, both write the checkpoint and
     stop there (exit 130, saying so), and the same command on two processes finishes to the uninterrupted end."""
     import re
     import signal
 
-    longer = ["train.iteration_epochs=4"]  # 12 steps: time to signal one in the middle
-    copies_before_iter1(finished_run, *("uninterrupted2", "stopped"))
-    done = selfee_fast(["run", "run.yaml", "run_dir=uninterrupted2", *longer], 2, finished_run)
-    assert done.returncode == 0, done.stderr[-3000:]
-
+    copies_before_iter1(finished_run, "stopped")
     with (finished_run / "stopped.err").open("w") as err:
-        returncode, signalled = signal_rank_1_mid_training(finished_run, "stopped", signal.SIGTERM, longer, err)
+        returncode, signalled = signal_rank_1_mid_training(finished_run, "stopped", signal.SIGTERM, LONGER, err)
     stderr = (finished_run / "stopped.err").read_text()
     assert signalled and returncode != 0, stderr[-3000:]
     asked = re.search(r"rank 1 of 2\): stopped on SIGTERM after training step (\d+)/12", stderr)
@@ -352,11 +363,44 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_run
     assert 3 <= step < 12 and (train / "latest").read_text().strip() == f"checkpoint-{step:07d}"
     assert [r["step"] for r in read_jsonl(train / "metrics.jsonl")] == list(range(1, step + 1))
 
-    resumed = selfee_fast(["run", "run.yaml", "run_dir=stopped", *longer], 2, finished_run)
+    resumed = selfee_fast(["run", "run.yaml", "run_dir=stopped", *LONGER], 2, finished_run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"train: resuming at step {step}" in resumed.stdout
     assert [r["step"] for r in read_jsonl(train / "metrics.jsonl")] == list(range(1, 13))
-    assert_same_iter1_adapters(finished_run / "uninterrupted2", finished_run / "stopped")
+    assert_same_iter1_adapters(uninterrupted2, finished_run / "stopped")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc (Linux)")
+def test_a_stop_signal_to_one_rank_while_generating_stops_every_rank_and_the_run_resumes(finished_run, uninterrupted2):
+    """SIGTERM to rank 1 alone once its first generation batch is written: rank 0 stops too (generation and
+    judging compare stop requests after every round of batches, as training does after every step), neither
+    crashes in a collective, and the rerun's files equal the uninterrupted run's."""
+    import re
+    import signal
+
+    copies_before_iter1(finished_run, "stopped_generating")
+    with (finished_run / "stopped_generating.err").open("w") as err:
+        returncode, signalled = signal_rank_1_mid_training(
+            finished_run, "stopped_generating", signal.SIGTERM, LONGER, err, when="iter1/generations.jsonl.rank1"
+        )
+    stderr = (finished_run / "stopped_generating.err").read_text()
+    assert signalled and returncode != 0, stderr[-3000:]
+    asked = re.search(
+        r"rank 1 of 2\): stopped on SIGTERM (after generation batch (\d+)/5|between generation batches)", stderr
+    )
+    agreed = re.search(r"rank 0 of 2\): stopped with the run's other processes after generation batch (\d+)/5", stderr)
+    assert asked and agreed, stderr[-3000:]
+    # The same round: rank 0 writes batches 1, 3, 5 and rank 1 batches 2, 4 (and none in the third round).
+    rank_1_batch = int(asked.group(2)) if asked.group(2) else 6
+    assert rank_1_batch == int(agreed.group(1)) + 1, stderr[-3000:]
+    assert not re.search(r"\[rank\d\]: Traceback", stderr), "no process failed in a collective: " + stderr[-3000:]
+
+    resumed = selfee_fast(["run", "run.yaml", "run_dir=stopped_generating", *LONGER], 2, finished_run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("generations.jsonl", "pairs.jsonl"):
+        got = (finished_run / "stopped_generating" / "iter1" / name).read_bytes()
+        assert got == (uninterrupted2 / "iter1" / name).read_bytes(), name
+    assert_same_iter1_adapters(uninterrupted2, finished_run / "stopped_generating")
 
 
 @pytest.mark.parametrize(
@@ -412,3 +456,17 @@ def test_the_earlier_judge_on_two_processes_judges_as_one_process_does(finished_
     one = (first / "pairs.jsonl").read_bytes()
     assert one == (second / "pairs.jsonl").read_bytes()
     assert all(json.loads(line)["agreement"] is not None for line in one.splitlines())
+
+
+def test_the_stop_agreement_reduces_a_tensor_where_the_backend_can(monkeypatch):
+    """NCCL reduces CUDA tensors only: the flag the ranks compare after every training step and every round of
+    generation or judging lives on this rank's card there, on the CPU under gloo (the tests' backend)."""
+    import torch.distributed as dist
+
+    from selfee_fast.distributed import collective_device
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert collective_device() == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collective_device() == torch.device("cuda", 3)
