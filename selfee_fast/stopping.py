@@ -12,6 +12,8 @@ import contextlib
 import signal
 import threading
 
+from .distributed import any_rank, world
+
 _requested: list[str] = []  # the signal that asked, while a stop is pending
 _active = [False]
 
@@ -50,8 +52,6 @@ def stop_requested() -> bool:
 def stop_here_together(where: str) -> None:
     """`stop_here` where every process of a run reaches this boundary as often as the others: they
     compare requests first, so all of them stop here, or none."""
-    from .distributed import any_rank, world
-
     stop_here(where, agreed=any_rank(stop_requested()) if world().distributed else None)
 
 
