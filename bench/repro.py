@@ -349,13 +349,10 @@ class SeedData:
     lambda_prompts: int | None = None
 
 
-def dnd_lambdas(iteration_prompts: tuple[int, ...], every: int | None) -> list[float]:
-    """DND's λ per iteration: the paper's 1/2, 1/4, 1/8, halving on past them; with `every`, by prompt
-    position (an iteration ending at prompt k takes λ = 2^-ceil(k / every))."""
-    if every is None:
-        return [0.5**i for i in range(1, len(iteration_prompts) + 1)]
-    ends = itertools.accumulate(iteration_prompts)
-    return [0.5 ** math.ceil(end / every) for end in ends]
+def dnd_lambdas(iteration_prompts: tuple[int, ...], every: int) -> list[float]:
+    """DND's λ per iteration by prompt position: an iteration ending at prompt k takes λ = 2^-ceil(k / every),
+    so iterations of `every` prompts take the paper's 1/2, 1/4, 1/8, halving on past them."""
+    return [0.5 ** math.ceil(end / every) for end in itertools.accumulate(iteration_prompts)]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -478,7 +475,9 @@ def arm_config(arm: Arm, scale: DemoScale, sd: SeedData, arm_dir: Path, seed_n: 
         spa=replace(
             base.spa,
             refine=arm.refine,
-            extrapolate=dnd_lambdas(scale.iteration_prompts, sd.lambda_prompts) if arm.dnd else [],
+            extrapolate=dnd_lambdas(scale.iteration_prompts, sd.lambda_prompts or scale.iteration_prompts[0])
+            if arm.dnd
+            else [],
             judge_reference=arm.judge_reference,
             judge="implicit" if arm.judge == "gold" else arm.judge,  # never runs: run_with_gold_judge
         ),

@@ -42,14 +42,19 @@ def clearly_above(diffs: list[float]) -> bool:
     return len(diffs) > 1 and statistics.fmean(diffs) > 2 * statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
-def iteration_mean(results: dict, arm: str, key: str, iteration: int | None = None) -> float | None:
-    """A label statistic of an arm's iterations: mean over seeds of iteration `iteration`, or of every iteration."""
-    values = []
+def iteration_mean(results: dict, arm: str, key: str, iteration: int | range | None = None) -> float | None:
+    """A label statistic of an arm's iterations: per seed its mean over iteration `iteration` (or a range
+    of them, or every iteration), then the mean over seeds."""
+    if isinstance(iteration, int):
+        iteration = range(iteration, iteration + 1)
+    per_seed = []
     for run in results.get(arm, {}).values():
         its = run.get("iterations", []) if run.get("status") == "ok" else []
-        chosen = its if iteration is None else its[iteration - 1 : iteration]
-        values += [it[key] for it in chosen if it.get(key) is not None]
-    return statistics.fmean(values) if values else None
+        chosen = its if iteration is None else its[iteration.start - 1 : iteration.stop - 1]
+        values = [it[key] for it in chosen if it.get(key) is not None]
+        if values:
+            per_seed.append(statistics.fmean(values))
+    return statistics.fmean(per_seed) if per_seed else None
 
 
 def goal_rows(arm: str, n: int = 3) -> list[tuple[str, object]]:
@@ -103,7 +108,7 @@ def trajectory_rows(arm: str, n: int) -> list[tuple[str, object]]:
     return rows
 
 
-def label_accuracy(results: dict, arm: str, iteration: int) -> str:
+def label_accuracy(results: dict, arm: str, iteration: int | range) -> str:
     accuracy = iteration_mean(results, arm, "label_accuracy", iteration)
     return "–" if accuracy is None else f"{accuracy:.2f}"
 
@@ -196,21 +201,14 @@ def finer_columns(reports: list[dict]) -> tuple[list[str], list[tuple[str, list[
     name = f"{len(fine['scale']['iteration_prompts'])}×{fine['scale']['iteration_prompts'][0]} − {n}×{size}"
 
     def gold_diff(task, arm, fine_i, coarse_i):
-        f, c = pairs[task][0]["results"].get(arm, {}), pairs[task][1]["results"].get(arm, {})
-        diffs = []
-        for seed in f:
-            x, y = seed_gold({arm: f}, arm, seed, fine_i), seed_gold({arm: c}, arm, seed, coarse_i)
-            if x is not None and y is not None:
-                diffs.append(x - y)
-        return paired_cell(diffs)
+        f, c = pairs[task][0]["results"], pairs[task][1]["results"]
+        golds = [(seed_gold(f, arm, seed, fine_i), seed_gold(c, arm, seed, coarse_i)) for seed in f.get(arm, {})]
+        return paired_cell([x - y for x, y in golds if x is not None and y is not None])
 
     def labels(task, arm):
         f, c = pairs[task][0]["results"], pairs[task][1]["results"]
-        first = label_accuracy_over(c, arm, [1]), label_accuracy_over(f, arm, list(range(1, ratio + 1)))
-        last = (
-            label_accuracy_over(c, arm, [n]),
-            label_accuracy_over(f, arm, list(range(n * ratio - ratio + 1, n * ratio + 1))),
-        )
+        first = label_accuracy(c, arm, 1), label_accuracy(f, arm, range(1, ratio + 1))
+        last = label_accuracy(c, arm, n), label_accuracy(f, arm, range(n * ratio - ratio + 1, n * ratio + 1))
         return f"{first[0]} → {last[0]} ; {first[1]} → {last[1]}"
 
     rows = []
@@ -222,21 +220,6 @@ def finer_columns(reports: list[dict]) -> tuple[list[str], list[tuple[str, list[
             (f"{arm}: labels on the first → last {size} prompts ({n}×{size} ; finer)", [labels(t, arm) for t in pairs])
         )
     return list(pairs), rows
-
-
-def label_accuracy_over(results: dict, arm: str, iterations: list[int]) -> str:
-    """Mean over seeds of an arm's self-label accuracy averaged over the given iterations."""
-    per_seed = []
-    for run in results.get(arm, {}).values():
-        its = run.get("iterations", []) if run.get("status") == "ok" else []
-        values = [
-            its[i - 1]["label_accuracy"]
-            for i in iterations
-            if i <= len(its) and its[i - 1].get("label_accuracy") is not None
-        ]
-        if values:
-            per_seed.append(statistics.fmean(values))
-    return f"{statistics.fmean(per_seed):.2f}" if per_seed else "–"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import contextlib
 import signal
 import threading
 
-from .distributed import any_rank, world
+from .distributed import any_rank
 
 _requested: list[str] = []  # the signal that asked, while a stop is pending
 _active = [False]
@@ -52,7 +52,7 @@ def stop_requested() -> bool:
 def stop_here_together(where: str) -> None:
     """`stop_here` where every process of a run reaches this boundary as often as the others: they
     compare requests first, so all of them stop here, or none."""
-    stop_here(where, agreed=any_rank(stop_requested()) if world().distributed else None)
+    stop_here(where, agreed=any_rank(stop_requested()))  # one process: its own request
 
 
 def stop_here(where: str, *, agreed: bool | None = None) -> None:

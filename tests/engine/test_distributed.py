@@ -290,7 +290,7 @@ def assert_same_iter1_adapters(expected_run: Path, got_run: Path) -> None:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def signal_rank_1_mid_training(
+def signal_rank_1(
     root: Path, run: str, signum: int, overrides: list[str], stderr=subprocess.DEVNULL, when: str | None = None
 ):
     """Run `run` on 2 processes under torchrun; once `when` (a path in the run folder; default: its iter1
@@ -332,7 +332,7 @@ def test_a_rank_killed_mid_training_resumes_on_one_process_to_the_same_end(finis
     done = selfee_fast(["run", "run.yaml", "run_dir=uninterrupted", *LONGER], 1, finished_run)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    returncode, killed = signal_rank_1_mid_training(finished_run, "killed", signal.SIGKILL, LONGER)
+    returncode, killed = signal_rank_1(finished_run, "killed", signal.SIGKILL, LONGER)
     assert killed and returncode != 0, "rank 1 was killed mid-training and the run stopped"
 
     resumed = selfee_fast(["run", "run.yaml", "run_dir=killed", *LONGER], 1, finished_run)
@@ -352,7 +352,7 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_the_run
 
     copies_before_iter1(finished_run, "stopped")
     with (finished_run / "stopped.err").open("w") as err:
-        returncode, signalled = signal_rank_1_mid_training(finished_run, "stopped", signal.SIGTERM, LONGER, err)
+        returncode, signalled = signal_rank_1(finished_run, "stopped", signal.SIGTERM, LONGER, err)
     stderr = (finished_run / "stopped.err").read_text()
     assert signalled and returncode != 0, stderr[-3000:]
     asked = re.search(r"rank 1 of 2\): stopped on SIGTERM after training step (\d+)/12", stderr)
@@ -380,7 +380,7 @@ def test_a_stop_signal_to_one_rank_while_generating_stops_every_rank_and_the_run
 
     copies_before_iter1(finished_run, "stopped_generating")
     with (finished_run / "stopped_generating.err").open("w") as err:
-        returncode, signalled = signal_rank_1_mid_training(
+        returncode, signalled = signal_rank_1(
             finished_run, "stopped_generating", signal.SIGTERM, LONGER, err, when="iter1/generations.jsonl.rank1"
         )
     stderr = (finished_run / "stopped_generating.err").read_text()
